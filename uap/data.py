@@ -1,0 +1,315 @@
+"""Datasets as tensors: ``load(name, split, n, seed, root) -> (x, y, classes)``.
+
+Why this module exists: every part of the toolkit (crafting, evaluation, training the zoo)
+needs the same thing — images in ``[0, 1]`` as an ``N×3×H×W`` float tensor, integer labels
+and class names — with no download at run time and no unpickling of untrusted files.
+
+Names understood by :func:`load`:
+
+- ``cifar10`` — looked for, in order, under an explicit ``root``, ``$UAP_DATA_DIR`` and the
+  user cache dir (``$UAP_CACHE_DIR`` or ``~/.cache/uap``). Two layouts are accepted:
+  the ImageFolder JPEG layout ``cifar10/{train,test}/{class}/*.jpg`` and torchvision's
+  ``cifar-10-batches-py`` (read with a restricted unpickler that only rebuilds numpy arrays).
+  If neither is found, torchvision's download is tried into the cache dir; when that fails
+  (offline) a :class:`DataNotFoundError` names every path tried and how to set ``UAP_DATA_DIR``.
+- ``imagefolder:PATH`` — any folder of class sub-folders. If ``PATH/train`` and ``PATH/test``
+  exist they are the splits; otherwise the images are divided into disjoint train/test parts
+  by a stable hash of their relative path (80 % / 20 %).
+
+Decoded images are cached as ``uint8`` ``.npy`` files under the cache dir, so the second load
+of 50 000 JPEGs takes well under a second. Subsets (``n``) are class-balanced and
+deterministic for a seed; splits never share an image.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["DataNotFoundError", "Split", "load", "load_split", "cache_dir", "CIFAR10_CLASSES"]
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_SPLITS = ("train", "test")
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset could not be found locally nor downloaded; the message says where we looked."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """A loaded split: images ``x`` in [0, 1] (N×3×H×W float32), labels ``y`` (int64),
+    class names in label order, and ``ids`` — a stable identifier per image (its source
+    path relative to the dataset root, or ``batch:index``) so callers can prove disjointness."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: tuple[str, ...]
+    ids: tuple[str, ...]
+
+
+def cache_dir() -> Path:
+    """The user cache dir: ``$UAP_CACHE_DIR`` or ``$XDG_CACHE_HOME/uap`` or ``~/.cache/uap``."""
+    if os.environ.get("UAP_CACHE_DIR"):
+        return Path(os.environ["UAP_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "uap"
+
+
+def load(
+    name: str = "cifar10",
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Load ``split`` of dataset ``name`` as ``(x, y, classes)``.
+
+    ``x`` is float32 in [0, 1] with shape N×3×H×W, ``y`` int64 labels, ``classes`` the class
+    names in label order. ``n`` selects a deterministic class-balanced subset for ``seed``
+    (``None`` = the whole split).
+    """
+    s = load_split(name, split, n=n, seed=seed, root=root)
+    return s.x, s.y, s.classes
+
+
+def load_split(
+    name: str = "cifar10",
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+) -> Split:
+    """Like :func:`load` but returns a :class:`Split` that also carries per-image ids."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if n is not None and n <= 0:
+        raise ValueError(f"n must be a positive number of images, got {n}")
+    if name == "cifar10":
+        images, labels, classes, ids = _load_cifar10(split, root)
+    elif name.startswith("imagefolder:"):
+        images, labels, classes, ids = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), split)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: use 'cifar10' or 'imagefolder:PATH'")
+    index = np.arange(len(labels)) if n is None else balanced_subset(labels, n, seed)
+    x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float().div_(255.0)
+    y = torch.from_numpy(labels[index].astype(np.int64))
+    return Split(x=x.contiguous(), y=y, classes=tuple(classes), ids=tuple(ids[i] for i in index))
+
+
+def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of a class-balanced subset of size ``n`` (deterministic for ``seed``).
+
+    Each class gets ``n // C`` images, the first ``n % C`` classes (in a seeded order) one more;
+    a class with too few images gives all it has and the rest is filled from other classes.
+    The result is sorted by class, then by the seeded order within the class.
+    """
+    labels = np.asarray(labels)
+    if n > len(labels):
+        raise ValueError(f"asked for {n} images but the split has only {len(labels)}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    quota = {c: n // len(classes) for c in classes}
+    for c in rng.permutation(classes)[: n % len(classes)]:
+        quota[c] += 1
+    chosen = [per_class[c][: quota[c]] for c in classes]
+    short = n - sum(len(c) for c in chosen)
+    if short:  # some class ran out: top up from the leftovers, still deterministic
+        leftovers = np.concatenate([per_class[c][quota[c]:] for c in classes])
+        chosen.append(rng.permutation(leftovers)[:short])
+    return np.concatenate(chosen)
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+def _candidate_roots(root: str | os.PathLike | None) -> list[Path]:
+    roots = []
+    if root is not None:
+        roots.append(Path(root).expanduser())
+    if os.environ.get("UAP_DATA_DIR"):
+        roots.append(Path(os.environ["UAP_DATA_DIR"]).expanduser())
+    roots.append(cache_dir())
+    return roots
+
+
+def _cifar10_layouts(base: Path) -> list[tuple[str, Path]]:
+    """The places under ``base`` where CIFAR-10 may live, as (layout, path)."""
+    return [
+        ("imagefolder", base / "cifar10"),
+        ("batches", base / "cifar-10-batches-py"),
+        ("batches", base / "cifar10" / "cifar-10-batches-py"),
+        ("imagefolder", base),  # base is itself the cifar10 folder
+    ]
+
+
+def _load_cifar10(split: str, root):
+    tried = []
+    for base in _candidate_roots(root):
+        for layout, path in _cifar10_layouts(base):
+            tried.append(path)
+            if layout == "imagefolder" and (path / split).is_dir() and _has_class_dirs(path / split):
+                images, labels, classes, ids = _read_imagefolder_cached(path / split, prefix=split)
+                if tuple(classes) != CIFAR10_CLASSES:
+                    continue
+                return images, labels, classes, ids
+            if layout == "batches" and (path / "batches.meta").is_file():
+                return _read_cifar_batches(path, split)
+    downloaded = _try_download_cifar10(cache_dir())
+    if downloaded is not None:
+        return _read_cifar_batches(downloaded, split)
+    listing = "\n  ".join(str(p) for p in dict.fromkeys(tried))
+    raise DataNotFoundError(
+        "CIFAR-10 not found and could not be downloaded (offline?). Looked for "
+        "'cifar10/{train,test}/<class>/*.jpg' or 'cifar-10-batches-py/' in:\n  "
+        f"{listing}\nSet UAP_DATA_DIR to the folder that contains 'cifar10/' "
+        "(e.g. UAP_DATA_DIR=../shared/data) or pass --data-root."
+    )
+
+
+def _try_download_cifar10(target: Path) -> Path | None:
+    """Try torchvision's download into ``target``; return the batches folder or None."""
+    if os.environ.get("UAP_NO_DOWNLOAD"):
+        return None
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        target.mkdir(parents=True, exist_ok=True)
+        download_and_extract_archive(CIFAR10_URL, str(target), md5="c58f30108f718f92721af3b95e74349a")
+    except Exception:  # offline, DNS failure, disk error: all mean "not available"
+        return None
+    path = target / "cifar-10-batches-py"
+    return path if (path / "batches.meta").is_file() else None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that can only rebuild numpy arrays and builtin containers.
+
+    torchvision's CIFAR-10 batches are pickles; a general ``pickle.load`` would run any code
+    the file names. This one refuses every global except numpy's array reconstruction.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles from Python 3 store bytes
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _read_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        raw = _ArrayUnpickler(f, encoding="bytes").load()
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+
+
+def _read_cifar_batches(path: Path, split: str):
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys, ids = [], [], []
+    for fname in files:
+        batch = _read_batch(path / fname)
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        xs.append(data)
+        ys.append(np.asarray(batch["labels"], dtype=np.int64))
+        ids.extend(f"{fname}:{i}" for i in range(len(data)))
+    meta = _read_batch(path / "batches.meta")
+    classes = [c.decode() if isinstance(c, bytes) else c for c in meta["label_names"]]
+    return np.concatenate(xs), np.concatenate(ys), classes, ids
+
+
+# --------------------------------------------------------------------------- ImageFolder
+
+def _has_class_dirs(path: Path) -> bool:
+    return any(p.is_dir() for p in path.iterdir())
+
+
+def _list_imagefolder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataNotFoundError(f"{folder} has no class sub-folders (expected <class>/<image> files)")
+    items = []
+    for label, cls in enumerate(classes):
+        for f in sorted((folder / cls).iterdir()):
+            if f.suffix.lower() in _IMAGE_SUFFIXES:
+                items.append((f"{cls}/{f.name}", label))
+    if not items:
+        raise DataNotFoundError(f"{folder} has class folders but no images in them")
+    return classes, items
+
+
+def _read_imagefolder_cached(folder: Path, prefix: str = ""):
+    """Decode every image under ``folder`` once; later calls read a uint8 ``.npy`` cache."""
+    classes, items = _list_imagefolder(folder)
+    listing = "\n".join(f"{rel}:{label}" for rel, label in items)
+    stamp = hashlib.sha256(f"{folder.resolve()}\n{listing}".encode()).hexdigest()[:16]
+    cache = cache_dir() / "arrays" / f"{folder.name}-{stamp}.npz"
+    ids = [f"{prefix}/{rel}" if prefix else rel for rel, _ in items]
+    labels = np.array([label for _, label in items], dtype=np.int64)
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                images = z["images"]
+            if len(images) == len(items):
+                return images, labels, classes, ids
+        except (OSError, ValueError, KeyError, zlib.error):
+            pass  # a damaged cache is rebuilt below
+    images = _decode_all([folder / rel for rel, _ in items])
+    _atomic_save_npz(cache, images=images)
+    return images, labels, classes, ids
+
+
+def _decode_all(paths: list[Path]) -> np.ndarray:
+    from PIL import Image
+
+    first = np.asarray(Image.open(paths[0]).convert("RGB"))
+    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            arr = np.asarray(im.convert("RGB"))
+        if arr.shape != first.shape:
+            raise ValueError(f"{p} is {arr.shape[1]}×{arr.shape[0]}, others are {first.shape[1]}×{first.shape[0]}; "
+                             "resize the folder's images to one size")
+        out[i] = arr
+    return out
+
+
+def _atomic_save_npz(path: Path, **arrays) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only costs speed
+
+
+def _load_imagefolder(path: Path, split: str):
+    if not path.is_dir():
+        raise DataNotFoundError(f"imagefolder path {path} does not exist")
+    if (path / split).is_dir():
+        return _read_imagefolder_cached(path / split, prefix=split)
+    images, labels, classes, ids = _read_imagefolder_cached(path)
+    # No split folders: divide by a stable hash of the relative path, 80 % train / 20 % test.
+    in_test = np.array([zlib.crc32(i.encode()) % 5 == 0 for i in ids])
+    keep = ~in_test if split == "train" else in_test
+    idx = np.flatnonzero(keep)
+    return images[idx], labels[idx], classes, [ids[i] for i in idx]
+
