@@ -92,13 +92,422 @@ def _root(
 # ----------------------------------------------------------------------------- craft
 # (filled by the engine: issue 3)
 
+def _float_list(text: Optional[str], option: str) -> Optional[List[float]]:
+    """``"0.49,0.48,0.45"`` → floats (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise _UsageError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _torch_device(text: str):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise _UsageError(f"--device must be cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError(f"--device {text}: CUDA is not available on this machine")
+    return device
+
+
+def _craft_table(summary: dict):
+    from rich.table import Table
+
+    def pct(v) -> str:
+        return "–" if v is None else f"{100 * v:.1f} %"
+
+    table = Table(title=f"uap craft · {summary['model']} · ℓ{summary['norm']} ε={summary['eps']:.4g} · {summary['method']}",
+                  title_style="bold")
+    table.add_column("", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("fooling rate (crafting set)", pct(summary["fooling_rate"]))
+    table.add_row("fooling rate (held-out)", pct(summary["heldout_fooling_rate"]))
+    if summary.get("heldout_accuracy") is not None:
+        table.add_row("held-out accuracy clean → under v",
+                      f"{pct(summary['clean_heldout_accuracy'])} → {pct(summary['heldout_accuracy'])}")
+    table.add_row("‖v‖₂ / ‖v‖∞", f"{summary['norm_2']:.4f} / {summary['norm_inf']:.4f}")
+    table.add_row("passes", str(summary["passes"]))
+    table.add_row("DeepFool calls", str(summary["deepfool_calls"]))
+    table.add_row("time", f"{summary['seconds']:.1f} s")
+    return table
+
+
+@app.command("craft")
+@friendly_errors
+def craft_cmd(
+    model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, or package.module:factory."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory model "
+                                           "(safetensors, or a state dict read with weights_only=True)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, e.g. 0.49,0.48,0.45."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (with --mean)."),
+    data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    n_images: int = typer.Option(1000, "--n-images", help="Crafting images X (class-balanced, from the train split)."),
+    heldout: int = typer.Option(2000, "--heldout", help="Held-out test images to measure after each pass (0: none)."),
+    eps: str = typer.Option("8/255", "--eps", help="Radius ε of the ℓp ball; fractions like 8/255 are fine."),
+    norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
+    delta: float = typer.Option(0.2, "--delta", help="Stop once the fooling rate on X exceeds 1 − δ."),
+    max_passes: int = typer.Option(10, "--max-passes", help="At most this many passes over X."),
+    method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, or a plugin method."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per DeepFool call for deepfool-batched."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting order."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
+    force: bool = typer.Option(False, "--force", help="Recraft even if --out holds a finished run."),
+) -> None:
+    """Craft a universal perturbation (Algorithm 1 of Moosavi-Dezfooli et al., CVPR 2017)."""
+    import json
+    import re
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from uap.perturbation import Perturbation, atomic_write
+    from uap.projection import norm_name
+    from uap.targets import resolve_model
+    from uap.universal import get_method
+
+    eps_value, p = parse_eps(eps), parse_norm(norm)
+    if n_images <= 0:
+        raise _UsageError(f"--n-images must be > 0, got {n_images}")
+    if heldout < 0:
+        raise _UsageError(f"--heldout must be ≥ 0, got {heldout}")
+    if not 0 < delta < 1:
+        raise _UsageError(f"--delta must be in (0, 1), got {delta}")
+    if max_passes < 1:
+        raise _UsageError(f"--max-passes must be ≥ 1, got {max_passes}")
+    get_method(method)  # unknown method: fail before loading anything
+    mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
+    torch_device = _torch_device(device)
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
+        out = Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
+    settings = {
+        "model": model, "weights": str(weights) if weights else None, "mean": mean_v, "std": std_v,
+        "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
+        "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
+    }
+    summary_path, ckpt_path = out / "summary.json", out / "checkpoint.safetensors"
+    if summary_path.is_file() and not force:
+        previous = json.loads(summary_path.read_text())
+        if previous.get("settings") == settings:
+            console.print(f"[green]{out} already holds a finished run with these settings[/] (--force recrafts it)")
+            console.print(_craft_table(previous))
+            return
+        raise _UsageError(f"{out} holds a finished run with different settings; choose another --out or pass --force")
+
+    previous_run = None
+    if resume and ckpt_path.is_file():
+        previous_run = Perturbation.load(ckpt_path)
+        if previous_run.extra.get("settings") != settings:
+            raise _UsageError(f"{ckpt_path} was written with different settings; cannot --resume")
+        console.print(f"resuming after pass {previous_run.passes} from {ckpt_path}")
+
+    target, model_id = resolve_model(model, weights, mean_v, std_v)
+    target = target.to(torch_device)
+    x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root)
+    held = uap.data.load(data, "test", n=heldout, seed=seed, root=data_root)[:2] if heldout else None
+    data_desc = f"{data}:train:n={n_images}:seed={seed}"
+
+    meta = dict(model=model_id, data=data_desc, eps=eps_value, norm=norm_name(p), delta=delta, method=method, seed=seed)
+    history: list = list(previous_run.history) if previous_run is not None else []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("fooled {task.fields[fooled]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("pass 1", total=n_images, fooled="–")
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "progress":
+                seen = event["visited"]
+                rate = f"{100 * event['fooled_seen'] / seen:.1f} %" if seen else "–"
+                progress.update(task, description=f"pass {event['pass']}/{max_passes}", completed=seen,
+                                total=event["total"], fooled=rate)
+                return
+            record = {k: val for k, val in event.items() if k not in ("event", "v")}
+            history.append(record)
+            held_text = "" if record["heldout_fooling_rate"] is None else f", held-out {100 * record['heldout_fooling_rate']:.1f} %"
+            progress.console.print(f"pass {record['pass']}: fooling rate {100 * record['fooling_rate']:.1f} %{held_text}, "
+                                   f"‖v‖∞ {record['norm_inf']:.4f}, {record['seconds']:.1f} s")
+            Perturbation(v=event["v"], history=list(history), seconds=sum(r["seconds"] for r in history),
+                         extra={"settings": settings}, **meta).save(ckpt_path)
+
+        pert = uap.craft(target, x, eps=eps_value, norm=p, delta=delta, max_passes=max_passes, method=method,
+                         seed=seed, heldout=held, callback=on_event, resume=previous_run, model_id=model_id,
+                         data=data_desc, method_options={"batch_size": batch_size})
+    pert.extra["settings"] = settings
+    pert.save(out / "perturbation.safetensors")
+    pert.to_png(out / "perturbation.png")
+    last = pert.history[-1] if pert.history else {}
+    summary = {
+        "model": model_id, "data": data_desc, "n_images": n_images, "heldout": heldout,
+        "eps": eps_value, "norm": norm_name(p), "delta": delta, "method": method, "seed": seed,
+        "passes": pert.passes, "seconds": pert.seconds,
+        "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate,
+        "heldout_accuracy": last.get("heldout_accuracy"),
+        "clean_heldout_accuracy": pert.extra.get("clean_heldout_accuracy"),
+        "norm_2": pert.norms()["norm_2"], "norm_inf": pert.norms()["norm_inf"],
+        "deepfool_calls": sum(r["deepfool_calls"] for r in pert.history),
+        "perturbation": "perturbation.safetensors", "version": uap.__version__,
+        "settings": settings, "history": pert.history,
+    }
+    atomic_write(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
+    ckpt_path.unlink(missing_ok=True)
+    ckpt_path.with_suffix(".json").unlink(missing_ok=True)
+    console.print(_craft_table(summary))
+    console.print(f"wrote {out}/perturbation.safetensors, perturbation.json, perturbation.png, summary.json")
+
 
 # ----------------------------------------------------------------------------- evaluate / transfer
 # (filled by evaluation: issue 6)
 
+def _model_specs(text: str) -> list[str]:
+    """``--models``: comma-separated zoo names / paths / ``module:factory``; ``all`` = the zoo."""
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if specs == ["all"]:
+        import models as zoo
+
+        available = getattr(zoo, "available", None)
+        if available is None:  # the zoo's registry before models/__init__ re-exports it
+            from models import zoo as registry
+
+            available = registry.available
+        specs = list(available()) if callable(available) else []
+        if not specs:
+            raise _UsageError("--models all: the model zoo has no models yet (see `uap models`)")
+    if not specs:
+        raise _UsageError("--models is empty: give zoo names separated by commas, or 'all'")
+    if len(set(specs)) != len(specs):
+        raise _UsageError(f"--models names a model twice: {text}")
+    return specs
+
+
+def _load_models(specs: list[str]) -> dict:
+    from uap.targets import resolve_model
+
+    loaded = {}
+    for spec in specs:
+        model, model_id = resolve_model(spec)
+        name = model_id.rsplit(":", 1)[-1] if ":" in model_id else Path(model_id).stem if "/" in model_id else model_id
+        loaded[name if name not in loaded else model_id] = model
+    return loaded
+
+
+def _print_report(report, title: str, caption: str = "") -> None:
+    from rich.table import Table
+
+    def pct(v: float) -> str:
+        return "–" if v != v else f"{100 * v:.1f}"
+
+    table = Table(title=title, title_style="bold", caption=caption or None)
+    table.add_column("perturbation \\ model", style="bold")
+    for m in report.models:
+        table.add_column(m, justify="right")
+    for i, pert in enumerate(report.perturbations):
+        cells = []
+        for j, m in enumerate(report.models):
+            text = pct(report.fooling_rate[i, j])
+            cells.append(f"[bold]{text}[/]" if pert == m else text)
+        table.add_row(pert, *cells)
+    table.add_section()
+    table.add_row("[dim]clean acc.[/]", *[f"[dim]{pct(a)}[/]" for a in report.clean_accuracy])
+    console.print(table)
+
+
+def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) -> None:
+    from uap.plots import write_figures
+
+    report.save_json(out / "results.json")
+    report.save_csv(out / "results.csv")
+    figures = write_figures(out, report, perturbations, loaded, x, y=y)
+    names = ", ".join(p.name for p in figures.values())
+    console.print(f"wrote {out}/results.json, results.csv, {names}")
+
+
+@app.command("evaluate")
+@friendly_errors
+def evaluate_cmd(
+    perturbations: List[Path] = typer.Argument(..., help="Saved perturbations (the .safetensors/.json pair, or its stem)."),
+    models: str = typer.Option("all", "--models", help="Comma-separated zoo names or package.module:factory; 'all' = every zoo model."),
+    data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
+    split: str = typer.Option("test", "--split", help="Split the held-out images come from."),
+    n_images: int = typer.Option(2000, "--n-images", help="Held-out images (class-balanced subset)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subset."),
+    batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for results.json, results.csv and figures."),
+) -> None:
+    """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine."""
+    from rich.progress import Progress
+
+    from uap.evaluate import evaluate
+    from uap.perturbation import Perturbation
+
+    loaded_perts: dict = {}
+    for path in perturbations:
+        pert = Perturbation.load(path)
+        name = path.name.split(".")[0] or str(path)
+        key, k = name, 2
+        while key in loaded_perts:
+            key, k = f"{name}#{k}", k + 1
+        loaded_perts[key] = pert.v
+    loaded = _load_models(_model_specs(models))
+    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+
+        def progress(done: int, total: int, desc: str) -> None:
+            bar.update(task, completed=done, total=total, description=desc)
+
+        report = evaluate(loaded_perts, loaded, x, y, batch_size=batch_size, classes=classes, progress=progress,
+                          meta={"command": "evaluate", "data": data, "split": split, "n_images": n_images,
+                                "seed": seed, "files": [str(p) for p in perturbations]})
+    _print_report(report, "fooling rate (%)", f"{report.n_images} {data} {split} images; "
+                  "fooling = prediction differs from the model's clean prediction")
+    _write_bundle(out, report, loaded_perts, loaded, x, y)
+
+
+@app.command("transfer")
+@friendly_errors
+def transfer_cmd(
+    models: str = typer.Option("all", "--models", help="Comma-separated zoo names or package.module:factory; 'all' = every zoo model."),
+    eps: str = typer.Option("8/255", "--eps", help="Budget ε, e.g. 8/255 or 10."),
+    norm: str = typer.Option("inf", "--norm", help="inf, 2 or 1."),
+    delta: float = typer.Option(0.2, "--delta", help="Stop when the crafting-set fooling rate reaches 1 − δ."),
+    max_passes: int = typer.Option(10, "--max-passes", help="Maximum passes over the crafting images."),
+    method: str = typer.Option("deepfool", "--method", help="UAP crafting method (see `uap craft --help`)."),
+    data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
+    n_craft: int = typer.Option(1000, "--n-craft", help="Crafting images (train split), shared by all source models."),
+    n_images: int = typer.Option(1000, "--n-images", help="Held-out evaluation images (test split)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets, the crafting and the random baseline."),
+    batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass when evaluating."),
+    out: Path = typer.Option(Path("runs/transfer"), "--out", help="Folder for results, figures and crafted perturbations (reused on re-run)."),
+) -> None:
+    """Cross-model transfer matrix: one UAP per model, each applied to every model, plus a random-noise row."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from uap.transfer import transfer_matrix
+
+    eps_value, p = parse_eps(eps), parse_norm(norm)
+    specs = _model_specs(models)
+    loaded = _load_models(specs)
+    x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed)
+    x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console) as bar:
+        sources = bar.add_task("source models", total=len(loaded), info="")
+        passes = bar.add_task("  crafting", total=max_passes, info="", visible=False)
+        evals = bar.add_task("evaluating", total=None, info="", visible=False)
+
+        def on_event(event: str, info: dict) -> None:
+            if event == "craft":
+                resumed = info.get("resumed_passes", 0)
+                bar.update(passes, description=f"  crafting on {info['model']}", completed=resumed, visible=True,
+                           info=f"resumed after pass {resumed}" if resumed else "")
+            elif event == "craft_step" and info.get("event") == "progress":  # during a pass
+                done = info["pass"] - 1 + info["visited"] / max(1, info["total"])
+                bar.update(passes, completed=done)
+            elif event == "craft_step" and info.get("event") == "pass":  # after each pass
+                held = info.get("heldout_fooling_rate")
+                bar.update(passes, completed=info["pass"], info=f"fooling rate {100 * info['fooling_rate']:.1f}%"
+                           + (f", held-out {100 * held:.1f}%" if held is not None else ""))
+            elif event in ("saved", "reused"):
+                bar.update(passes, visible=False)
+                bar.advance(sources)
+                if event == "reused":
+                    console.print(f"reusing the perturbation crafted on {info['model']} ({info['path']})")
+            elif event == "evaluate":
+                bar.update(evals, completed=info["done"], total=info["total"], visible=True, info=info["desc"])
+
+        result = transfer_matrix(loaded, x_craft, x_eval, y_eval, eps=eps_value, norm=p, delta=delta,
+                                 max_passes=max_passes, method=method, seed=seed, out_dir=out,
+                                 model_ids=dict(zip(loaded, specs)), batch_size=batch_size, classes=classes,
+                                 callback=on_event)
+    result.report.meta.update(command="transfer", data=data, n_images=n_images, n_craft=n_craft)
+    caption = (f"rows: crafted on ({n_craft} {data} train images), columns: applied to "
+               f"({result.report.n_images} held-out test images); ε={eps}, ℓ{'∞' if p == float('inf') else int(p)}; "
+               "random = noise of the same norm")
+    _print_report(result.report, "transfer: fooling rate (%)", caption)
+    _write_bundle(out, result.report, result.perturbations, loaded, x_eval, y_eval)
+
 
 # ----------------------------------------------------------------------------- train / models
 # (filled by the model zoo: issue 4)
+
+
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    method: str = typer.Argument(..., help="supervised | simclr | moco | byol | dino"),
+    epochs: int = typer.Option(30, help="Training epochs over CIFAR-10 train."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per step (lr scales linearly from 256)."),
+    backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem) or vit_small (patch 4)."),
+    width: int = typer.Option(16, help="ResNet width multiplier: channels of the first stage."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate for batch 256 (default: the method's)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default: the method's."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd | lars | adamw (default: the method's)."),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear lr warm-up."),
+    seed: int = typer.Option(0, help="Seed for initialisation, data order and augmentations."),
+    knn_every: int = typer.Option(5, "--knn-every", help="kNN monitor every N epochs (0: off)."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Use a class-balanced subset of the training set."),
+    threads: int = typer.Option(2, help="torch CPU threads."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: per-epoch checkpoint + state JSON."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same settings)."),
+    zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, probe and write models/zoo/NAME.{safetensors,json}."),
+    hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable)."),
+) -> None:
+    """Train a target model on CIFAR-10 (checkpoint every epoch; --resume continues)."""
+    import json as _json
+    import shlex
+
+    from models.train import TrainConfig, train
+
+    hparams = {}
+    for item in hparam:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _UsageError(f"--hparam must be KEY=VALUE, got {item!r}")
+        try:
+            hparams[key] = _json.loads(value)
+        except _json.JSONDecodeError:
+            hparams[key] = value
+    config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
+                         knn_every=knn_every, n_train=n_train, threads=threads, hparams=hparams)
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    command = "uap " + " ".join(shlex.quote(a) for a in argv)
+    train(config, out, resume=resume, console=console, command=command)
+    console.print(f"checkpoint: {out}")
+    if zoo:
+        from models.zoo_build import build_zoo_entry
+
+        card = build_zoo_entry(out, zoo, console=console)
+        console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
+
+
+@app.command("models")
+@friendly_errors
+def models_cmd() -> None:
+    """List the model zoo (name, method, backbone, accuracies, size)."""
+    from rich.table import Table
+
+    import models as zoo_models
+
+    table = Table(title="uap model zoo")
+    for col in ("name", "builder", "method", "backbone", "epochs", "linear probe", "kNN", "random init", "MB"):
+        table.add_column(col)
+    for name, card in zoo_models.cards().items():
+        def pct(key: str) -> str:
+            v = card.get(key)
+            return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "-"
+
+        table.add_row(name, card.get("builder", "-"), str(card.get("method", "-")), str(card.get("backbone", "-")),
+                      str(card.get("epochs", "-")), pct("linear_probe_acc"), pct("knn_acc"),
+                      pct("random_init_linear_probe_acc"), f"{card.get('size_bytes', 0) / 1e6:.1f}")
+    console.print(table)
 
 
 def main() -> None:

@@ -9,8 +9,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# Tests use small models, where one intra-op thread is as fast as two and does not fight
+# other processes for the cores (set UAP_TEST_THREADS to change it).
+torch.set_num_threads(int(os.environ.get("UAP_TEST_THREADS", "1")))
 
 
 def _data_root() -> Path | None:

@@ -1,0 +1,220 @@
+"""Backbones for 32×32 images: a CIFAR ResNet-18 with a width multiplier and a small ViT.
+
+Both take images in ``[0, 1]`` (N×3×H×W), normalise them internally (the repo-wide
+contract: normalisation lives inside the model) and return a feature vector per image;
+``.out_dim`` is its length. Heads, projectors and probes are added on top by the methods.
+
+- :func:`resnet18_cifar` — He et al., "Deep Residual Learning" (CVPR 2016), with the CIFAR
+  stem used by SimCLR/MoCo CIFAR experiments: a 3×3 stride-1 first convolution and no
+  max-pool, so a 32×32 image keeps 32×32 resolution in the first stage. ``width`` is the
+  channel count of the first stage (64 in the paper); ``width=16`` has ~0.7 M parameters.
+- :func:`vit_small_cifar` — Dosovitskiy et al., "An Image is Worth 16×16 Words" (ICLR 2021)
+  with 4×4 patches (64 tokens for CIFAR). Attention calls
+  :func:`torch.nn.functional.scaled_dot_product_attention`; stochastic depth (Huang et al.
+  2016) skips the dropped samples' residual branch entirely rather than computing and
+  masking it, which saves compute in proportion to the drop rate.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "Normalize", "BasicBlock", "ResNetCIFAR", "resnet18_cifar",
+    "VisionTransformer", "vit_small_cifar", "build_backbone", "BACKBONES",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, with mean/std stored as buffers (saved with weights)."""
+
+    def __init__(self, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError("mean and std need the same length and std must be > 0")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with a residual connection (1×1 projection when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x), inplace=True)
+
+
+class ResNetCIFAR(nn.Module):
+    """ResNet with a CIFAR stem; returns globally average-pooled features of size ``out_dim``."""
+
+    def __init__(self, blocks: Sequence[int] = (2, 2, 2, 2), width: int = 64,
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"width must be a positive channel count, got {width}")
+        self.normalize = Normalize(mean, std)
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        stages, c_in = [], width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            layers = [BasicBlock(c_in, c_out, stride=1 if i == 0 else 2)]
+            layers += [BasicBlock(c_out, c_out) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*layers))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.out_dim = c_in
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # zero-init the last BN of each block: every block starts as identity
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(self.normalize(x)))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+def resnet18_cifar(width: int = 16, **kwargs) -> ResNetCIFAR:
+    """CIFAR ResNet-18 (blocks 2-2-2-2, 3×3 stem, no max-pool); features of size ``8 * width``."""
+    return ResNetCIFAR((2, 2, 2, 2), width=width, **kwargs)
+
+
+# --------------------------------------------------------------------------- ViT
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernel)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with per-sample stochastic depth on both residual branches.
+
+    In training, each sample's branch is kept with probability ``1 - drop_path``; the branch
+    is evaluated only on the kept samples (``index_add``) and scaled by ``1 / (1 - p)``, so
+    dropped samples cost nothing. In eval the branch always runs, unscaled.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+        super().__init__()
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
+
+    def _residual(self, x: torch.Tensor, branch: nn.Module, norm: nn.Module) -> torch.Tensor:
+        if not self.training or self.drop_path == 0.0:
+            return x + branch(norm(x))
+        keep = torch.rand(x.shape[0], device=x.device) >= self.drop_path
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return x
+        update = branch(norm(x.index_select(0, idx))) / (1.0 - self.drop_path)
+        return x.index_add(0, idx, update)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._residual(x, self.attn, self.norm1)
+        return self._residual(x, self.mlp, self.norm2)
+
+
+class VisionTransformer(nn.Module):
+    """ViT on patches of ``patch``×``patch`` pixels; returns the final [CLS] token (``out_dim = dim``)."""
+
+    def __init__(self, image_size: int = 32, patch: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
+                 mlp_ratio: float = 4.0, drop_path: float = 0.1,
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
+        self.normalize = Normalize(mean, std)
+        self.patch = patch
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch) ** 2, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks drop more (DeiT)
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(dim)
+        self.out_dim = dim
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def _pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings, bicubically resized for a grid other than the training one
+        (DINO's local crops are smaller than the global ones)."""
+        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        side = int(grid.shape[1] ** 0.5)
+        if (h, w) == (side, side):
+            return self.pos_embed
+        grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(self.normalize(x))
+        h, w = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self._pos_embed(h, w)
+        return self.norm(self.blocks(tokens))[:, 0]
+
+
+def vit_small_cifar(dim: int = 192, depth: int = 6, heads: int = 3, patch: int = 4,
+                    drop_path: float = 0.1, **kwargs) -> VisionTransformer:
+    """A small ViT for 32×32 images (patch 4 → 64 tokens + [CLS]); ~2.7 M parameters by default."""
+    return VisionTransformer(patch=patch, dim=dim, depth=depth, heads=heads, drop_path=drop_path, **kwargs)
+
+
+BACKBONES = {"resnet18": resnet18_cifar, "vit_small": vit_small_cifar}
+
+
+def build_backbone(name: str, width: int = 16) -> nn.Module:
+    """Build a backbone by name (``resnet18`` with ``width``, or ``vit_small``)."""
+    if name == "resnet18":
+        return resnet18_cifar(width=width)
+    if name == "vit_small":
+        return vit_small_cifar()
+    raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")

@@ -1,0 +1,50 @@
+"""BYOL (Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020).
+
+No negatives: the *online* network (backbone → projector → predictor) regresses, with
+``2 − 2·cos``, the projection of another view produced by the *target* network (backbone →
+projector), whose weights are an EMA of the online ones with ``m`` following a cosine schedule
+from ``momentum`` to 1 (§3.2). The loss is symmetrised over the two views. Only the online
+backbone is kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.augment import SSLAugment
+from models.heads import BYOLPredictionHead, BYOLProjectionHead
+from models.losses import byol_loss
+from models.method import Method
+from models.momentum import momentum_copy, update_momentum
+from models.schedules import cosine_schedule
+
+__all__ = ["BYOL"]
+
+
+class BYOL(Method):
+    """Online network with predictor, EMA target network, normalised-regression loss."""
+
+    name = "byol"
+    defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0}
+
+    def __init__(self, backbone: nn.Module, momentum: float = 0.99, proj_dim: int = 128, hidden_dim: int = 512):
+        super().__init__(backbone)
+        self.projector = BYOLProjectionHead(backbone.out_dim, hidden_dim, proj_dim)
+        self.predictor = BYOLPredictionHead(proj_dim, hidden_dim, proj_dim)
+        self.target_backbone = momentum_copy(self.backbone)
+        self.target_projector = momentum_copy(self.projector)
+        self.momentum = momentum
+        self.augment = SSLAugment()
+        self._hparams = {"momentum": momentum, "proj_dim": proj_dim, "hidden_dim": hidden_dim}
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
+        v = torch.cat([self.augment(x), self.augment(x)])
+        p1, p2 = self.predictor(self.projector(self.backbone(v))).chunk(2)
+        with torch.no_grad():
+            z1, z2 = self.target_projector(self.target_backbone(v)).chunk(2)
+        return 0.5 * (byol_loss(p1, z2) + byol_loss(p2, z1))
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        m = cosine_schedule(step, max_steps, self.momentum, 1.0)
+        update_momentum(self.backbone, self.target_backbone, m)
+        update_momentum(self.projector, self.target_projector, m)

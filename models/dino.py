@@ -1,0 +1,59 @@
+"""DINO (Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021).
+
+Self-distillation without labels: a student (backbone + DINO head) sees all multi-crop views
+(2 global + several small local crops); a teacher — an EMA of the student,
+``θ_t ← m θ_t + (1 − m) θ_s`` with ``m`` cosine-scheduled to 1 — sees only the 2 global views.
+The student matches the teacher's centred and sharpened distribution on every *other* view
+(:class:`models.losses.DINOLoss`); centring + low teacher temperature prevent collapse.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.augment import MultiCrop
+from models.heads import DINOHead
+from models.losses import DINOLoss
+from models.method import Method
+from models.momentum import momentum_copy, update_momentum
+from models.schedules import cosine_schedule
+
+__all__ = ["DINO"]
+
+
+class DINO(Method):
+    """Student/teacher self-distillation with multi-crop, centring and sharpening."""
+
+    name = "dino"
+    defaults = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "warmup_epochs": 2.0}
+
+    def __init__(self, backbone: nn.Module, out_dim: int = 1024, momentum: float = 0.996, n_local: int = 4,
+                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
+                 warmup_teacher_steps: int = 1000, center_momentum: float = 0.9):
+        super().__init__(backbone)
+        self.head = DINOHead(backbone.out_dim, out_dim)
+        self.teacher_backbone = momentum_copy(self.backbone)
+        self.teacher_head = momentum_copy(self.head)
+        self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, warmup_teacher_temp,
+                                  warmup_teacher_steps, center_momentum)
+        self.multicrop = MultiCrop(n_local=n_local)
+        self.momentum = momentum
+        self._hparams = {"out_dim": out_dim, "momentum": momentum, "n_local": n_local, "student_temp": student_temp,
+                         "teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp,
+                         "warmup_teacher_steps": warmup_teacher_steps, "center_momentum": center_momentum}
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
+        views = self.multicrop(x)
+        n = len(x)
+        global_views, local_views = torch.cat(views[:2]), views[2:]
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_backbone(global_views)).chunk(2)
+        student = list(self.head(self.backbone(global_views)).chunk(2))
+        if local_views:  # local crops share a resolution: one forward pass for all of them
+            student += list(self.head(self.backbone(torch.cat(local_views))).split(n))
+        return self.criterion(student, teacher, step)
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        m = cosine_schedule(step, max_steps, self.momentum, 1.0)
+        update_momentum(self.backbone, self.teacher_backbone, m)
+        update_momentum(self.head, self.teacher_head, m)

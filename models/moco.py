@@ -1,0 +1,61 @@
+"""MoCo v2 (He et al., "Momentum Contrast", CVPR 2020; Chen et al., "Improved Baselines with
+Momentum Contrastive Learning", 2020).
+
+A query encoder (backbone + MLP projection head — the v2 change) is trained with InfoNCE:
+the positive key is the *momentum* encoder's embedding of another view of the same image,
+negatives are the keys of earlier batches held in a queue. The key encoder follows the query
+encoder by EMA, ``θ_k ← m θ_k + (1 − m) θ_q``; the loss is symmetrised over the two views.
+BatchNorm shuffling (MoCo §3.3) is only needed across devices; on one device each view is
+forwarded as its own batch, so its statistics cannot leak across the positive pair.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.augment import SSLAugment
+from models.heads import ProjectionHead
+from models.losses import info_nce
+from models.method import Method
+from models.momentum import momentum_copy, update_momentum
+from models.queue import MemoryQueue
+from models.schedules import cosine_schedule
+
+__all__ = ["MoCo"]
+
+
+class MoCo(Method):
+    """Query encoder, momentum key encoder and a queue of negative keys."""
+
+    name = "moco"
+    defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0}
+
+    def __init__(self, backbone: nn.Module, temperature: float = 0.2, queue_size: int = 4096, momentum: float = 0.99,
+                 proj_dim: int = 128, hidden_dim: int = 512):
+        super().__init__(backbone)
+        self.projector = ProjectionHead(backbone.out_dim, hidden_dim, proj_dim)
+        self.key_backbone = momentum_copy(self.backbone)
+        self.key_projector = momentum_copy(self.projector)
+        self.queue = MemoryQueue(proj_dim, queue_size)
+        self.temperature, self.momentum = temperature, momentum
+        self.augment = SSLAugment()
+        self._hparams = {"temperature": temperature, "queue_size": queue_size, "momentum": momentum,
+                         "proj_dim": proj_dim, "hidden_dim": hidden_dim}
+
+    @torch.no_grad()
+    def _keys(self, v: torch.Tensor) -> torch.Tensor:
+        return self.key_projector(self.key_backbone(v))
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
+        v1, v2 = self.augment(x), self.augment(x)
+        q1, q2 = self.projector(self.backbone(v1)), self.projector(self.backbone(v2))
+        k1, k2 = self._keys(v1), self._keys(v2)
+        negatives = self.queue.keys.clone()
+        loss = 0.5 * (info_nce(q1, k2, negatives, self.temperature) + info_nce(q2, k1, negatives, self.temperature))
+        self.queue.enqueue(nn.functional.normalize(torch.cat([k1, k2]), dim=1))
+        return loss
+
+    def after_step(self, step: int, max_steps: int) -> None:
+        m = cosine_schedule(step, max_steps, self.momentum, 1.0)
+        update_momentum(self.backbone, self.key_backbone, m)
+        update_momentum(self.projector, self.key_projector, m)

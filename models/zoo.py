@@ -1,0 +1,163 @@
+"""The model zoo: ``name → (weights.safetensors, card.json)``, turned into a classifier by a builder.
+
+An entry is exactly two files in ``models/zoo/`` (or anywhere, when given as a path):
+
+- ``NAME.safetensors`` — the classifier's ``state_dict`` (tensors only; nothing is unpickled);
+- ``NAME.json`` — the model card: method, backbone, hyper-parameters, accuracies, the exact
+  ``uap train`` command, ``sha256`` of the weights file, and ``"builder"``: the name of the
+  function that rebuilds the ``nn.Module`` from the card before the weights are loaded.
+
+Registering a new builder (e.g. CLIP) takes one line, without this module importing yours::
+
+    # in models/zoo.py's BUILDERS table, or at import time of your module:
+    register_builder("clip", "models.clip:build_from_card")
+
+``build_from_card(card: dict) -> nn.Module`` must return the un-initialised classifier (images in
+[0, 1] → logits, with ``.encoder``) whose ``state_dict`` keys match the weights file; then
+:func:`save_entry` writes an entry and :func:`load` finds it. Builders are given as
+``"module:function"`` strings and imported on first use, so the zoo never imports heavy or
+circular dependencies up front.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+__all__ = ["ZOO_DIR", "register_builder", "available", "cards", "load", "load_card", "save_entry", "sha256_file"]
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo"
+
+#: builder name → callable or "module:function" taking the card and returning the bare nn.Module
+BUILDERS: dict[str, Callable[[dict], nn.Module] | str] = {
+    "probed": "models.zoo:build_probed",
+    "clip": "models.clip:build_from_card",
+}
+
+
+def register_builder(name: str, builder: Callable[[dict], nn.Module] | str) -> None:
+    """Make ``card["builder"] == name`` rebuild models with ``builder`` (a callable or a
+    ``"module:function"`` string imported lazily)."""
+    if not name or not isinstance(name, str):
+        raise ValueError("a builder needs a non-empty name")
+    BUILDERS[name] = builder
+
+
+def _builder(name: str) -> Callable[[dict], nn.Module]:
+    if name not in BUILDERS:
+        raise ValueError(f"model card names builder {name!r}, but only {sorted(BUILDERS)} are registered")
+    b = BUILDERS[name]
+    if isinstance(b, str):
+        module, _, attr = b.partition(":")
+        b = getattr(importlib.import_module(module), attr)
+        BUILDERS[name] = b
+    return b
+
+
+def build_probed(card: dict) -> nn.Module:
+    """Builder for encoder + linear head (supervised baseline and SSL linear probes)."""
+    from models.backbones import build_backbone
+    from models.probes import ProbedClassifier
+
+    arch = card["architecture"]
+    encoder = build_backbone(arch["backbone"], arch.get("width", 16))
+    return ProbedClassifier(encoder, nn.Linear(encoder.out_dim, arch["num_classes"]))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def available(zoo_dir: str | os.PathLike | None = None) -> list[str]:
+    """Names of the zoo entries that have both a weights file and a card."""
+    d = Path(zoo_dir) if zoo_dir is not None else ZOO_DIR
+    if not d.is_dir():
+        return []
+    return sorted(p.stem for p in d.glob("*.json") if (d / f"{p.stem}.safetensors").is_file())
+
+
+def cards(zoo_dir: str | os.PathLike | None = None) -> dict[str, dict]:
+    """``{name: model card}`` for every entry of the zoo."""
+    d = Path(zoo_dir) if zoo_dir is not None else ZOO_DIR
+    return {name: json.loads((d / f"{name}.json").read_text()) for name in available(d)}
+
+
+def _entry_paths(name_or_path: str | os.PathLike, zoo_dir: Path) -> tuple[Path, Path]:
+    text = str(name_or_path)
+    if text in available(zoo_dir):
+        return zoo_dir / f"{text}.safetensors", zoo_dir / f"{text}.json"
+    p = Path(text).expanduser()
+    if p.suffix in (".safetensors", ".json") and p.is_file():
+        return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    if p.is_dir() and len(available(p)) == 1:
+        name = available(p)[0]
+        return p / f"{name}.safetensors", p / f"{name}.json"
+    names = ", ".join(available(zoo_dir)) or "(empty: train one with `uap train METHOD --zoo NAME`)"
+    raise ValueError(f"unknown model {text!r}: not a zoo entry nor a NAME.safetensors/NAME.json path. Zoo: {names}")
+
+
+def load_card(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = None) -> dict:
+    """The model card of a zoo entry (by name or path)."""
+    _, card_path = _entry_paths(name_or_path, Path(zoo_dir) if zoo_dir is not None else ZOO_DIR)
+    if not card_path.is_file():
+        raise FileNotFoundError(f"model card {card_path} is missing")
+    return json.loads(card_path.read_text())
+
+
+def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = None,
+         verify: bool = True) -> nn.Module:
+    """The classifier of a zoo entry, in eval mode: images in [0, 1] → logits, with ``.encoder``.
+
+    ``verify`` checks the weights file against the card's sha256 (a few ms for a few MB).
+    """
+    from safetensors.torch import load_file
+
+    weights, card_path = _entry_paths(name_or_path, Path(zoo_dir) if zoo_dir is not None else ZOO_DIR)
+    for p in (weights, card_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"zoo entry is incomplete: {p} is missing")
+    card = json.loads(card_path.read_text())
+    if verify and card.get("sha256") and sha256_file(weights) != card["sha256"]:
+        raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
+    model = _builder(card.get("builder", "probed"))(card)
+    state = load_file(str(weights))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not fit the {card.get('builder')} builder: {str(e).splitlines()[0]}") from None
+    model.eval()
+    model.card = card  # the metadata travels with the module
+    return model
+
+
+def save_entry(name: str, model: nn.Module, card: dict[str, Any], zoo_dir: str | os.PathLike | None = None) -> dict:
+    """Write ``NAME.safetensors`` and ``NAME.json`` atomically; fills ``sha256`` and
+    ``size_bytes`` into the card and returns it."""
+    from safetensors.torch import save_file
+
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"zoo name must be a plain file stem, got {name!r}")
+    if "builder" not in card:
+        raise ValueError("a model card must name its builder (e.g. 'probed')")
+    d = Path(zoo_dir) if zoo_dir is not None else ZOO_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    weights = d / f"{name}.safetensors"
+    tmp = d / f".{name}.safetensors.tmp{os.getpid()}"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, weights)
+    card = {**card, "name": name, "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size}
+    tmp = d / f".{name}.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, d / f"{name}.json")
+    return card

@@ -1,0 +1,125 @@
+"""``uap transfer`` and ``uap evaluate`` end to end on a tiny image folder and tiny models."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import cli
+from uap.report import Report
+
+runner = CliRunner()
+MODELS = "tests.eval_models:linear_target,tests.eval_models:encoder_target"
+NAMES = ["linear_target", "encoder_target"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """``imagefolder`` data set: 4 classes × (6 train + 4 test) random 8×8 PNGs."""
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for c in range(4):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture()
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("UAP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def transfer_run(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("transfer")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UAP_CACHE_DIR", str(out / "cache"))
+    args = ["transfer", "--models", MODELS, "--eps", "64/255", "--norm", "inf", "--max-passes", "2",
+            "--data", f"imagefolder:{folder}", "--n-craft", "12", "--n-images", "8", "--out", str(out / "run")]
+    result = runner.invoke(cli.app, args)
+    mp.undo()
+    return result, out / "run", args
+
+
+def test_transfer_writes_results_and_figures(transfer_run):
+    result, out, _ = transfer_run
+    assert result.exit_code == 0, result.output
+    assert "transfer" in result.output and "random" in result.output  # the rich table
+    data = json.loads((out / "results.json").read_text())
+    assert data["perturbations"] == NAMES + ["random"]
+    assert data["models"] == NAMES
+    assert np.array(data["fooling_rate"]).shape == (3, 2)
+    assert data["meta"]["command"] == "transfer" and data["n_images"] == 8
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 3 * 2
+    # JSON and CSV hold the same numbers
+    assert Report.load_csv(out / "results.csv", classes=data["classes"]) == Report.load_json(out / "results.json")
+    for png in ("heatmap.png", "perturbations.png", "examples.png"):
+        blob = (out / png).read_bytes()
+        assert blob[:4] == b"\x89PNG" and len(blob) > 2000
+    for name in NAMES:
+        assert (out / "perturbations" / f"{name}.settings.json").is_file()
+
+
+def test_transfer_rerun_reuses_crafted_perturbations(transfer_run, env):
+    first, out, args = transfer_run
+    assert first.exit_code == 0, first.output
+    before = json.loads((out / "results.json").read_text())
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reusing the perturbation") == 2
+    after = json.loads((out / "results.json").read_text())
+    assert after["fooling_rate"] == before["fooling_rate"]
+
+
+def test_evaluate_saved_perturbations(transfer_run, folder, tmp_path, env):
+    _, run, _ = transfer_run
+    perts = [str(run / "perturbations" / n) for n in NAMES]
+    out = tmp_path / "eval"
+    result = runner.invoke(cli.app, ["evaluate", *perts, "--models", MODELS, "--data", f"imagefolder:{folder}",
+                                     "--n-images", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["perturbations"] == NAMES and data["models"] == NAMES
+    # same perturbations, same held-out images: the same matrix as the transfer run (minus random)
+    transfer = json.loads((run / "results.json").read_text())
+    assert data["fooling_rate"] == transfer["fooling_rate"][:2]
+    for png in ("heatmap.png", "perturbations.png", "examples.png"):
+        assert (out / png).stat().st_size > 2000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["transfer", "--models", "", "--out", "x"], "--models is empty"),
+        (["transfer", "--models", MODELS, "--eps", "0", "--out", "x"], "--eps"),
+        (["transfer", "--models", MODELS, "--norm", "3", "--out", "x"], "--norm"),
+        (["transfer", "--models", "nosuchpkg.mod:f", "--out", "x"], "cannot import"),
+        (["evaluate", "does/not/exist", "--models", MODELS, "--out", "x"], "does/not/exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, env):
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_models_all_means_every_zoo_model(monkeypatch):
+    import models
+
+    monkeypatch.setattr(models, "available", lambda: MODELS.split(","), raising=False)
+    assert cli._model_specs("all") == MODELS.split(",")
+    assert list(cli._load_models(cli._model_specs("all"))) == NAMES
+    monkeypatch.setattr(models, "available", lambda: [], raising=False)
+    with pytest.raises(cli._UsageError, match="no models"):
+        cli._model_specs("all")
+    with pytest.raises(cli._UsageError, match="twice"):
+        cli._model_specs("a,b,a")

@@ -1,0 +1,171 @@
+"""deepfool: closed form on affine classifiers, Foolbox agreement on a trained CNN, batching."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.tiny_models import Affine, trained_tiny_cnn
+from uap.deepfool import _batched_grads, deepfool
+
+OVERSHOOT = 0.02
+
+
+def _affine_problem(margins: list[float], n: int = 6, seed: int = 0):
+    """An affine 5-class model on 3×8×8 images near 0.5 with the given logit gaps at each x0."""
+    g = torch.Generator().manual_seed(seed)
+    d, c = 3 * 8 * 8, len(margins)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    x0 = 0.5 + 0.05 * (torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64) - 0.5)
+    # Bias chosen so that f(x0[0]) = margins; other images get nearby logits.
+    b = torch.tensor(margins, dtype=torch.float64) - w @ x0[0].flatten()
+    return Affine(w, b), x0
+
+
+def _closed_form(model: Affine, x0: torch.Tensor, p: float) -> torch.Tensor:
+    """Minimal ℓp perturbation to the nearest affine boundary: min_k |f_k−f_0| / ‖w_k−w_0‖_q."""
+    out = []
+    for x in x0:
+        f = model(x[None])[0]
+        k0 = int(f.argmax())
+        best = None
+        for k in range(f.numel()):
+            if k == k0:
+                continue
+            dw = model.weight[k] - model.weight[k0]
+            q = 1.0 if math.isinf(p) else 2.0
+            dist = (f[k0] - f[k]).abs() / torch.linalg.vector_norm(dw, ord=q)
+            if best is None or dist < best[0]:
+                best = (dist, dw)
+        dist, dw = best
+        r = dist * dw.sign() if math.isinf(p) else dist * dw / dw.norm()
+        out.append(r.view_as(x))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("p,margins", [(2.0, [0.0, -15.0, -18.0, -20.0, -25.0]),
+                                       (math.inf, [0.0, -40.0, -45.0, -50.0, -60.0])])
+def test_affine_matches_closed_form(p, margins):
+    model, x0 = _affine_problem(margins)
+    r, success = deepfool(model, x0, norm=p, candidates=5, overshoot=OVERSHOOT)
+    expected = _closed_form(model, x0, p)
+    assert bool(success.all())
+    # The comparison is only meaningful if no pixel was clipped at the [0, 1] box.
+    assert bool(((x0 + r) > 0).all() and ((x0 + r) < 1).all())
+    got = r / (1 + OVERSHOOT)
+    rel = (got - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)
+    assert rel.max().item() < 1e-4, rel
+
+
+def test_affine_candidates_restrict_the_search():
+    # With 2 candidates only the runner-up class is considered, even if another boundary is nearer.
+    model, x0 = _affine_problem([0.0, -5.0, -5.5, -60.0, -70.0], n=1)
+    r_all, _ = deepfool(model, x0, candidates=5)
+    r_two, _ = deepfool(model, x0, candidates=2)
+    f = model(x0)
+    runner_up = int(f.topk(2).indices[0, 1])
+    dw = model.weight[runner_up] - model.weight[0]
+    expected = (f[0, 0] - f[0, runner_up]).abs() / dw.norm() * dw / dw.norm()
+    torch.testing.assert_close((r_two / (1 + 0.02)).flatten(), expected, rtol=1e-4, atol=1e-7)
+    assert r_all.norm() <= r_two.norm() + 1e-12
+
+
+@pytest.fixture(scope="module")
+def cnn(data_root):
+    return trained_tiny_cnn()
+
+
+@pytest.fixture(scope="module")
+def test_images(data_root):
+    from uap import data
+
+    x, _, _ = data.load("cifar10", split="test", n=64, seed=0)
+    return x
+
+
+def test_cnn_fooled_and_close_to_foolbox(cnn, test_images):
+    import foolbox as fb
+
+    x = test_images
+    r, success = deepfool(cnn, x, norm=2, candidates=10, overshoot=0.02, max_iter=50)
+    assert success.float().mean().item() >= 0.99
+    clean = cnn(x).argmax(1)
+    adv = (x + r).clamp(0, 1)
+    assert torch.equal(cnn(adv).argmax(1) != clean, success)  # success flags are honest
+    ours = (adv - x).flatten(1).norm(dim=1)[success].median()
+
+    attack = fb.attacks.L2DeepFoolAttack(steps=50, candidates=10, overshoot=0.02, loss="logits")
+    _, fb_adv, fb_success = attack(fb.PyTorchModel(cnn, bounds=(0, 1)), x, fb.criteria.Misclassification(clean),
+                                   epsilons=None)
+    theirs = (fb_adv - x).flatten(1).norm(dim=1)[fb_success].median()
+    assert abs(ours - theirs) / theirs < 0.10, (ours, theirs)
+
+
+def test_linf_cnn_fooled_with_small_linf(cnn, test_images):
+    r, success = deepfool(cnn, test_images, norm="inf")
+    assert success.float().mean().item() >= 0.99
+    r2, _ = deepfool(cnn, test_images, norm=2)
+    # The ℓ∞ geometry finds smaller ℓ∞ perturbations than the ℓ2 one (median over images).
+    assert r.flatten(1).abs().amax(1).median() < r2.flatten(1).abs().amax(1).median()
+
+
+def test_batched_equals_one_image_at_a_time(cnn, test_images):
+    x = test_images[:6]
+    r, s = deepfool(cnn, x)
+    for i in range(len(x)):
+        ri, si = deepfool(cnn, x[i:i + 1])
+        torch.testing.assert_close(r[i:i + 1], ri, rtol=1e-4, atol=1e-5)
+        assert bool(si[0]) == bool(s[i])
+
+
+def test_fooled_rows_stop_costing_compute(cnn, test_images):
+    sizes = []
+    handle = cnn.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        deepfool(cnn, test_images)
+    finally:
+        handle.remove()
+    assert sizes[0] == sizes[1] == len(test_images)  # clean logits, then the first step
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < len(test_images)
+
+
+def test_vmap_gradients_equal_per_class_backward(cnn, test_images):
+    xa = test_images[:4].clone().requires_grad_(True)
+    z = cnn(xa)
+    diffs = z[:, 1:] - z[:, :1]
+    batched = _batched_grads(diffs, xa, {"ok": True})
+    looped = torch.stack([torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=True)[0]
+                          for j in range(diffs.shape[1])], dim=1)
+    torch.testing.assert_close(batched, looped)
+
+
+def test_max_iter_zero_returns_no_perturbation(cnn, test_images):
+    r, s = deepfool(cnn, test_images[:3], max_iter=0)
+    assert torch.equal(r, torch.zeros_like(r)) and not bool(s.any())
+
+
+class _BadOutput(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))  # N, not N×C
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"norm": 1}, "norm"), ({"norm": "l7"}, "norm"), ({"candidates": 1}, "candidates"),
+    ({"overshoot": -0.1}, "overshoot"), ({"max_iter": -1}, "max_iter"),
+])
+def test_bad_arguments(kwargs, match):
+    model, x0 = _affine_problem([0.0, -1.0, -2.0], n=2)
+    with pytest.raises(ValueError, match=match):
+        deepfool(model, x0, **kwargs)
+
+
+def test_bad_model_output_and_images():
+    with pytest.raises(ValueError, match="N×C"):
+        deepfool(_BadOutput(), torch.rand(2, 3, 4, 4))
+    model, _ = _affine_problem([0.0, -1.0, -2.0], n=1)
+    with pytest.raises(ValueError, match="empty"):
+        deepfool(model, torch.rand(0, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="N×C×H×W"):
+        deepfool(model, torch.rand(3, 8, 8, dtype=torch.float64))

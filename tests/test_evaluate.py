@@ -1,0 +1,199 @@
+"""``uap.evaluate`` against a direct, one-image-at-a-time computation written here."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from tests.eval_models import DetachedEncoderTarget, EncoderTarget, LinearTarget, images
+from uap.evaluate import _Runner, clean_outputs, evaluate, perturbed_outputs
+from uap.report import Report
+
+
+def _direct(v: torch.Tensor, model, x, y):
+    """Reference metrics from an explicit loop over single images (the slow, obvious way)."""
+    clean, pert, cos = [], [], []
+    with torch.no_grad():
+        for xi in x:
+            xi = xi.unsqueeze(0)
+            xp = torch.clamp(xi + v, 0, 1)
+            clean.append(int(model(xi).argmax()))
+            pert.append(int(model(xp).argmax()))
+            if hasattr(model, "encoder"):
+                a, b = model.encoder(xi).flatten(), model.encoder(xp).flatten()
+                cos.append(float(a.double() @ b.double() / (a.double().norm() * b.double().norm())))
+    n = len(x)
+    counts = Counter(pert)
+    top = max(counts.values())
+    return {
+        "fooling_rate": sum(c != p for c, p in zip(clean, pert)) / n,
+        "clean_accuracy": sum(c == int(t) for c, t in zip(clean, y)) / n,
+        "accuracy": sum(p == int(t) for p, t in zip(pert, y)) / n,
+        "dominant_share": top / n,
+        "dominant_labels": {k for k, c in counts.items() if c == top},
+        "embedding_cosine": sum(cos) / n if cos else math.nan,
+    }
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x, y = images(n=13, seed=3)
+    models = {"linear": LinearTarget(seed=0), "probe": EncoderTarget(seed=1), "detached": DetachedEncoderTarget(seed=2)}
+    gen = torch.Generator().manual_seed(7)
+    perts = {
+        "big": (torch.rand(3, 8, 8, generator=gen) * 2 - 1) * 0.6,  # large enough to fool and to clip
+        "small": (torch.rand(3, 8, 8, generator=gen) * 2 - 1) * 0.05,
+        "zero": torch.zeros(3, 8, 8),
+    }
+    return x, y, models, perts
+
+
+def test_report_equals_direct_computation(setup):
+    x, y, models, perts = setup
+    # batch_size 5 does not divide 13: the last, short batch must count too
+    report = evaluate(perts, models, x, y, batch_size=5)
+    assert report.perturbations == list(perts) and report.models == list(models)
+    assert report.n_images == 13
+    saw_fooling = False
+    for i, (pname, v) in enumerate(perts.items()):
+        for j, (mname, model) in enumerate(models.items()):
+            ref = _direct(v, model, x, y)
+            c = report.cell(pname, mname)
+            assert c["fooling_rate"] == pytest.approx(ref["fooling_rate"], abs=1e-12), (pname, mname)
+            assert c["clean_accuracy"] == pytest.approx(ref["clean_accuracy"], abs=1e-12)
+            assert c["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+            assert c["dominant_share"] == pytest.approx(ref["dominant_share"], abs=1e-12)
+            assert c["dominant_label"] in ref["dominant_labels"]
+            if math.isnan(ref["embedding_cosine"]):
+                assert math.isnan(c["embedding_cosine"])
+            else:
+                assert c["embedding_cosine"] == pytest.approx(ref["embedding_cosine"], abs=1e-5)
+            saw_fooling |= ref["fooling_rate"] > 0
+    assert saw_fooling, "test perturbations must fool something, or the fooling-rate check is vacuous"
+    # zero perturbation: nothing changes, embeddings identical
+    z = report.perturbations.index("zero")
+    assert np.all(report.fooling_rate[z] == 0)
+    assert np.allclose(report.embedding_cosine[z, 1:], 1.0)
+    assert np.allclose(report.accuracy[z], report.clean_accuracy)
+    assert report.norm_linf[0] == pytest.approx(float(perts["big"].abs().max()))
+    assert report.norm_l2[1] == pytest.approx(float(perts["small"].norm()))
+
+
+def test_clean_predictions_computed_once_per_model(setup):
+    x, y, _, perts = setup
+
+    class Counting(LinearTarget):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += len(x)
+            return super().forward(x)
+
+    m = Counting(seed=0)
+    first = evaluate(perts, {"m": m}, x, y, batch_size=4)
+    # one clean pass + one pass per perturbation, each over all 13 images
+    assert Counting.calls == 13 * (1 + len(perts))
+    # same model, same images: the clean predictions come from the engine's cache
+    Counting.calls = 0
+    again = evaluate(perts, {"m": m}, x, y, batch_size=4)
+    assert Counting.calls == 13 * len(perts)
+    assert again == first
+    # a changed model invalidates the cache (no stale clean predictions)
+    with torch.no_grad():
+        m.fc.bias.add_(1.0)
+    Counting.calls = 0
+    evaluate(perts, {"m": m}, x, y, batch_size=4)
+    assert Counting.calls == 13 * (1 + len(perts))
+
+
+def test_encoder_runs_once_per_image_when_the_probe_calls_it(setup):
+    """The forward hook captures the perturbed embedding; the encoder is not run twice."""
+    x, y, _, perts = setup
+    probe = EncoderTarget(seed=1)
+    seen = []
+    probe.encoder.register_forward_hook(lambda _m, i, _o: seen.append(len(i[0])))
+    evaluate(perts, {"p": probe}, x, y, batch_size=5)
+    n, first_batch = 13, 5
+    # clean: model (cached labels) + encoder; then per perturbation one pass, plus one
+    # verification call on the very first perturbed batch
+    assert sum(seen) == 2 * n + len(perts) * n + first_batch
+
+
+def test_hook_and_direct_encoder_paths_agree(setup):
+    """The probe's embedding is taken from a hook; the detached one by calling .encoder."""
+    x, _, _, _ = setup
+    v = torch.full((3, 8, 8), 0.1)
+    for model in (EncoderTarget(seed=1), DetachedEncoderTarget(seed=2)):
+        out = clean_outputs(model, x, batch_size=4)
+        pert, _ = perturbed_outputs(_Runner(model, "m", True), x, v, batch_size=4)
+        with torch.no_grad():
+            torch.testing.assert_close(out.embeddings, model.encoder(x))
+            torch.testing.assert_close(out.predictions, model(x).argmax(1))
+            xp = (x + v).clamp(0, 1)
+            torch.testing.assert_close(pert.embeddings, model.encoder(xp))
+            torch.testing.assert_close(pert.predictions, model(xp).argmax(1))
+
+
+def test_without_labels_accuracies_are_nan(setup):
+    x, _, models, perts = setup
+    report = evaluate([perts["big"]], [models["linear"]], x)
+    assert report.perturbations == ["v0"] and report.models == ["m0"]
+    assert math.isnan(report.accuracy[0, 0]) and math.isnan(report.clean_accuracy[0])
+    assert not math.isnan(report.fooling_rate[0, 0])
+
+
+def test_sequences_are_named_after_their_source_model(setup):
+    from uap.perturbation import Perturbation
+
+    x, _, models, perts = setup
+    seq = [Perturbation(v=perts["big"], model="lin"), Perturbation(v=perts["small"], model="lin"), perts["zero"]]
+    report = evaluate(seq, models, x)
+    assert report.perturbations == ["lin", "lin#2", "v2"]
+    assert report.models == ["linear", "probe", "detached"]
+
+
+def test_restores_training_mode(setup):
+    x, y, _, perts = setup
+    m = LinearTarget().train()
+    evaluate(perts, {"m": m}, x, y)
+    assert m.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(x=torch.rand(4, 3, 8, 8) * 2), r"\[0, 1\]"),
+        (dict(x=torch.rand(3, 8, 8)), "N×C×H×W"),
+        (dict(v=torch.zeros(3, 4, 4)), "shape"),
+        (dict(v=torch.full((3, 8, 8), float("nan"))), "NaN"),
+        (dict(y=torch.zeros(3, dtype=torch.long)), "one label per image"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(models={}), "no models"),
+        (dict(perts={}), "no perturbations"),
+        (dict(models={"bad": lambda t: t}), "nn.Module"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(kwargs, match):
+    x = kwargs.get("x", torch.rand(4, 3, 8, 8))
+    perts = kwargs.get("perts", {"v": kwargs.get("v", torch.zeros(3, 8, 8))})
+    models = kwargs.get("models", {"m": LinearTarget()})
+    with pytest.raises(ValueError, match=match):
+        evaluate(perts, models, x, kwargs.get("y"), batch_size=kwargs.get("batch_size", 8))
+
+
+def test_report_json_and_csv_round_trip(setup, tmp_path):
+    x, y, models, perts = setup
+    report = evaluate(perts, models, x, y, classes=["a", "b", "c", "d"], meta={"data": "random"})
+    back = Report.load_json(report.save_json(tmp_path / "results.json"))
+    assert back == report and back.meta == {"data": "random"}
+    csv_back = Report.load_csv(report.save_csv(tmp_path / "results.csv"), classes=report.classes)
+    assert csv_back == report
+    # missing values survive as null / empty, not as the string "nan"
+    assert "NaN" not in (tmp_path / "results.json").read_text()
+    assert ",nan," not in (tmp_path / "results.csv").read_text().lower()
+    # a changed number is noticed (the round-trip test can fail)
+    back.fooling_rate[0, 0] += 1e-9
+    assert back != report

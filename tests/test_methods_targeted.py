@@ -1,0 +1,102 @@
+"""Targeted UAPs: targeted DeepFool vs an explicit reference, success on a trained model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import uap
+import uap.methods  # noqa: F401  (registers the methods)
+from uap.methods import target_margin, targeted_deepfool, targeted_success_rate
+from tests.method_models import blobs, random_affine, trained_mlp
+
+PAD = 1e-5  # the step pad of uap.deepfool / targeted_deepfool
+
+
+def _reference_targeted_deepfool(model, x, target, overshoot=0.02, max_iter=50):
+    """Targeted DeepFool on an affine model, one image at a time, gradients in closed form."""
+    W, b = model.weight, model.bias
+    rs, oks = [], []
+    for xi in x:
+        x0 = xi.flatten().double()
+        total = torch.zeros_like(x0)
+        ok = False
+        for _ in range(max_iter + 1):
+            z = W.double() @ (x0 + (1 + overshoot) * total).clamp(0, 1) + b.double()
+            if int(z.argmax()) == target:
+                ok = True
+                break
+            rival = max((k for k in range(len(z)) if k != target), key=lambda k: z[k])
+            w = W[target].double() - W[rival].double()  # ∇(z_t − z_rival)
+            f = z[rival] - z[target]
+            total += (f / w.norm() + PAD) * w / w.norm()
+        rs.append(((1 + overshoot) * total).float().view_as(xi))
+        oks.append(ok)
+    return torch.stack(rs), torch.tensor(oks)
+
+
+def test_targeted_deepfool_matches_an_explicit_reference_on_an_affine_model():
+    model = random_affine(num_classes=5)
+    x = 0.35 + 0.3 * torch.rand(12, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for target in (0, 3):
+        r, ok = targeted_deepfool(model, x, target)
+        r_ref, ok_ref = _reference_targeted_deepfool(model, x, target)
+        assert torch.equal(ok, ok_ref) and bool(ok.all())
+        assert torch.allclose(r, r_ref, atol=1e-5), (r - r_ref).abs().max()
+        assert bool((model((x + r).clamp(0, 1)).argmax(1) == target).all())
+
+
+def test_targeted_deepfool_linf_step_and_already_on_target():
+    model = random_affine(num_classes=3)
+    x = 0.4 + 0.2 * torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    target = 1
+    r, ok = targeted_deepfool(model, x, target, norm="inf", overshoot=0.0)
+    assert bool(ok.all())
+    assert bool((model((x + r).clamp(0, 1)).argmax(1) == target).all())
+    on_target = model(x).argmax(1) == target
+    assert torch.equal(r[on_target], torch.zeros_like(r[on_target]))
+    # ℓ∞ step of a linear model is |f|/‖w‖₁ · sign(w): every entry of r has the same magnitude
+    moved = ~on_target
+    if moved.any():
+        mags = r[moved].flatten(1).abs()
+        assert torch.allclose(mags, mags[:, :1].expand_as(mags), rtol=1e-4)
+
+
+def test_target_margin_is_positive_exactly_on_the_target():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, -1.0, 5.0]])
+    assert torch.allclose(target_margin(logits, 1), torch.tensor([1.0, -6.0]))
+    assert torch.allclose(target_margin(logits, torch.tensor([2, 2])), torch.tensor([-1.0, 5.0]))
+
+
+@pytest.mark.parametrize("method, options", [("deepfool-targeted", {}), ("sgd", {"batch_size": 10})])
+def test_targeted_uap_moves_inputs_to_the_target(method, options):
+    # ART's targeted UAP has bug reports of returning all-zero noise; ours must be non-zero
+    # and send far more held-out images to the target than its base rate (10 %).
+    model = trained_mlp()
+    x, _ = blobs(100, seed=1)
+    xh, _ = blobs(300, seed=2)
+    target = 3
+    p = uap.craft(model, x, eps=0.2, method=method, max_passes=3, delta=0.05, method_options={"target": target, **options})
+    base = targeted_success_rate(model, xh, None, target)
+    success = targeted_success_rate(model, xh, p.v, target)
+    assert p.v.abs().max().item() > 0.1
+    assert p.v.abs().max().item() <= 0.2 + 1e-6
+    assert base == pytest.approx(0.1, abs=0.02)
+    assert success > 0.7, success
+    assert p.extra["method_options"]["target"] == target  # recorded in the artefact
+
+
+def test_targeted_options_are_checked():
+    model = trained_mlp()
+    x, _ = blobs(20, seed=1)
+    with pytest.raises(ValueError, match="needs a target"):
+        uap.craft(model, x, eps=0.1, method="deepfool-targeted")
+    with pytest.raises(ValueError, match="out of range"):
+        uap.craft(model, x, eps=0.1, method="sgd", method_options={"target": 10})
+    with pytest.raises(ValueError, match="integer"):
+        uap.craft(model, x, eps=0.1, method="sgd", method_options={"target": "cat"})
+    with pytest.raises(ValueError, match="norm 2 or inf"):
+        targeted_deepfool(model, x, 1, norm=1)
+    assert math.isclose(targeted_success_rate(model, x, torch.zeros(3, 8, 8), 0),
+                        targeted_success_rate(model, x, None, 0))

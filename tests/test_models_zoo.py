@@ -1,0 +1,83 @@
+"""The zoo: entries round-trip, bad names are refused, shipped checkpoints match their cards."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import models
+from models import zoo
+from models.probes import ProbedClassifier
+
+
+def _entry(tmp_path, name="tiny"):
+    card = {"builder": "probed", "method": "supervised",
+            "architecture": {"backbone": "resnet18", "width": 4, "num_classes": 10}}
+    torch.manual_seed(0)
+    model = zoo.build_probed(card).eval()
+    return model, zoo.save_entry(name, model, card, zoo_dir=tmp_path)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model, card = _entry(tmp_path)
+    assert zoo.available(tmp_path) == ["tiny"]
+    assert card["sha256"] == zoo.sha256_file(tmp_path / "tiny.safetensors") and card["size_bytes"] > 0
+    loaded = models.load("tiny", zoo_dir=tmp_path)
+    assert not loaded.training and isinstance(loaded, ProbedClassifier) and hasattr(loaded, "encoder")
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert models.load(str(tmp_path / "tiny.json"))(x).shape == (3, 10)  # by path too
+    assert json.loads((tmp_path / "tiny.json").read_text())["name"] == "tiny"
+
+
+def test_unknown_name_lists_the_zoo(tmp_path):
+    _entry(tmp_path)
+    with pytest.raises(ValueError, match="tiny"):
+        models.load("no-such-model", zoo_dir=tmp_path)
+
+
+def test_corrupt_weights_are_refused(tmp_path):
+    _entry(tmp_path)
+    path = tmp_path / "tiny.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        models.load("tiny", zoo_dir=tmp_path)
+
+
+def test_a_new_builder_is_one_registration(tmp_path):
+    def build_tiny(card):
+        enc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, card["dim"]))
+        return ProbedClassifier(enc, nn.Linear(card["dim"], 2))
+
+    zoo.register_builder("test-tiny", build_tiny)
+    model = build_tiny({"dim": 5})
+    zoo.save_entry("custom", model, {"builder": "test-tiny", "dim": 5}, zoo_dir=tmp_path)
+    assert models.load("custom", zoo_dir=tmp_path)(torch.rand(2, 3, 4, 4)).shape == (2, 2)
+    zoo.save_entry("orphan", model, {"builder": "nobody", "dim": 5}, zoo_dir=tmp_path)
+    with pytest.raises(ValueError, match="builder"):
+        models.load("orphan", zoo_dir=tmp_path)
+
+
+SHIPPED = [n for n, c in zoo.cards().items() if c.get("builder") == "probed"]
+
+
+@pytest.mark.parametrize("name", SHIPPED or [pytest.param("none", marks=pytest.mark.skip("zoo is empty"))])
+def test_zoo_checkpoint_reproduces_its_card(name, data_root):
+    from uap.data import load
+
+    x, y, _ = load("cifar10", "test", n=1000, seed=0)
+    model = models.load(name)
+    card = models.load_card(name)
+    assert model.encoder is not None and card["sha256"]
+    with torch.no_grad():
+        acc = torch.cat([model(x[i:i + 500]) for i in range(0, 1000, 500)]).argmax(1).eq(y).float().mean().item()
+    assert abs(acc - card["linear_probe_acc"]) <= 0.03, f"{name}: {acc:.4f} vs card {card['linear_probe_acc']:.4f}"
+    if card["method"] == "supervised":
+        assert card["linear_probe_acc"] >= 0.85
+    else:
+        assert card["linear_probe_acc"] >= card["random_init_linear_probe_acc"] + 0.20

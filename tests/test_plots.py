@@ -1,0 +1,81 @@
+"""Figures: written as real, non-empty PNGs; the heatmap shows the report's numbers."""
+from __future__ import annotations
+
+import math
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+
+from tests.eval_models import EncoderTarget, LinearTarget, images
+from uap.plots import amplify, heatmap_figure, plot_examples, plot_heatmap, plot_perturbations, write_figures
+from uap.report import Report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _report(nan: bool = False) -> Report:
+    fool = np.array([[0.734, 0.1], [0.25, 0.9], [0.02, 0.03]])
+    if nan:
+        fool[1, 0] = math.nan
+    return Report(
+        perturbations=["a", "b", "random"], models=["a", "b"], fooling_rate=fool,
+        accuracy=np.zeros((3, 2)), dominant_label=np.zeros((3, 2), dtype=int), dominant_share=np.ones((3, 2)),
+        embedding_cosine=np.full((3, 2), math.nan), clean_accuracy=[0.5, 0.6],
+        norm_linf=[0.03] * 3, norm_l2=[1.0] * 3, n_images=10, classes=["x", "y", "z", "w"],
+    )
+
+
+def _assert_png(path, min_side: int = 100):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+    img = mpimg.imread(path)
+    assert min(img.shape[:2]) >= min_side
+    assert img.std() > 0.01, "an image of one flat colour"
+    assert not list(path.parent.glob(".*.tmp*")), "temporary files left behind"
+
+
+def test_heatmap_prints_every_cell_value():
+    fig = heatmap_figure(_report())
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["73.4", "10.0", "25.0", "90.0", "2.0", "3.0"]
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "random"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+
+
+def test_heatmap_marks_missing_values(tmp_path):
+    fig = heatmap_figure(_report(nan=True))
+    assert fig.axes[0].texts[2].get_text() == "–"
+    _assert_png(plot_heatmap(_report(nan=True), tmp_path / "h.png"))
+
+
+def test_heatmap_rejects_unknown_metric():
+    with pytest.raises(ValueError, match="unknown metric"):
+        heatmap_figure(_report(), metric="bogus")
+
+
+def test_amplify_maps_range_to_unit_interval():
+    v = torch.tensor([[[-0.03, 0.0, 0.015, 0.03]]])
+    torch.testing.assert_close(amplify(v), torch.tensor([[[0.0, 0.5, 0.75, 1.0]]]))
+    assert torch.all(amplify(torch.zeros(1, 2, 2)) == 0.5)
+
+
+def test_all_figures_are_written(tmp_path):
+    x, y = images(n=9)
+    gen = torch.Generator().manual_seed(0)
+    perts = {"lin": (torch.rand(3, 8, 8, generator=gen) - 0.5) * 0.2, "random": torch.full((3, 8, 8), 0.05)}
+    models = {"lin": LinearTarget(0), "enc": EncoderTarget(1)}
+    paths = write_figures(tmp_path, _report(), perts, models, x, y=y, k=4)
+    assert set(paths) == {"heatmap", "perturbations", "examples"}
+    for p in paths.values():
+        _assert_png(p)
+
+
+def test_perturbation_and_example_plots_validate_input(tmp_path):
+    x, _ = images(n=3)
+    with pytest.raises(ValueError, match="no perturbations"):
+        plot_perturbations({}, tmp_path / "p.png")
+    with pytest.raises(ValueError, match="no model to label"):
+        plot_examples(x, {"v": torch.zeros(3, 8, 8)}, {}, tmp_path / "e.png")

@@ -1,0 +1,205 @@
+"""``uap.transfer_matrix`` and its random-noise baseline."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import uap.universal
+from tests.eval_models import EncoderTarget, LinearTarget, images
+from uap.baseline import random_perturbation
+from uap.metrics import fooling_rate
+from uap.transfer import RANDOM_ROW, Transfer, transfer_matrix
+
+EPS = 0.25  # large for 8×8 toy images, so the crafted UAPs really fool the tiny models
+SETTINGS = dict(eps=EPS, norm="inf", delta=0.2, max_passes=2, seed=0, batch_size=5)
+
+
+# ---------------------------------------------------------------------------- random baseline
+
+@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
+@pytest.mark.parametrize("eps", [8 / 255, 0.5, 3.0])
+def test_random_perturbation_has_exactly_the_asked_norm(p, eps):
+    r = random_perturbation((3, 16, 16), eps, p, seed=1)
+    assert r.shape == (3, 16, 16) and r.dtype == torch.float32
+    assert torch.linalg.vector_norm(r.flatten().double(), ord=p).item() == pytest.approx(eps, rel=1e-6)
+
+
+def test_random_linf_is_signs_times_eps_and_balanced():
+    r = random_perturbation((3, 32, 32), 8 / 255, math.inf, seed=0)
+    eps = torch.tensor(8 / 255, dtype=torch.float32)
+    assert torch.equal(r.abs(), eps.expand_as(r))
+    assert abs((r > 0).float().mean().item() - 0.5) < 0.05  # fair coin over 3072 pixels
+
+
+def test_random_l2_direction_is_isotropic():
+    draws = torch.stack([random_perturbation((50,), 1.0, 2.0, seed=s) for s in range(400)])
+    # uniform on the sphere: E[r] = 0 and E[r r^T] = I / d
+    assert draws.mean(0).abs().max() < 0.03
+    assert (draws.pow(2).mean(0) * 50).sub(1).abs().max() < 0.35
+
+
+def test_random_perturbation_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = random_perturbation((3, 4, 4), 0.1, 2.0, seed=5)
+    after = torch.rand(1)
+    assert torch.equal(before, after)
+    assert torch.equal(a, random_perturbation((3, 4, 4), 0.1, 2.0, seed=5))
+    assert not torch.equal(a, random_perturbation((3, 4, 4), 0.1, 2.0, seed=6))
+
+
+@pytest.mark.parametrize("args, match", [(((3, 4), 0.0, 2.0), "eps"), (((3, 4), 0.1, 3.0), "p must"),
+                                         (((), 0.1, 2.0), "shape"), (((3, 0), 0.1, 2.0), "shape")])
+def test_random_perturbation_rejects_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        random_perturbation(*args)
+
+
+# ---------------------------------------------------------------------------- transfer matrix
+
+@pytest.fixture(scope="module")
+def setup():
+    x_craft, _ = images(n=16, seed=10)
+    x_eval, y_eval = images(n=12, seed=11)
+    models = {"lin": LinearTarget(seed=0), "probe": EncoderTarget(seed=1)}
+    return models, x_craft, x_eval, y_eval
+
+
+@pytest.fixture(scope="module")
+def result(setup) -> Transfer:
+    models, x_craft, x_eval, y_eval = setup
+    return transfer_matrix(models, x_craft, x_eval, y_eval, **SETTINGS)
+
+
+def test_matrix_shape_rows_and_random_row(result):
+    r = result.report
+    assert r.models == ["lin", "probe"]
+    assert r.perturbations == ["lin", "probe", RANDOM_ROW]
+    assert r.fooling_rate.shape == (3, 2)
+    assert set(result.perturbations) == {"lin", "probe", RANDOM_ROW}
+    assert result.reused == []
+    assert r.meta["eps"] == EPS and r.meta["norm"] == "inf"
+
+
+def test_diagonal_is_each_uaps_own_heldout_fooling_rate(setup, result):
+    models, _, x_eval, _ = setup
+    r = result.report
+    for i, name in enumerate(["lin", "probe"]):
+        v = result.crafted[name].v
+        own = fooling_rate(models[name], x_eval, v)  # the engine's own metric
+        with torch.no_grad():  # and an explicit recomputation
+            clean = models[name](x_eval).argmax(1)
+            pert = models[name]((x_eval + v).clamp(0, 1)).argmax(1)
+        # the engine averages in float32: equal up to far less than one image (1/12)
+        assert r.fooling_rate[i, i] == pytest.approx(own, abs=1e-6)
+        assert r.fooling_rate[i, i] == pytest.approx(result.crafted[name].heldout_fooling_rate, abs=1e-6)
+        assert r.fooling_rate[i, i] == pytest.approx((clean != pert).double().mean().item(), abs=1e-12)
+    assert r.fooling_rate[:2].diagonal().max() > 0, "the crafted UAPs must fool their source model"
+    # off-diagonal cells: UAP crafted on one model applied to the other
+    with torch.no_grad():
+        v = result.crafted["lin"].v
+        probe = models["probe"]
+        ref = (probe(x_eval).argmax(1) != probe((x_eval + v).clamp(0, 1)).argmax(1)).double().mean().item()
+    assert r.fooling_rate[0, 1] == pytest.approx(ref, abs=1e-12)
+
+
+def test_crafted_uaps_respect_the_budget_and_random_row_matches_their_norm(result):
+    r = result.report
+    crafted = [result.perturbations[n] for n in ("lin", "probe")]
+    assert all(v.abs().max() <= EPS + 1e-6 for v in crafted)
+    assert result.perturbations[RANDOM_ROW].abs().max().item() == pytest.approx(
+        max(v.abs().max().item() for v in crafted), rel=1e-6)
+    assert r.norm_linf[2] == pytest.approx(r.meta["random_norm"], rel=1e-6)
+
+
+def test_resume_reuses_saved_perturbations(setup, tmp_path, monkeypatch):
+    models, x_craft, x_eval, y_eval = setup
+    first = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **SETTINGS)
+    saved = sorted(p.name for p in (tmp_path / "perturbations").iterdir())
+    assert "lin.settings.json" in saved and "probe.settings.json" in saved
+    assert not [n for n in saved if ".tmp" in n]
+
+    def no_crafting(*args, **kwargs):
+        raise AssertionError("should have reused the saved perturbation")
+
+    monkeypatch.setattr(uap.universal, "craft", no_crafting)
+    again = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **SETTINGS)
+    assert again.reused == ["lin", "probe"]
+    assert again.report == first.report
+    for name in ("lin", "probe"):
+        assert torch.equal(again.perturbations[name], first.perturbations[name])
+
+    # a crafted perturbation whose settings no longer match is crafted again, not reused
+    monkeypatch.undo()
+    changed = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **{**SETTINGS, "eps": EPS / 2})
+    assert changed.reused == []
+    # an interrupted save (settings file missing) counts as not crafted
+    (tmp_path / "perturbations" / "probe.settings.json").unlink()
+    partial = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **{**SETTINGS, "eps": EPS / 2})
+    assert partial.reused == ["lin"]
+    settings = json.loads((tmp_path / "perturbations" / "lin.settings.json").read_text())
+    assert settings["eps"] == EPS / 2 and len(settings["craft_set_sha256"]) == 64
+
+
+def test_interrupted_crafting_resumes_from_the_last_pass(setup, tmp_path):
+    """Stopping after pass 1 of the second source, then re-running, gives the same UAPs as an
+    uninterrupted run: the first source is reused, the second continues from its checkpoint."""
+    models, x_craft, x_eval, y_eval = setup
+    settings = {**SETTINGS, "max_passes": 3, "delta": 0.05}
+    straight = transfer_matrix(models, x_craft, x_eval, y_eval, **settings)
+    assert straight.crafted["probe"].passes >= 2, "needs a multi-pass craft to test resuming"
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_pass(event, info):
+        if event == "craft_step" and info["model"] == "probe" and info.get("event") == "pass":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, callback=stop_after_first_pass, **settings)
+    folder = tmp_path / "perturbations"
+    assert (folder / "probe.partial.settings.json").is_file() and not (folder / "probe.settings.json").exists()
+
+    events = []
+    resumed = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path,
+                              callback=lambda e, i: events.append((e, i)), **settings)
+    assert resumed.reused == ["lin"]
+    craft_events = [i for e, i in events if e == "craft"]
+    assert [i["model"] for i in craft_events] == ["probe"] and craft_events[0]["resumed_passes"] == 1
+    for name in ("lin", "probe"):
+        torch.testing.assert_close(resumed.perturbations[name], straight.perturbations[name])
+    assert resumed.crafted["probe"].passes == straight.crafted["probe"].passes
+    assert not list(folder.glob("probe.partial*")), "checkpoint files are removed once crafting is done"
+    assert resumed.report.fooling_rate.tolist() == straight.report.fooling_rate.tolist()
+
+
+def test_retrained_model_is_not_reused(setup, tmp_path):
+    models, x_craft, x_eval, y_eval = setup
+    transfer_matrix({"lin": models["lin"]}, x_craft, x_eval, out_dir=tmp_path, **SETTINGS)
+    other = {"lin": LinearTarget(seed=5)}  # same name, different weights
+    again = transfer_matrix(other, x_craft, x_eval, out_dir=tmp_path, **SETTINGS)
+    assert again.reused == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sources=["nope"]), "not among the models"),
+        (dict(models={"random": LinearTarget()}), "reserved"),
+        (dict(same_sets=True), "held-out"),
+        (dict(eps=-1.0), "eps"),
+        (dict(norm="l7"), "norm"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(setup, kwargs, match):
+    models, x_craft, x_eval, _ = setup
+    models = kwargs.pop("models", models)
+    if kwargs.pop("same_sets", False):
+        x_eval = x_craft
+    with pytest.raises(ValueError, match=match):
+        transfer_matrix(models, x_craft, x_eval, **{**SETTINGS, **kwargs})

@@ -1,0 +1,75 @@
+"""Small models for the engine's tests (usable before the zoo exists).
+
+- :func:`tiny_cnn` — a factory for ``uap craft --model tests.tiny_models:tiny_cnn`` (run from
+  the repository root);
+- :func:`trained_tiny_cnn` — the same network trained for a few seconds on 2 000 CIFAR-10
+  images, cached per process so every test file shares one training run;
+- :class:`Affine` — ``f(x) = W·flatten(x) + b``, whose DeepFool answer has a closed form.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Two conv blocks and a linear head; takes [0, 1] images, returns 10 logits."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.head = nn.Linear(2 * width * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x - 0.5).flatten(1))
+
+
+def tiny_cnn() -> nn.Module:
+    """Factory for the CLI (``--model tests.tiny_models:tiny_cnn``), seeded so it is reproducible."""
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+class Affine(nn.Module):
+    """``f(x) = W·flatten(x) + b`` — a linear classifier with a closed-form DeepFool."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+@functools.lru_cache(maxsize=1)
+def cifar_subset(n: int = 2000, split: str = "train", seed: int = 0):
+    """A class-balanced CIFAR-10 subset (cached per process)."""
+    from uap import data
+
+    return data.load("cifar10", split=split, n=n, seed=seed)
+
+
+@functools.lru_cache(maxsize=1)
+def trained_tiny_cnn(epochs: int = 4) -> nn.Module:
+    """:class:`TinyCNN` trained on 2 000 CIFAR-10 training images (~40 % test accuracy)."""
+    x, y, _ = cifar_subset()
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

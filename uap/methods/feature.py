@@ -1,0 +1,100 @@
+"""Label-free universal perturbations for encoders: push embeddings away from their clean value.
+
+Self-supervised encoders (SimCLR, MoCo, BYOL, DINO, CLIP's image tower) have no classifier of
+their own: the downstream head — linear probe, kNN, zero-shot text prompts — is chosen later
+by whoever uses the features. A perturbation that should hurt *every* head must therefore be
+crafted on the encoder alone, without labels or a probe. In the spirit of SSP (Naseer et al.,
+"A self-supervised approach for adversarial robustness", CVPR 2020: maximise feature
+distortion) and AdvEncoder (Zhou et al., ICCV 2023: universal perturbations against
+pre-trained encoders), this method maximises, by minibatch projected steepest ascent
+(:mod:`uap.methods.ascent`), the mean embedding distance between clean and perturbed images::
+
+    D(v) = mean_i d(f(x_i), f(clip(x_i + v)))      f = model.encoder
+    d = 1 − cos(a, b)                 ("cosine", default: what kNN and zero-shot heads read)
+    d = ‖a − b‖₂² / mean_i ‖a_i‖₂²    ("l2", SSP's feature distortion, scale-free)
+
+Both distances have a zero gradient at ``v = 0`` (the clean point is a minimum), so a pass
+that starts from ``v = 0`` first draws a random start of ℓp size ``init · ε`` (from the pass's
+seeded generator). No label, no clean prediction and no head enter the objective; the
+crafting driver still reports the fooling rate of the target's own head after each pass, and
+``uap evaluate`` then measures the same ``v`` on every downstream head.
+
+Options (``method_options``): ``batch_size`` (32), ``step_size`` (0.1, a fraction of ε),
+``decay`` (0.7 per pass), ``distance`` (``"cosine"`` or ``"l2"``), ``init`` (0.25).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uap.baseline import random_perturbation
+from uap.methods.ascent import projected_ascent_pass, step_length
+from uap.universal import CraftContext, register_method
+
+__all__ = ["feature_uap_pass", "embedding_distance", "encoder_of", "FEATURE_DEFAULTS"]
+
+FEATURE_DEFAULTS = {"batch_size": 32, "step_size": 0.1, "decay": 0.7, "distance": "cosine", "init": 0.25}
+_DISTANCES = ("cosine", "l2")
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """``model.encoder`` (images in [0, 1] → features); ``ValueError`` when there is none."""
+    encoder = getattr(model, "encoder", None)
+    if not isinstance(encoder, nn.Module) and not callable(encoder):
+        raise ValueError(
+            f"method 'feature' needs a target with an .encoder (images → features); "
+            f"{type(model).__name__} has none"
+        )
+    return encoder
+
+
+def embedding_distance(clean: torch.Tensor, perturbed: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Mean distance between matching rows of two N×… feature tensors (flattened per row).
+
+    ``"cosine"``: ``mean_i 1 − cos(a_i, b_i)`` ∈ [0, 2]. ``"l2"``: ``mean_i ‖a_i − b_i‖₂²``
+    divided by ``mean_i ‖a_i‖₂²`` (so the value does not depend on the feature scale).
+    """
+    a, b = clean.flatten(1), perturbed.flatten(1)
+    if a.shape != b.shape:
+        raise ValueError(f"feature shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if distance == "cosine":
+        return (1.0 - F.cosine_similarity(a, b, dim=1)).mean()
+    if distance == "l2":
+        return (a - b).pow(2).sum(dim=1).mean() / a.pow(2).sum(dim=1).mean().clamp_min(1e-12)
+    raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(_DISTANCES)}")
+
+
+def _features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = encoder(x)
+    if not torch.is_tensor(out) or out.dim() < 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"model.encoder must return an N×D feature tensor, got {shape}")
+    return out
+
+
+@register_method("feature")
+def feature_uap_pass(ctx: CraftContext) -> None:
+    """One pass of the label-free feature UAP (module docstring)."""
+    unknown = set(ctx.options) - set(FEATURE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for method 'feature'; known: {sorted(FEATURE_DEFAULTS)}")
+    opts = {**FEATURE_DEFAULTS, **ctx.options}
+    if opts["distance"] not in _DISTANCES:
+        raise ValueError(f"unknown distance {opts['distance']!r}: use one of {', '.join(_DISTANCES)}")
+    init = opts["init"]
+    if not (isinstance(init, (int, float)) and 0 < init <= 1):
+        raise ValueError(f"init must be in (0, 1] (a fraction of eps), got {init!r}")
+    encoder = encoder_of(ctx.model)
+    step = step_length(ctx, step_size=opts["step_size"], decay=opts["decay"])
+    if not bool(ctx.v.any()):  # zero gradient at v = 0: start from random noise of size init·ε
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+        noise = random_perturbation(tuple(ctx.v.shape), init * ctx.eps, ctx.p, seed=seed, dtype=ctx.v.dtype)
+        ctx.v = ctx.project(noise.to(ctx.v.device))
+
+    def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+        with torch.no_grad():
+            clean = _features(encoder, ctx.x[idx])
+        return embedding_distance(clean, _features(encoder, x_adv), opts["distance"]), None
+
+    projected_ascent_pass(ctx, objective, batch_size=opts["batch_size"], step=step)

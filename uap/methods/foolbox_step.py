@@ -1,0 +1,110 @@
+"""``foolbox:<AttackName>``: any Foolbox minimisation attack as the inner step of Algorithm 1.
+
+Algorithm 1 of Moosavi-Dezfooli et al. (CVPR 2017) only needs, for an image ``x_i + v`` that
+is not fooled yet, *some* small ``Δv_i`` with ``k̂(x_i + v + Δv_i) ≠ k̂(x_i)``; the paper uses
+DeepFool but notes that any minimal-perturbation attack fits. Foolbox 3 (Rauber et al., JOSS
+2020) offers many — ``L2DeepFoolAttack``, ``LinfDeepFoolAttack``, ``L2CarliniWagnerAttack``,
+``DDNAttack``, ``FMN`` variants, ``BoundaryAttack`` … — all as ``MinimizationAttack`` s. The
+adapter wraps the target in ``fb.PyTorchModel(model, bounds=(0, 1))`` (the engine's pixel
+space; normalisation stays inside the target) and calls the attack with ``epsilons=None``
+(no budget: the minimal perturbation), the criterion being misclassification *w.r.t. the
+clean prediction* ``k̂(x_i)`` — or ``TargetedMisclassification(t)`` for a targeted run, for
+attacks that support it. Its step is ``Δv_i = x_adv − clip(x_i + v, 0, 1)``; an update is
+accepted only when Foolbox reports success, as the engine accepts only converged DeepFool.
+
+Options (``method_options``): ``attack_options`` (keyword arguments of the attack class),
+``batch_size`` (1 = Algorithm 1 exactly; > 1 attacks the unfooled images of a minibatch in
+one Foolbox call), ``chunk_size``, ``target``. For Foolbox's DeepFool attacks, ``steps``,
+``candidates`` and ``overshoot`` default to the run's ``deepfool_options`` so that
+``foolbox:L2DeepFoolAttack`` and the built-in ``deepfool`` method compare like for like.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from uap.methods.algorithm1 import algorithm1_pass
+from uap.methods.targeted import target_of
+from uap.universal import CraftContext, register_method
+
+__all__ = ["foolbox_attack", "FoolboxStep", "foolbox_pass"]
+
+_KNOWN_OPTIONS = {"attack_options", "batch_size", "chunk_size", "max_chunk_size", "target"}
+
+
+def foolbox_attack(name: str, attack_options: dict[str, Any] | None = None,
+                   deepfool_options: dict[str, Any] | None = None) -> Any:
+    """Instantiate the Foolbox minimisation attack ``fb.attacks.<name>``.
+
+    ``ValueError`` for unknown names and for fixed-budget attacks (PGD, FGSM …), which do not
+    return minimal perturbations and so cannot be Algorithm 1's inner step.
+    """
+    import foolbox as fb
+    from foolbox.attacks.base import MinimizationAttack
+
+    cls = getattr(fb.attacks, name, None) if name else None
+    minimisation = sorted(
+        n for n in dir(fb.attacks)
+        if isinstance(getattr(fb.attacks, n), type) and issubclass(getattr(fb.attacks, n), MinimizationAttack)
+    )
+    if not isinstance(cls, type):
+        raise ValueError(f"foolbox has no attack {name!r}; minimisation attacks: {', '.join(minimisation)}")
+    if not issubclass(cls, MinimizationAttack):
+        raise ValueError(
+            f"foolbox.attacks.{name} is a fixed-budget attack; Algorithm 1 needs a minimisation attack: "
+            f"{', '.join(minimisation)}"
+        )
+    kwargs = dict(attack_options or {})
+    if issubclass(cls, fb.attacks.deepfool.DeepFoolAttack) and deepfool_options:
+        for ours, theirs in (("max_iter", "steps"), ("candidates", "candidates"), ("overshoot", "overshoot")):
+            if ours in deepfool_options:
+                kwargs.setdefault(theirs, deepfool_options[ours])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad attack_options for foolbox.attacks.{name}: {e}") from None
+
+
+class FoolboxStep:
+    """The inner step ``(x_perturbed, idx) → (Δv, success)`` backed by a Foolbox attack.
+
+    ``labels`` are the clean predictions of the whole crafting set (indexed by ``idx``);
+    with ``target`` the criterion is targeted misclassification instead.
+    """
+
+    def __init__(self, model: torch.nn.Module, attack: Any, labels: torch.Tensor, target: int | None = None):
+        import foolbox as fb
+
+        self.fb = fb
+        self.fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0))
+        self.attack = attack
+        self.labels = labels
+        self.target = target
+
+    def __call__(self, xp: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xp = xp.detach().contiguous()
+        if self.target is None:
+            criterion = self.fb.criteria.Misclassification(self.labels[idx])
+        else:
+            criterion = self.fb.criteria.TargetedMisclassification(
+                torch.full((xp.shape[0],), self.target, dtype=torch.int64, device=xp.device))
+        _, adv, success = self.attack(self.fmodel, xp, criterion, epsilons=None)
+        return (adv - xp).detach(), success.to(torch.bool)
+
+
+@register_method("foolbox", prefix=True)
+def foolbox_pass(ctx: CraftContext) -> None:
+    """One pass of Algorithm 1 with ``foolbox.attacks.<Name>`` (``ctx.method = "foolbox:<Name>"``)."""
+    unknown = set(ctx.options) - _KNOWN_OPTIONS
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for foolbox methods; known: {sorted(_KNOWN_OPTIONS)}")
+    name = ctx.method.partition(":")[2]
+    attack = foolbox_attack(name, ctx.options.get("attack_options"), ctx.deepfool_options)
+    target = target_of(ctx)
+    step = FoolboxStep(ctx.model, attack, ctx.clean, target)
+    if target is None:
+        todo = lambda idx: ~ctx.is_fooled(idx)  # noqa: E731
+    else:
+        todo = lambda idx: ctx.model(ctx.perturbed(idx)).argmax(dim=1) != target  # noqa: E731
+    algorithm1_pass(ctx, step, todo=torch.no_grad()(todo), batch_size=int(ctx.options.get("batch_size", 1)))

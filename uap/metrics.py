@@ -1,0 +1,240 @@
+"""Metrics of a universal perturbation: fooling rate, accuracy, dominant label.
+
+The *fooling rate* of Moosavi-Dezfooli et al. (CVPR 2017, §3) is measured against the
+model's **clean predictions**, not the labels::
+
+    Err(X_v) = mean_i 1[k̂(clip(x_i + v)) ≠ k̂(x_i)]
+
+(ART's ``UniversalPerturbation`` mixes this with the error rate vs labels; here they are two
+separate functions: :func:`fooling_rate` and :func:`accuracy`.)
+
+Clean predictions are cached so that evaluating a perturbation costs one forward pass per
+image. :class:`CleanPredictions` is the cache; :func:`clean_predictions` reads the shared
+default instance. An entry is keyed by the *identity* of the model and of the data tensor
+and by their version counters (every in-place update of a parameter, buffer or of the data
+bumps ``tensor._version``), so training the model or editing the data in place invalidates
+it, and entries die with the model (weak references). Other modules (``uap.evaluate``)
+should call :func:`clean_predictions` rather than re-running the model.
+
+Every function here batches (``batch_size`` images per forward pass), runs without autograd,
+moves batches to the model's device, and checks that the model returns ``N×C`` logits.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CleanPredictions",
+    "clean_predictions",
+    "predict",
+    "logits_of",
+    "fooling_rate",
+    "accuracy",
+    "dominant_label",
+    "model_device",
+    "eval_mode",
+]
+
+DEFAULT_BATCH_SIZE = 256
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore its previous mode afterwards.
+
+    Attacks must see a deterministic, batch-independent classifier (batch-norm statistics,
+    dropout), whatever mode the caller left the model in.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, checked to be a floating ``N×C`` tensor with one row per image."""
+    out = model(x)
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(
+            f"the model must return logits of shape N×C (N={x.shape[0]} images), got {shape}; "
+            "wrap encoders with a classification head"
+        )
+    if out.shape[1] < 2:
+        raise ValueError(f"the model returns {out.shape[1]} logit per image; a classifier needs at least 2 classes")
+    return out
+
+
+def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """Validate an image batch: a non-empty floating ``N×C×H×W`` tensor."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of images in [0, 1]")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape N×C×H×W, got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: need at least one image")
+    return x
+
+
+def check_perturbation(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Validate that ``v`` (C×H×W, or 1×C×H×W) fits the images ``x`` (N×C×H×W)."""
+    if not torch.is_tensor(v) or not v.is_floating_point():
+        raise ValueError("the perturbation must be a floating-point tensor")
+    if v.dim() == 4 and v.shape[0] == 1:
+        v = v[0]
+    if tuple(v.shape) != tuple(x.shape[1:]):
+        raise ValueError(f"perturbation shape {tuple(v.shape)} does not match image shape {tuple(x.shape[1:])}")
+    return v
+
+
+def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be > 0, got {batch_size}")
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start:start + batch_size]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> torch.Tensor:
+    """Predicted labels ``k̂(clip(x + v, 0, 1))`` (or ``k̂(x)`` without ``v``), int64 on CPU."""
+    check_images(x)
+    device = model_device(model)
+    if v is not None:
+        v = check_perturbation(v, x).to(device=device, dtype=x.dtype)
+    out = []
+    with eval_mode(model):
+        for xb in _batches(x, batch_size):
+            xb = xb.to(device)
+            if v is not None:
+                xb = (xb + v).clamp_(0.0, 1.0)
+            out.append(logits_of(model, xb).argmax(dim=1).cpu())
+    return torch.cat(out)
+
+
+class CleanPredictions:
+    """Cache of clean predictions ``k̂(x)``, keyed by model and data identity + versions.
+
+    ``cache.get(model, x)`` returns the cached labels when neither the model's parameters and
+    buffers nor ``x`` changed since they were computed (checked with the tensors' version
+    counters), otherwise computes them with :func:`predict` and stores them. Entries are
+    dropped when the model is garbage-collected. Use one shared instance
+    (:data:`DEFAULT_CACHE`, via :func:`clean_predictions`) so that crafting and evaluation
+    share work.
+    """
+
+    def __init__(self) -> None:
+        self._store: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _model_stamp(model: nn.Module) -> tuple:
+        tensors = list(model.parameters()) + list(model.buffers())
+        return (len(tensors), sum(t._version for t in tensors), tuple(id(t) for t in tensors[:4]))
+
+    @staticmethod
+    def _data_key(x: torch.Tensor) -> tuple:
+        return (id(x), x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, str(x.device), x._version)
+
+    def get(self, model: nn.Module, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+        """Clean predicted labels of ``model`` on ``x`` (int64, CPU), cached."""
+        check_images(x)
+        entries = self._store.setdefault(model, {})
+        key = self._data_key(x)
+        stamp = self._model_stamp(model)
+        hit = entries.get(key)
+        if hit is not None:
+            ref, cached_stamp, labels = hit
+            if ref() is x and cached_stamp == stamp:
+                self.hits += 1
+                return labels
+        self.misses += 1
+        labels = predict(model, x, batch_size=batch_size)
+        entries[key] = (weakref.ref(x), stamp, labels)
+        return labels
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._store = weakref.WeakKeyDictionary()
+
+
+DEFAULT_CACHE = CleanPredictions()
+
+
+def clean_predictions(model: nn.Module, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """``k̂(x)`` for every image, from the shared :class:`CleanPredictions` cache."""
+    return DEFAULT_CACHE.get(model, x, batch_size=batch_size)
+
+
+def fooling_rate(
+    model: nn.Module,
+    x: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    clean: torch.Tensor | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> float:
+    """Fraction of images whose prediction changes: ``mean 1[k̂(clip(x+v)) ≠ k̂(x)]``.
+
+    ``clean`` may pass precomputed clean labels; otherwise they come from the cache, so a
+    repeated evaluation costs one forward pass per image.
+    """
+    check_images(x)
+    v = check_perturbation(v, x)
+    if clean is None:
+        clean = clean_predictions(model, x, batch_size=batch_size)
+    elif clean.shape != (x.shape[0],):
+        raise ValueError(f"clean has shape {tuple(clean.shape)}, expected ({x.shape[0]},)")
+    adv = predict(model, x, v, batch_size=batch_size)
+    return (adv != clean.cpu()).float().mean().item()
+
+
+def accuracy(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> float:
+    """Top-1 accuracy against labels ``y``, on clean images or under perturbation ``v``."""
+    check_images(x)
+    if not torch.is_tensor(y) or y.shape != (x.shape[0],):
+        raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(getattr(y, 'shape', ()))}")
+    pred = clean_predictions(model, x, batch_size=batch_size) if v is None else predict(model, x, v, batch_size=batch_size)
+    return (pred == y.cpu()).float().mean().item()
+
+
+def dominant_label(
+    model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> tuple[int, float]:
+    """The most frequent label under ``v`` and the fraction of images that get it.
+
+    Universal perturbations tend to push most images to a few dominant labels (CVPR 2017, §4).
+    """
+    pred = predict(model, x, v, batch_size=batch_size)
+    counts = torch.bincount(pred)
+    label = int(counts.argmax())
+    return label, counts[label].item() / pred.numel()

@@ -1,0 +1,194 @@
+"""``Perturbation``: a universal perturbation and the facts needed to reproduce it.
+
+An artefact is two files side by side, and nothing in them is ever unpickled:
+
+- ``NAME.safetensors`` — the tensor ``v`` (C×H×W, float32) under the key ``"v"``; the
+  metadata is also embedded in the safetensors header (key ``"uap"``) so the tensor file
+  alone is self-describing;
+- ``NAME.json`` — the same metadata, human-readable (model id, data, ε, p, δ, method, seed,
+  per-pass history, time, package version).
+
+``to_png`` renders ``v`` as in Fig. 4 of Moosavi-Dezfooli et al. (CVPR 2017): the
+perturbation is scaled to the full [0, 255] range for visibility (its true magnitude is
+tiny), optionally enlarged with nearest-neighbour upsampling.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uap.projection import check_norm, lp_norm, norm_name
+
+__all__ = ["Perturbation", "atomic_write"]
+
+_TENSOR_KEY = "v"
+_HEADER_KEY = "uap"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
+
+    A crash leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Perturbation:
+    """A universal perturbation ``v`` (C×H×W, in [0, 1] pixel units) with its metadata.
+
+    ``norm`` is stored as text (``"inf"``, ``"2"``, ``"1"``; JSON has no ∞); ``p`` gives it
+    as a float. ``history`` is the per-pass list of records written by :func:`uap.craft`
+    (``fooling_rate``, ``heldout_fooling_rate``, ``norm_2``, ``norm_inf``, ``seconds`` …).
+    ``extra`` holds anything else a method wants to keep (e.g. DeepFool options).
+    """
+
+    v: torch.Tensor
+    model: str = "unknown"
+    data: str = "unknown"
+    eps: float = float("nan")
+    norm: str = "inf"
+    delta: float | None = None
+    method: str = "unknown"
+    seed: int | None = None
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not torch.is_tensor(self.v) or not self.v.is_floating_point() or self.v.dim() != 3:
+            shape = tuple(self.v.shape) if torch.is_tensor(self.v) else type(self.v).__name__
+            raise ValueError(f"a Perturbation holds a floating C×H×W tensor, got {shape}")
+        self.norm = norm_name(self.norm)
+        if not self.version:
+            from uap import __version__
+
+            self.version = __version__
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def p(self) -> float:
+        """The norm as a float (1.0, 2.0 or inf)."""
+        return check_norm(self.norm)
+
+    @property
+    def fooling_rate(self) -> float | None:
+        """The fooling rate on the crafting set after the last pass (None without history)."""
+        return self.history[-1].get("fooling_rate") if self.history else None
+
+    @property
+    def heldout_fooling_rate(self) -> float | None:
+        """The held-out fooling rate after the last pass (None if not measured)."""
+        return self.history[-1].get("heldout_fooling_rate") if self.history else None
+
+    @property
+    def passes(self) -> int:
+        """Number of passes over the crafting set that produced ``v``."""
+        return len(self.history)
+
+    def norms(self) -> dict[str, float]:
+        """‖v‖₁, ‖v‖₂ and ‖v‖∞."""
+        return {f"norm_{name}": lp_norm(self.v, p).item() for name, p in (("1", 1), ("2", 2), ("inf", math.inf))}
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the tensor, as JSON-ready values."""
+        meta = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "v"}
+        meta["shape"] = list(self.v.shape)
+        return meta
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (``.safetensors`` is appended if missing) and its ``.json`` sidecar.
+
+        Both files are written atomically. Returns the tensor file's path.
+        """
+        from safetensors.torch import save
+
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        meta_json = json.dumps(self.metadata(), indent=2, default=_json_default)
+        tensor = self.v.detach().to("cpu", torch.float32).contiguous()
+        atomic_write(path, save({_TENSOR_KEY: tensor}, metadata={_HEADER_KEY: meta_json}))
+        atomic_write(path.with_suffix(".json"), (meta_json + "\n").encode())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Perturbation":
+        """Read a perturbation written by :meth:`save` (no pickle involved).
+
+        The ``.json`` sidecar is preferred; without it the header copy is used.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if path.suffix != ".safetensors" and not path.exists():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"perturbation file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                if _TENSOR_KEY not in f.keys():
+                    raise ValueError(f"{path} has no tensor named {_TENSOR_KEY!r}")
+                v = f.get_tensor(_TENSOR_KEY)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"could not read {path} as safetensors: {e}") from None
+        sidecar = path.with_suffix(".json")
+        text = sidecar.read_text() if sidecar.is_file() else header.get(_HEADER_KEY, "{}")
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"metadata of {path} is not valid JSON: {e}") from None
+        meta.pop("shape", None)
+        known = {k: meta.pop(k) for k in list(meta) if k in cls.__dataclass_fields__ and k != "v"}
+        perturbation = cls(v=v, **known)
+        perturbation.extra.update(meta)  # unknown keys from newer versions are kept, not lost
+        return perturbation
+
+    def to_png(self, path: str | os.PathLike, *, scale: int = 8) -> Path:
+        """Save ``v`` as a PNG, min-max scaled to [0, 255] (paper Fig. 4), upsampled ×``scale``."""
+        from PIL import Image
+
+        if scale < 1:
+            raise ValueError(f"scale must be ≥ 1, got {scale}")
+        v = self.v.detach().to("cpu", torch.float32)
+        lo, hi = v.min(), v.max()
+        img = (v - lo) / (hi - lo) if hi > lo else torch.full_like(v, 0.5)
+        img = (img * 255).round().to(torch.uint8)
+        if scale > 1:
+            img = img.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        array = img.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        path = Path(path)
+        atomic_write(path, buf.getvalue())
+        return path
+
+
+def _json_default(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
