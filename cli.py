@@ -268,14 +268,9 @@ def _model_specs(text: str) -> list[str]:
     """``--models``: comma-separated zoo names / paths / ``module:factory``; ``all`` = the zoo."""
     specs = [s.strip() for s in text.split(",") if s.strip()]
     if specs == ["all"]:
-        import models as zoo
+        import models
 
-        available = getattr(zoo, "available", None)
-        if available is None:  # the zoo's registry before models/__init__ re-exports it
-            from models import zoo as registry
-
-            available = registry.available
-        specs = list(available()) if callable(available) else []
+        specs = list(models.available())
         if not specs:
             raise _UsageError("--models all: the model zoo has no models yet (see `uap models`)")
     if not specs:
@@ -285,15 +280,31 @@ def _model_specs(text: str) -> list[str]:
     return specs
 
 
-def _load_models(specs: list[str]) -> dict:
+def _load_models(specs: list[str], device: str = "cpu") -> dict:
+    import torch
+
     from uap.targets import resolve_model
 
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise _UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda: no CUDA device is available here")
     loaded = {}
     for spec in specs:
         model, model_id = resolve_model(spec)
-        name = model_id.rsplit(":", 1)[-1] if ":" in model_id else Path(model_id).stem if "/" in model_id else model_id
+        model = model.to(dev)
+        name = _short_name(model_id)
         loaded[name if name not in loaded else model_id] = model
     return loaded
+
+
+def _short_name(model_id: str) -> str:
+    """Column name for a model: ``supervised``; ``pkg.mod:factory`` → ``factory``; ``dir/x.safetensors`` → ``x``."""
+    if ":" in model_id and not Path(model_id).exists():
+        return model_id.rsplit(":", 1)[-1]
+    return Path(model_id).name.split(".")[0] if ("/" in model_id or "." in Path(model_id).name) else model_id
 
 
 def _print_report(report, title: str, caption: str = "") -> None:
@@ -338,6 +349,8 @@ def evaluate_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the image subset."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for results.json, results.csv and figures."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine."""
     from rich.progress import Progress
@@ -353,8 +366,8 @@ def evaluate_cmd(
         while key in loaded_perts:
             key, k = f"{name}#{k}", k + 1
         loaded_perts[key] = pert.v
-    loaded = _load_models(_model_specs(models))
-    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed)
+    loaded = _load_models(_model_specs(models), device)
+    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
 
@@ -384,6 +397,8 @@ def transfer_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsets, the crafting and the random baseline."),
     batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass when evaluating."),
     out: Path = typer.Option(Path("runs/transfer"), "--out", help="Folder for results, figures and crafted perturbations (reused on re-run)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Cross-model transfer matrix: one UAP per model, each applied to every model, plus a random-noise row."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -392,9 +407,9 @@ def transfer_cmd(
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
     specs = _model_specs(models)
-    loaded = _load_models(specs)
-    x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed)
-    x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed)
+    loaded = _load_models(specs, device)
+    x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root)
+    x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed, root=data_root)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console) as bar:

@@ -73,6 +73,8 @@ def evaluate_clip(clip: CLIP, x: torch.Tensor, y: torch.Tensor, classes, templat
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:retrieval_images]
     recall = retrieval_recall_at_1(clip, x[idx], caption_set(x[idx], y[idx], classes, seed))
     return {"zero_shot_accuracy": acc, "retrieval_images": len(idx),
+            "retrieval_captions": f"one caption per image from the training templates (seed {seed}); a hit is a "
+                                  "retrieved item whose caption text equals the query pair's",
             "image_to_text_recall@1": recall["image_to_text"], "text_to_image_recall@1": recall["text_to_image"]}
 
 
@@ -133,7 +135,7 @@ def train_clip(
     text_width: int = 64,
     text_layers: int = 3,
     text_heads: int = 4,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     weight_decay: float = 0.1,
     warmup_epochs: float = 1.0,
     word_dropout: float = 0.05,
@@ -147,6 +149,7 @@ def train_clip(
     threads: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    command: str | None = None,
 ) -> Path:
     """Train CLIP on CIFAR-10 captions and write ``OUTPUT/clip.{safetensors,json}``.
 
@@ -167,6 +170,7 @@ def train_clip(
         val_size: class-balanced training images held out for the per-epoch zero-shot log.
         threads: ``torch.set_num_threads`` for the run (``None`` leaves it).
         progress: show a rich progress bar; ``log`` receives one line per epoch.
+        command: the command line recorded in the card (default: rebuilt from the arguments).
     Returns:
         Path of the final weights ``OUTPUT/clip.safetensors`` (``OUTPUT/last.safetensors`` when
         stopped early by ``stop_after_epochs``).
@@ -209,7 +213,7 @@ def train_clip(
     args = {"epochs": epochs, "batch_size": batch_size, "backbone": backbone, "width": width, "lr": lr,
             "embed_dim": embed_dim, "text_width": text_width, "text_layers": text_layers, "text_heads": text_heads,
             "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "word_dropout": word_dropout,
-            "seed": seed, "n_train": len(x), "val_size": val_size, "dataset": dataset}
+            "seed": seed, "n_train": n_train, "val_size": val_size, "dataset": dataset}
     history, start_epoch, elapsed = [], 0, 0.0
 
     last = out / "last.safetensors"
@@ -269,12 +273,17 @@ def train_clip(
     classifier = zero_shot_classifier(clip.eval(), classes, HELD_OUT_TEMPLATES)
     card = {
         **clip_card(classifier),
-        "method": "CLIP (Radford et al. 2021) trained on CIFAR-10 with generated captions",
+        "method": "clip",
+        "description": "CLIP (Radford et al. 2021) trained on CIFAR-10 with generated captions; "
+                       "logits are zero-shot (prompt ensemble of held-out templates)",
+        "backbone": backbone,
+        "epochs": epochs,
+        "zero_shot_acc": metrics["zero_shot_accuracy"],
         "train_templates": list(TRAIN_TEMPLATES),
         "metrics": {**metrics, "test_images": len(x_test), "split": "test",
                     "note": "zero-shot uses held-out templates never seen in training"},
-        "training": {**args, "train_seconds": round(elapsed, 1), "threads": torch.get_num_threads(),
-                     "command": _command(args, out), "history": history},
+        "training": {**args, "train_images": len(x), "train_seconds": round(elapsed, 1), "threads": torch.get_num_threads(),
+                     "command": command or _command(args, out), "history": history},
     }
     log(f"test zero-shot accuracy {metrics['zero_shot_accuracy']:.4f} on {len(x_test)} images; "
         f"retrieval R@1 i→t {metrics['image_to_text_recall@1']:.3f} t→i {metrics['text_to_image_recall@1']:.3f}")
@@ -288,9 +297,18 @@ def _load_test(dataset: str, n: int | None, seed: int):
     return load(dataset, "test", n=n, seed=seed)
 
 
+_CLI_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "backbone": "--backbone", "width": "--width",
+              "lr": "--lr", "weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs", "seed": "--seed"}
+
+
 def _command(args: dict, out: Path) -> str:
-    return (f"uap train clip --epochs {args['epochs']} --batch-size {args['batch_size']} "
-            f"--backbone {args['backbone']} --width {args['width']} --seed {args['seed']} --output {out}")
+    """The ``uap train clip`` line that reproduces ``args`` (text-tower settings as ``-H``)."""
+    parts = ["uap train clip"] + [f"{flag} {args[k]}" for k, flag in _CLI_FLAGS.items()]
+    if args["n_train"] is not None:
+        parts.append(f"--n-train {args['n_train']}")
+    parts += [f"-H {k}={args[k]}" for k in ("embed_dim", "text_width", "text_layers", "text_heads", "word_dropout",
+                                             "val_size")]
+    return " ".join(parts + [f"--out {out}"])
 
 
 def _progress(enabled: bool):

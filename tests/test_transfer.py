@@ -178,6 +178,20 @@ def test_interrupted_crafting_resumes_from_the_last_pass(setup, tmp_path):
     assert resumed.report.fooling_rate.tolist() == straight.report.fooling_rate.tolist()
 
 
+def test_fingerprints_cover_every_state_tensor():
+    from torch import nn
+
+    from uap.transfer import model_fingerprint, tensor_fingerprint
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # has a 0-dim int64 buffer
+    before = model_fingerprint(net)
+    assert before == model_fingerprint(net)
+    net[1].num_batches_tracked += 1
+    assert model_fingerprint(net) != before
+    assert tensor_fingerprint(torch.zeros(2, 3)) != tensor_fingerprint(torch.zeros(3, 2))
+    assert tensor_fingerprint(torch.zeros(2)) != tensor_fingerprint(torch.zeros(2, dtype=torch.float64))
+
+
 def test_retrained_model_is_not_reused(setup, tmp_path):
     models, x_craft, x_eval, y_eval = setup
     transfer_matrix({"lin": models["lin"]}, x_craft, x_eval, out_dir=tmp_path, **SETTINGS)
@@ -194,6 +208,7 @@ def test_retrained_model_is_not_reused(setup, tmp_path):
         (dict(same_sets=True), "held-out"),
         (dict(eps=-1.0), "eps"),
         (dict(norm="l7"), "norm"),
+        (dict(craft_kwargs={"heldout": None}), "craft_kwargs"),
     ],
 )
 def test_bad_input_is_a_clear_value_error(setup, kwargs, match):

@@ -73,3 +73,32 @@ def trained_tiny_cnn(epochs: int = 4) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+class TinyMLP(nn.Module):
+    """A one-hidden-layer ReLU network on small images: non-linear, yet fast enough for
+    reference loops that call DeepFool once per image."""
+
+    def __init__(self, in_shape: tuple[int, int, int] = (3, 8, 8), hidden: int = 32, num_classes: int = 5):
+        super().__init__()
+        c, h, w = in_shape
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x - 0.5)
+
+
+def tiny_mlp(seed: int = 0, in_shape: tuple[int, int, int] = (3, 8, 8)) -> nn.Module:
+    """A seeded :class:`TinyMLP` in eval mode with frozen parameters."""
+    torch.manual_seed(seed)
+    model = TinyMLP(in_shape).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def tiny_linear() -> nn.Module:
+    """Factory for CLI tests: a seeded linear classifier on 3×32×32 images (DeepFool needs
+    one or two steps on it, so crafting is fast even on a busy machine)."""
+    g = torch.Generator().manual_seed(0)
+    return Affine(0.05 * torch.randn(10, 3 * 32 * 32, generator=g), 0.1 * torch.randn(10, generator=g))

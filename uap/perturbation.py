@@ -151,7 +151,9 @@ class Perturbation:
                 if _TENSOR_KEY not in f.keys():
                     raise ValueError(f"{path} has no tensor named {_TENSOR_KEY!r}")
                 v = f.get_tensor(_TENSOR_KEY)
-        except (OSError, RuntimeError) as e:
+        except ValueError:
+            raise
+        except Exception as e:  # SafetensorError (not an OSError) for a damaged or foreign file
             raise ValueError(f"could not read {path} as safetensors: {e}") from None
         sidecar = path.with_suffix(".json")
         text = sidecar.read_text() if sidecar.is_file() else header.get(_HEADER_KEY, "{}")

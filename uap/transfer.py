@@ -35,8 +35,10 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from uap import universal
 from uap.baseline import random_perturbation
 from uap.evaluate import as_named_models, evaluate
+from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
 from uap.report import Report, atomic_write_text
 
@@ -44,6 +46,10 @@ __all__ = ["transfer_matrix", "Transfer", "RANDOM_ROW", "model_fingerprint", "te
 
 #: Name of the random-noise baseline row.
 RANDOM_ROW = "random"
+
+#: ``uap.craft`` arguments that transfer_matrix itself sets (same for every source).
+_SET_HERE = {"eps", "norm", "delta", "max_passes", "method", "seed", "heldout", "callback", "resume",
+             "model_id", "data"}
 
 #: ``callback(event, info)``: ``"craft"`` (a source model starts; info: model, index, total),
 #: ``"craft_step"`` (the engine's per-pass history dict, plus model), ``"reused"`` and
@@ -64,7 +70,7 @@ class Transfer:
 
     report: Report
     perturbations: dict[str, torch.Tensor]
-    crafted: dict[str, Any] = field(default_factory=dict)
+    crafted: dict[str, Perturbation] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
 
 
@@ -72,7 +78,7 @@ def tensor_fingerprint(x: torch.Tensor) -> str:
     """SHA-256 of a tensor's shape, dtype and bytes (identifies a crafting set)."""
     t = x.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -104,10 +110,8 @@ def _settings(source: str, model_id: str, model: nn.Module, x_craft_sha: str, n_
     }
 
 
-def _try_reuse(stem: Path, settings: dict[str, Any]):
+def _try_reuse(stem: Path, settings: dict[str, Any]) -> Perturbation | None:
     """The perturbation saved at ``stem`` if its settings equal ``settings``, else None."""
-    from uap.perturbation import Perturbation
-
     settings_path = stem.with_name(stem.name + ".settings.json")
     if not settings_path.is_file():
         return None
@@ -130,8 +134,6 @@ def _partial_stem(stem: Path) -> Path:
 def _save_partial(stem: Path, settings: dict[str, Any], v: torch.Tensor, history: list[dict],
                   model_id: str, n_craft: int) -> None:
     """Checkpoint an unfinished crafting run after a pass (for ``craft(resume=...)``)."""
-    from uap.perturbation import Perturbation
-
     pert = Perturbation(v=v.detach().cpu().float(), model=model_id, data=f"{n_craft} crafting images",
                         eps=settings["eps"], norm=settings["norm"], delta=settings["delta"],
                         method=settings["method"], seed=settings["seed"], history=[dict(h) for h in history],
@@ -144,7 +146,7 @@ def _remove(stem: Path) -> None:
         stem.with_name(stem.name + suffix).unlink(missing_ok=True)
 
 
-def _save(pert: Any, stem: Path, settings: dict[str, Any]) -> None:
+def _save(pert: Perturbation, stem: Path, settings: dict[str, Any]) -> None:
     """Save the perturbation, then (atomically) the settings file that marks it complete."""
     settings_path = stem.with_name(stem.name + ".settings.json")
     settings_path.unlink(missing_ok=True)  # invalidate first: a crash mid-save must not look complete
@@ -193,8 +195,6 @@ def transfer_matrix(
         craft_kwargs: extra keyword arguments for :func:`uap.craft`.
         callback: ``callback(event, info)`` for progress (see :data:`EventFn`).
     """
-    from uap.universal import craft
-
     named = as_named_models(models)
     p = check_norm(norm)
     eps = check_eps(eps)
@@ -214,6 +214,9 @@ def transfer_matrix(
     if x_craft is x_eval:
         raise ValueError("x_eval must be held-out images, not the crafting set itself")
     craft_kwargs = dict(craft_kwargs or {})
+    clash = sorted(set(craft_kwargs) & _SET_HERE)
+    if clash:
+        raise ValueError(f"craft_kwargs cannot set {clash}: transfer_matrix sets them for every source")
     model_ids = dict(model_ids or {})
     emit = callback or (lambda _event, _info: None)
     stem_dir = Path(out_dir) / "perturbations" if out_dir is not None else None
@@ -223,41 +226,20 @@ def transfer_matrix(
         if bad:
             raise ValueError(f"model name(s) {bad} cannot name files under {stem_dir}; rename them")
 
-    crafted: dict[str, Any] = {}
+    crafted: dict[str, Perturbation] = {}
     reused: list[str] = []
     for k, source in enumerate(sources):
-        model = named[source]
-        settings = _settings(source, model_ids.get(source, source), model, craft_sha, len(x_craft),
+        settings = _settings(source, model_ids.get(source, source), named[source], craft_sha, len(x_craft),
                              eps, p, delta, max_passes, method, seed, craft_kwargs)
         stem = stem_dir / source if stem_dir is not None else None
-        if stem is not None:
-            pert = _try_reuse(stem, settings)
-            if pert is not None:
-                crafted[source] = pert
-                reused.append(source)
-                emit("reused", {"model": source, "path": str(stem), "index": k, "total": len(sources)})
-                continue
-        partial = _try_reuse(_partial_stem(stem), settings) if stem is not None else None
-        emit("craft", {"model": source, "index": k, "total": len(sources),
-                       "resumed_passes": partial.passes if partial is not None else 0})
-        history: list[dict] = [dict(h) for h in partial.history] if partial is not None else []
-
-        def on_step(entry: dict, _source: str = source, _stem: Path | None = stem,
-                    _settings: dict = settings, _history: list = history) -> None:
-            if entry.get("event") == "pass" and _stem is not None:
-                _history.append({k_: v_ for k_, v_ in entry.items() if k_ not in ("event", "v")})
-                _save_partial(_stem, _settings, entry["v"], _history, _settings["model_id"], len(x_craft))
-            emit("craft_step", {**entry, "model": _source})
-
-        pert = craft(model, x_craft, eps=eps, norm=p, delta=delta, max_passes=max_passes, method=method,
-                     seed=seed, heldout=x_eval if y_eval is None else (x_eval, y_eval), callback=on_step,
-                     model_id=settings["model_id"], data=f"{len(x_craft)} crafting images",
-                     resume=partial, **craft_kwargs)
-        crafted[source] = pert
-        if stem is not None:
-            _save(pert, stem, settings)
-            _remove(_partial_stem(stem))
-            emit("saved", {"model": source, "path": str(stem)})
+        saved = _try_reuse(stem, settings) if stem is not None else None
+        if saved is not None:
+            crafted[source] = saved
+            reused.append(source)
+            emit("reused", {"model": source, "path": str(stem), "index": k, "total": len(sources)})
+            continue
+        crafted[source] = _craft_one(named[source], x_craft, x_eval, y_eval, settings, stem, craft_kwargs,
+                                     emit, index=k, total=len(sources))
 
     perturbations: dict[str, torch.Tensor] = {s: _vector(crafted[s]) for s in sources}
     meta: dict[str, Any] = {
@@ -277,6 +259,36 @@ def transfer_matrix(
     report = evaluate(perturbations, named, x_eval, y_eval, batch_size=batch_size, embeddings=embeddings,
                       classes=classes, progress=on_eval, meta=meta)
     return Transfer(report=report, perturbations=perturbations, crafted=crafted, reused=reused)
+
+
+def _craft_one(model: nn.Module, x_craft: torch.Tensor, x_eval: torch.Tensor, y_eval: torch.Tensor | None,
+               settings: dict[str, Any], stem: Path | None, craft_kwargs: dict[str, Any], emit: EventFn,
+               *, index: int, total: int) -> Perturbation:
+    """Craft one source's UAP with :func:`uap.craft`, continuing from a checkpoint under ``stem``
+    if there is one, checkpointing after every pass, and saving the result."""
+    source = settings["source"]
+    partial = _try_reuse(_partial_stem(stem), settings) if stem is not None else None
+    emit("craft", {"model": source, "index": index, "total": total,
+                   "resumed_passes": partial.passes if partial is not None else 0})
+    history: list[dict] = [dict(h) for h in partial.history] if partial is not None else []
+
+    def on_step(entry: dict) -> None:
+        if entry.get("event") == "pass" and stem is not None:
+            history.append({k: v for k, v in entry.items() if k not in ("event", "v")})
+            _save_partial(stem, settings, entry["v"], history, settings["model_id"], len(x_craft))
+        emit("craft_step", {**entry, "model": source})
+
+    pert = universal.craft(
+        model, x_craft, eps=settings["eps"], norm=settings["norm"], delta=settings["delta"],
+        max_passes=settings["max_passes"], method=settings["method"], seed=settings["seed"],
+        heldout=x_eval if y_eval is None else (x_eval, y_eval), callback=on_step, resume=partial,
+        model_id=settings["model_id"], data=f"{len(x_craft)} crafting images", **craft_kwargs,
+    )
+    if stem is not None:
+        _save(pert, stem, settings)
+        _remove(_partial_stem(stem))
+        emit("saved", {"model": source, "path": str(stem)})
+    return pert
 
 
 def _vector(pert: Any) -> torch.Tensor:

@@ -14,7 +14,7 @@ UAPs) share one loop and differ only in the objective they maximise::
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -22,10 +22,10 @@ from uap.universal import CraftContext
 
 __all__ = ["ascent_direction", "step_length", "projected_ascent_pass", "Objective"]
 
-#: ``objective(logits_or_features_input, idx) -> (J, fooled)``: the batch objective to
+#: ``objective(x_adv, idx) -> (J, fooled)``: the batch objective to
 #: maximise (a scalar, already averaged) and, optionally, which images count as fooled
 #: (a bool mask for the live progress display, or None).
-Objective = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"]
+Objective = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 def ascent_direction(g: torch.Tensor, p: float) -> torch.Tensor:
@@ -55,7 +55,7 @@ def step_length(ctx: CraftContext, *, step_size: float, decay: float) -> float:
 
 def projected_ascent_pass(
     ctx: CraftContext,
-    objective: Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor | None]"],
+    objective: Objective,
     *,
     batch_size: int,
     step: float,

@@ -26,6 +26,7 @@ import torch
 
 from uap.methods.algorithm1 import algorithm1_pass
 from uap.methods.targeted import target_of
+from uap.metrics import model_device
 from uap.universal import CraftContext, register_method
 
 __all__ = ["foolbox_attack", "FoolboxStep", "foolbox_pass"]
@@ -77,7 +78,7 @@ class FoolboxStep:
         import foolbox as fb
 
         self.fb = fb
-        self.fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0))
+        self.fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=model_device(model))
         self.attack = attack
         self.labels = labels
         self.target = target

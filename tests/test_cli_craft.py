@@ -1,0 +1,92 @@
+"""`uap craft`: files written, summary fields, finished-run detection, one-line errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+from tests.tiny_models import tiny_linear
+from uap import Perturbation
+
+MODEL = "tests.tiny_models:tiny_linear"
+SMALL = ["--n-images", "12", "--heldout", "10", "--max-passes", "2"]
+
+
+def _craft(*args: str):
+    return CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, *args])
+
+
+def _stderr(result) -> str:
+    try:
+        return result.stderr
+    except ValueError:  # older click mixes the streams
+        return result.output
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_root):
+    out = tmp_path_factory.mktemp("craft") / "run"
+    result = _craft("--eps", "8/255", "--norm", "inf", "--out", str(out), "--data-root", str(data_root))
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_writes_artefacts_and_summary(finished):
+    out, result = finished
+    names = {p.name for p in out.iterdir()}
+    assert {"perturbation.safetensors", "perturbation.json", "perturbation.png", "summary.json"} <= names
+    assert "checkpoint.safetensors" not in names  # removed once the run finished
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("model", "eps", "norm", "method", "passes", "seconds", "fooling_rate", "heldout_fooling_rate"):
+        assert key in summary, key
+    assert summary["eps"] == pytest.approx(8 / 255) and summary["norm"] == "inf" and summary["method"] == "deepfool"
+    assert 1 <= summary["passes"] <= 2 and summary["heldout_fooling_rate"] is not None
+    pert = Perturbation.load(out / "perturbation.safetensors")
+    assert pert.v.abs().max() <= 8 / 255 + 1e-6 and pert.model == MODEL
+    assert pert.passes == summary["passes"] and pert.fooling_rate == summary["fooling_rate"]
+    assert "held-out" in result.output and "fooling rate" in result.output  # the final table
+
+
+def test_same_settings_are_recognised(finished, data_root):
+    out, _ = finished
+    result = _craft("--eps", "8/255", "--norm", "inf", "--out", str(out), "--data-root", str(data_root))
+    assert result.exit_code == 0 and "already holds a finished run" in result.output
+
+
+def test_different_settings_refuse_to_overwrite(finished, data_root):
+    out, _ = finished
+    result = _craft("--eps", "4/255", "--out", str(out), "--data-root", str(data_root))
+    assert result.exit_code == 2 and "different settings" in _stderr(result)
+
+
+def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
+    from safetensors.torch import save_file
+
+    model = tiny_linear()
+    with torch.no_grad():
+        model.bias.add_(1.0)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    out = tmp_path / "run"
+    result = _craft("--weights", str(tmp_path / "w.safetensors"), "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25",
+                    "--norm", "2", "--eps", "0.5", "--method", "deepfool-batched", "--heldout", "0",
+                    "--out", str(out), "--data-root", str(data_root))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["norm"] == "2" and summary["heldout_fooling_rate"] is None
+    assert summary["norm_2"] <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--eps", "0"], "--eps"), (["--eps", "abc"], "--eps"), (["--norm", "3"], "--norm"),
+    (["--delta", "1.5"], "--delta"), (["--method", "nope"], "unknown method"), (["--n-images", "0"], "--n-images"),
+    (["--model", "no_such_module:factory"], "cannot import"), (["--mean", "0.5"], "--mean and --std"),
+])
+def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
+    result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2, result.output
+    err = _stderr(result)
+    assert match in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
