@@ -152,8 +152,14 @@ def craft_cmd(
     norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
     delta: float = typer.Option(0.2, "--delta", help="Stop once the fooling rate on X exceeds 1 − δ."),
     max_passes: int = typer.Option(10, "--max-passes", help="At most this many passes over X."),
-    method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, or a plugin method."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per DeepFool call for deepfool-batched."),
+    method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, sgd, feature, "
+                               "deepfool-targeted or foolbox:<AttackName> (e.g. foolbox:L2CarliniWagnerAttack)."),
+    target_class: Optional[int] = typer.Option(None, "--target", help="Targeted UAP: send images to this class "
+                                               "(deepfool, sgd, foolbox:…); the stop rule uses the targeted success rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step: DeepFool call (deepfool-batched), "
+                                             "gradient step (sgd, feature: default 32) or Foolbox call (default 1)."),
+    method_option: List[str] = typer.Option([], "--method-option", help="KEY=VALUE knob of the method (JSON value), "
+                                            "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -181,6 +187,15 @@ def craft_cmd(
     if max_passes < 1:
         raise _UsageError(f"--max-passes must be ≥ 1, got {max_passes}")
     get_method(method)  # unknown method: fail before loading anything
+    method_options: dict = {} if batch_size is None else {"batch_size": batch_size}
+    for item in method_option:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise _UsageError(f"--method-option must look like KEY=VALUE, got {item!r}")
+        try:
+            method_options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            method_options[key.strip()] = raw  # a bare string, e.g. distance=l2
     mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
     torch_device = _torch_device(device)
     if out is None:
@@ -190,6 +205,7 @@ def craft_cmd(
         "model": model, "weights": str(weights) if weights else None, "mean": mean_v, "std": std_v,
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
         "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
+        "target": target_class, "method_options": method_options,
     }
     summary_path, ckpt_path = out / "summary.json", out / "checkpoint.safetensors"
     if summary_path.is_file() and not force:
@@ -237,7 +253,7 @@ def craft_cmd(
 
         pert = uap.craft(target, x, eps=eps_value, norm=p, delta=delta, max_passes=max_passes, method=method,
                          seed=seed, heldout=held, callback=on_event, resume=previous_run, model_id=model_id,
-                         data=data_desc, method_options={"batch_size": batch_size})
+                         data=data_desc, method_options=method_options, target=target_class)
     pert.extra["settings"] = settings
     pert.save(out / "perturbation.safetensors")
     pert.to_png(out / "perturbation.png")
@@ -248,6 +264,9 @@ def craft_cmd(
         "passes": pert.passes, "seconds": pert.seconds,
         "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate,
         "heldout_accuracy": last.get("heldout_accuracy"),
+        "target": target_class,
+        "targeted_success_rate": last.get("targeted_success_rate"),
+        "heldout_targeted_success_rate": last.get("heldout_targeted_success_rate"),
         "clean_heldout_accuracy": pert.extra.get("clean_heldout_accuracy"),
         "norm_2": pert.norms()["norm_2"], "norm_inf": pert.norms()["norm_inf"],
         "deepfool_calls": sum(r["deepfool_calls"] for r in pert.history),
@@ -456,7 +475,7 @@ def transfer_cmd(
 @app.command("train")
 @friendly_errors
 def train_cmd(
-    method: str = typer.Argument(..., help="supervised | simclr | moco | byol | dino"),
+    method: str = typer.Argument(..., help="supervised | simclr | moco | byol | dino | clip"),
     epochs: int = typer.Option(30, help="Training epochs over CIFAR-10 train."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per step (lr scales linearly from 256)."),
     backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem) or vit_small (patch 4)."),
@@ -489,11 +508,16 @@ def train_cmd(
             hparams[key] = _json.loads(value)
         except _json.JSONDecodeError:
             hparams[key] = value
+    argv = [a for a in sys.argv[1:] if a != "--resume"]
+    command = "uap " + " ".join(shlex.quote(a) for a in argv)
+    if method == "clip":
+        _train_clip(out, epochs=epochs, batch_size=batch_size, backbone=backbone, width=width, seed=seed,
+                    resume=resume, n_train=n_train, threads=threads, command=command, zoo=zoo, hparams=hparams,
+                    overrides=dict(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs))
+        return
     config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, hparams=hparams)
-    argv = [a for a in sys.argv[1:] if a != "--resume"]
-    command = "uap " + " ".join(shlex.quote(a) for a in argv)
     train(config, out, resume=resume, console=console, command=command)
     console.print(f"checkpoint: {out}")
     if zoo:
@@ -501,6 +525,28 @@ def train_cmd(
 
         card = build_zoo_entry(out, zoo, console=console)
         console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
+
+
+def _train_clip(out: Path, *, zoo: Optional[str], hparams: dict, overrides: dict, **kwargs) -> None:
+    """``uap train clip``: CLIP-style training (models.clip_train); -H sets embed_dim, text_width …"""
+    import inspect
+
+    from models.clip_train import train_clip
+
+    known = set(inspect.signature(train_clip).parameters)
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise _UsageError(f"unknown CLIP hyper-parameter(s) {unknown}; known: embed_dim, text_width, text_layers, "
+                          "text_heads, word_dropout, val_size")
+    extra = {k: v for k, v in overrides.items() if v is not None}
+    path = train_clip(out, log=console.print, **kwargs, **extra, **hparams)
+    console.print(f"checkpoint: {path}")
+    if zoo:
+        import models.zoo as zoo_registry
+
+        card = zoo_registry.load_card(path)
+        zoo_registry.save_entry(zoo, zoo_registry.load(path), card)
+        console.print(f"zoo entry {zoo}: zero-shot accuracy {card.get('zero_shot_acc', float('nan')):.4f}")
 
 
 @app.command("models")
@@ -512,7 +558,7 @@ def models_cmd() -> None:
     import models as zoo_models
 
     table = Table(title="uap model zoo")
-    for col in ("name", "builder", "method", "backbone", "epochs", "linear probe", "kNN", "random init", "MB"):
+    for col in ("name", "builder", "method", "backbone", "epochs", "linear probe", "kNN", "zero-shot", "random init", "MB"):
         table.add_column(col)
     for name, card in zoo_models.cards().items():
         def pct(key: str) -> str:
@@ -520,7 +566,7 @@ def models_cmd() -> None:
             return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "-"
 
         table.add_row(name, card.get("builder", "-"), str(card.get("method", "-")), str(card.get("backbone", "-")),
-                      str(card.get("epochs", "-")), pct("linear_probe_acc"), pct("knn_acc"),
+                      str(card.get("epochs", "-")), pct("linear_probe_acc"), pct("knn_acc"), pct("zero_shot_acc"),
                       pct("random_init_linear_probe_acc"), f"{card.get('size_bytes', 0) / 1e6:.1f}")
     console.print(table)
 

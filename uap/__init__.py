@@ -26,6 +26,8 @@ from uap.metrics import (  # noqa: E402
 from uap.perturbation import Perturbation  # noqa: E402
 from uap.projection import lp_norm, project_lp  # noqa: E402
 from uap.universal import available_methods, craft, register_method, visiting_order  # noqa: E402
+from uap import methods  # noqa: E402,F401  (registers sgd, feature, deepfool-targeted, foolbox:…)
+from uap.methods import targeted_success_rate  # noqa: E402
 from uap.evaluate import evaluate  # noqa: E402
 from uap.report import Report  # noqa: E402
 from uap.transfer import Transfer, transfer_matrix  # noqa: E402
@@ -42,6 +44,8 @@ __all__ = [
     "register_method",
     "available_methods",
     "visiting_order",
+    "methods",
+    "targeted_success_rate",
     # metrics
     "fooling_rate",
     "accuracy",

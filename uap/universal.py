@@ -276,8 +276,10 @@ def craft(
             settings; crafting continues from its ``v`` and history.
         model_id, data: descriptions stored in the result's metadata.
         batch_size: images per forward pass when measuring fooling rates.
-        target: a class index handed to targeted methods as ``ctx.target`` (the untargeted
-            methods here ignore it); stored in the metadata.
+        target: a class index handed to targeted methods as ``ctx.target``; ``"deepfool"``
+            then runs as ``"deepfool-targeted"`` (``uap.methods.targeted``), the stop rule uses
+            the targeted success rate and each record also holds ``targeted_success_rate``
+            and ``heldout_targeted_success_rate``; stored in the metadata.
 
     Returns:
         A :class:`Perturbation` whose ``history`` has one record per pass with
@@ -291,6 +293,10 @@ def craft(
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
         raise ValueError(f"max_passes must be an integer ≥ 1, got {max_passes!r}")
     check_images(x, "x (the crafting set)")
+    if target is not None and method == "deepfool":
+        method = "deepfool-targeted"  # Algorithm 1 with DeepFool restricted to the target class
+    if target is not None and method == "deepfool-batched":
+        raise ValueError("deepfool-batched is untargeted; use method='deepfool' (or 'sgd') with a target")
     pass_fn = get_method(method)
     df_options = {**_DEEPFOOL_DEFAULTS, **(deepfool_options or {})}
     unknown = set(df_options) - set(_DEEPFOOL_DEFAULTS)
@@ -313,7 +319,20 @@ def craft(
     with eval_mode(model):
         clean = clean_predictions(model, x, batch_size=batch_size)  # also checks the N×C output
         xd, cleand = x.to(device), clean.to(device)
-        rate = history[-1]["fooling_rate"] if history else fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
+        if target is not None:
+            from uap.methods.targeted import check_target, targeted_success_rate
+
+            with torch.no_grad():
+                target = check_target(target, model(xd[:1]).shape[1])
+
+        def stop_rate(v: torch.Tensor) -> float:
+            """Err(X_v) — or, for a targeted run, the targeted success rate on X."""
+            if target is None:
+                return fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
+            return targeted_success_rate(model, x, v, target, batch_size=batch_size)
+
+        key = "fooling_rate" if target is None else "targeted_success_rate"
+        rate = history[-1][key] if history else stop_rate(v)
         while rate <= 1 - delta and len(history) < max_passes:
             k = len(history) + 1
             t0 = time.perf_counter()
@@ -327,10 +346,10 @@ def craft(
             pass_fn(ctx)
             ctx.progress(force=True)
             v = ctx.v.detach()
-            rate = fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
+            rate = stop_rate(v)
             record = {
                 "pass": k,
-                "fooling_rate": rate,
+                "fooling_rate": fooling_rate(model, x, v, clean=clean, batch_size=batch_size),
                 "heldout_fooling_rate": None if hx is None else fooling_rate(model, hx, v, batch_size=batch_size),
                 "heldout_accuracy": None if hy is None else accuracy(model, hx, hy, v, batch_size=batch_size),
                 "norm_2": lp_norm(v, 2).item(),
@@ -340,6 +359,10 @@ def craft(
                 "updates": ctx.updates,
                 "seconds": time.perf_counter() - t0,
             }
+            if target is not None:
+                record["targeted_success_rate"] = rate
+                record["heldout_targeted_success_rate"] = (
+                    None if hx is None else targeted_success_rate(model, hx, v, target, batch_size=batch_size))
             history.append(record)
             if callback is not None and callback({"event": "pass", **record, "v": v.detach().cpu()}) is True:
                 break
