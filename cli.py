@@ -340,7 +340,12 @@ def _print_report(report, title: str, caption: str = "") -> None:
         cells = []
         for j, m in enumerate(report.models):
             text = pct(report.fooling_rate[i, j])
-            cells.append(f"[bold]{text}[/]" if pert == m else text)
+            text = f"[bold]{text}[/]" if pert == m else text
+            label = report.dominant_label[i, j]
+            if report.classes and 0 <= label < len(report.classes):
+                label = report.classes[label]
+            detail = f"acc {pct(report.accuracy[i, j])} · {pct(report.dominant_share[i, j])} % → {label}"
+            cells.append(f"{text}\n[dim]{detail}[/]")
         table.add_row(pert, *cells)
     table.add_section()
     table.add_row("[dim]clean acc.[/]", *[f"[dim]{pct(a)}[/]" for a in report.clean_accuracy])
@@ -381,6 +386,8 @@ def evaluate_cmd(
     for path in perturbations:
         pert = Perturbation.load(path)
         name = path.name.split(".")[0] or str(path)
+        if name == "perturbation" and path.parent.name:  # `uap craft` output: name it by its run folder
+            name = path.parent.name
         key, k = name, 2
         while key in loaded_perts:
             key, k = f"{name}#{k}", k + 1
@@ -397,7 +404,8 @@ def evaluate_cmd(
                           meta={"command": "evaluate", "data": data, "split": split, "n_images": n_images,
                                 "seed": seed, "files": [str(p) for p in perturbations]})
     _print_report(report, "fooling rate (%)", f"{report.n_images} {data} {split} images; "
-                  "fooling = prediction differs from the model's clean prediction")
+                  "fooling = prediction differs from the model's clean prediction; below: accuracy under v, "
+                  "share of the most common perturbed label")
     _write_bundle(out, report, loaded_perts, loaded, x, y)
 
 

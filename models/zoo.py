@@ -114,13 +114,25 @@ def load_card(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None
     return json.loads(card_path.read_text())
 
 
+#: ``NAME@knn`` — the zoo entry's encoder with a weighted kNN head (k=200, T=0.1) instead of its
+#: linear probe; the feature bank is this many class-balanced CIFAR-10 training images (seed 0),
+#: built at load time (a few seconds).
+KNN_BANK_SIZE = 10_000
+
+
 def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = None,
          verify: bool = True) -> nn.Module:
     """The classifier of a zoo entry, in eval mode: images in [0, 1] → logits, with ``.encoder``.
 
     ``verify`` checks the weights file against the card's sha256 (a few ms for a few MB).
+    ``NAME@knn`` gives the same encoder with a kNN head (see :data:`KNN_BANK_SIZE`), so an
+    attack can be measured on a second downstream head of one encoder.
     """
     from safetensors.torch import load_file
+
+    text = str(name_or_path)
+    if text.endswith("@knn"):
+        return _load_knn(text[: -len("@knn")], zoo_dir, verify)
 
     weights, card_path = _entry_paths(name_or_path, Path(zoo_dir) if zoo_dir is not None else ZOO_DIR)
     for p in (weights, card_path):
@@ -137,6 +149,22 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
         raise ValueError(f"{weights} does not fit the {card.get('builder')} builder: {str(e).splitlines()[0]}") from None
     model.eval()
     model.card = card  # the metadata travels with the module
+    return model
+
+
+def _load_knn(base: str, zoo_dir, verify: bool) -> nn.Module:
+    import torch
+
+    from models.probes import KNNClassifier
+    from uap import data
+
+    probed = load(base, zoo_dir, verify)
+    card = dict(getattr(probed, "card", {}))
+    bank_x, bank_y, classes = data.load("cifar10", "train", n=KNN_BANK_SIZE, seed=0)
+    with torch.no_grad():
+        model = KNNClassifier(probed.encoder, bank_x, bank_y, num_classes=len(classes), k=200, temperature=0.1)
+    model.eval()
+    model.card = {**card, "name": f"{base}@knn", "head": f"weighted kNN (k=200, T=0.1), bank {KNN_BANK_SIZE} train images"}
     return model
 
 

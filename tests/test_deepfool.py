@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.tiny_models import Affine, trained_tiny_cnn
-from uap.deepfool import _batched_grads, deepfool
+from uap.deepfool import _candidate_grads, deepfool
 
 OVERSHOOT = 0.02
 
@@ -127,7 +127,7 @@ def test_fooled_rows_stop_costing_compute(cnn, test_images):
         deepfool(cnn, test_images)
     finally:
         handle.remove()
-    assert sizes[0] == sizes[1] == len(test_images)  # clean logits, then the first step
+    assert sizes[0] == len(test_images)  # the first step's forward also gives the clean prediction
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] < len(test_images)
 
 
@@ -135,10 +135,20 @@ def test_vmap_gradients_equal_per_class_backward(cnn, test_images):
     xa = test_images[:4].clone().requires_grad_(True)
     z = cnn(xa)
     diffs = z[:, 1:] - z[:, :1]
-    batched = _batched_grads(diffs, xa, {"ok": True})
-    looped = torch.stack([torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=True)[0]
-                          for j in range(diffs.shape[1])], dim=1)
-    torch.testing.assert_close(batched, looped)
+    explicit = torch.stack([torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=True)[0]
+                            for j in range(diffs.shape[1])], dim=1)
+    batched = _candidate_grads(diffs, xa, {"ok": True})
+    looped = _candidate_grads(diffs, xa, {"ok": False})  # last: it frees the graph
+    torch.testing.assert_close(batched, explicit)
+    torch.testing.assert_close(looped, explicit)
+
+
+@pytest.mark.parametrize("norm", [2, "inf"])
+def test_batched_and_looped_gradients_give_the_same_deepfool(cnn, test_images, norm):
+    r_b, ok_b = deepfool(cnn, test_images[:16], norm=norm, gradients="batched")
+    r_l, ok_l = deepfool(cnn, test_images[:16], norm=norm, gradients="loop")
+    assert torch.equal(ok_b, ok_l)
+    torch.testing.assert_close(r_b, r_l, rtol=1e-4, atol=1e-6)
 
 
 def test_max_iter_zero_returns_no_perturbation(cnn, test_images):
@@ -153,7 +163,7 @@ class _BadOutput(nn.Module):
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"norm": 1}, "norm"), ({"norm": "l7"}, "norm"), ({"candidates": 1}, "candidates"),
-    ({"overshoot": -0.1}, "overshoot"), ({"max_iter": -1}, "max_iter"),
+    ({"overshoot": -0.1}, "overshoot"), ({"max_iter": -1}, "max_iter"), ({"gradients": "vmap"}, "gradients"),
 ])
 def test_bad_arguments(kwargs, match):
     model, x0 = _affine_problem([0.0, -1.0, -2.0], n=2)

@@ -81,3 +81,21 @@ def test_zoo_checkpoint_reproduces_its_card(name, data_root):
         assert card["linear_probe_acc"] >= 0.85
     else:
         assert card["linear_probe_acc"] >= card["random_init_linear_probe_acc"] + 0.20
+
+
+def test_knn_head_shares_the_encoder_and_classifies(data_root, monkeypatch):
+    import models.zoo as zoo
+    from uap import data
+
+    if "supervised" not in zoo.available():
+        pytest.skip("no supervised zoo entry")
+    monkeypatch.setattr(zoo, "KNN_BANK_SIZE", 1000)
+    knn = zoo.load("supervised@knn")
+    probed = zoo.load("supervised")
+    x, y, _ = data.load("cifar10", "test", n=200, seed=1)
+    with torch.no_grad():
+        assert torch.allclose(knn.encoder(x), probed.encoder(x), atol=1e-5)  # same encoder, another head
+        logits = knn(x)
+    assert logits.shape == (200, 10) and torch.isfinite(logits).all()
+    assert (logits.argmax(1) == y).float().mean() > 0.6  # far above chance (0.1)
+    assert "kNN" in knn.card["head"]
