@@ -166,7 +166,10 @@ def craft_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
     force: bool = typer.Option(False, "--force", help="Recraft even if --out holds a finished run."),
 ) -> None:
-    """Craft a universal perturbation (Algorithm 1 of Moosavi-Dezfooli et al., CVPR 2017)."""
+    """Craft a universal perturbation (Algorithm 1 of Moosavi-Dezfooli et al., CVPR 2017).
+
+    Example: uap craft --model supervised --n-images 1000 --eps 8/255 --norm inf --method deepfool --out runs/sup-linf8
+    """
     import json
     import re
 
@@ -376,7 +379,10 @@ def evaluate_cmd(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
-    """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine."""
+    """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine.
+
+    Example: uap evaluate runs/sup-linf8/perturbation.safetensors --models supervised,supervised@knn --n-images 2000 --out runs/eval
+    """
     from rich.progress import Progress
 
     from uap.evaluate import evaluate
@@ -427,7 +433,10 @@ def transfer_cmd(
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
-    """Cross-model transfer matrix: one UAP per model, each applied to every model, plus a random-noise row."""
+    """Cross-model transfer matrix: one UAP per model, each applied to every model, plus a random-noise row.
+
+    Example: uap transfer --models all --eps 8/255 --norm inf --n-craft 1000 --n-images 1000 --out runs/transfer
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from uap.transfer import transfer_matrix
@@ -501,7 +510,10 @@ def train_cmd(
     zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, probe and write models/zoo/NAME.{safetensors,json}."),
     hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable)."),
 ) -> None:
-    """Train a target model on CIFAR-10 (checkpoint every epoch; --resume continues)."""
+    """Train a target model on CIFAR-10 (checkpoint every epoch; --resume continues).
+
+    Example: uap train supervised --epochs 22 --batch-size 256 --width 16 --out runs/supervised --zoo supervised
+    """
     import json as _json
     import shlex
 
@@ -560,7 +572,10 @@ def _train_clip(out: Path, *, zoo: Optional[str], hparams: dict, overrides: dict
 @app.command("models")
 @friendly_errors
 def models_cmd() -> None:
-    """List the model zoo (name, method, backbone, accuracies, size)."""
+    """List the model zoo (name, method, backbone, accuracies, size).
+
+    Example: uap models   (NAME@knn is any entry's encoder with a kNN head, e.g. --models supervised@knn)
+    """
     from rich.table import Table
 
     import models as zoo_models

@@ -18,6 +18,8 @@ def test_help_lists_every_command():
     assert result.exit_code == 0
     for command in ("craft", "evaluate", "transfer", "train", "models"):
         assert command in result.output
+        sub = runner.invoke(cli.app, [command, "--help"])
+        assert sub.exit_code == 0 and "Example: uap" in sub.output, command
 
 
 def test_version():
