@@ -107,20 +107,24 @@ def resnet18_cifar(width: int = 16, **kwargs) -> ResNetCIFAR:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernel)."""
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernel).
 
-    def __init__(self, dim: int, heads: int):
+    ``causal=True`` lets position ``t`` attend to positions ``≤ t`` only (text transformer).
+    """
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 

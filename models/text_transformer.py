@@ -11,28 +11,19 @@ because the CIFAR-10 caption language has a few dozen words.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from models.backbones import Attention
 
 __all__ = ["CausalSelfAttention", "TextBlock", "TextTransformer"]
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where position ``t`` attends to positions ``≤ t`` only."""
+class CausalSelfAttention(Attention):
+    """Multi-head self-attention where position ``t`` attends to positions ``≤ t`` only
+    (the ViT's :class:`models.backbones.Attention` with the causal mask)."""
 
     def __init__(self, width: int, heads: int):
-        super().__init__()
-        if width % heads:
-            raise ValueError(f"text width {width} is not divisible by heads {heads}")
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(out.transpose(1, 2).reshape(n, t, d))
+        super().__init__(width, heads, causal=True)
 
 
 class TextBlock(nn.Module):
