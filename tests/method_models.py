@@ -15,6 +15,8 @@ import functools
 import torch
 from torch import nn
 
+from tests.tiny_models import fit
+
 
 class Linear2D(nn.Module):
     """Logits ``[0, w·x + b]`` on inputs of shape N×2×1×1: predicts 1 when ``w·x + b > 0``."""
@@ -62,18 +64,7 @@ def trained_mlp() -> nn.Module:
     """:class:`MLP` trained on 1 000 :func:`blobs` images (a few hundred Adam steps)."""
     torch.manual_seed(0)
     x, y = blobs(1000)
-    model = MLP()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        for idx in torch.randperm(len(x), generator=g).split(50):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return fit(MLP(), x, y, lr=3e-3, epochs=5, batch_size=50)
 
 
 class TinyEncoderModel(nn.Module):

@@ -60,12 +60,16 @@ def trained_tiny_cnn(epochs: int = 4) -> nn.Module:
     """:class:`TinyCNN` trained on 2 000 CIFAR-10 training images (~40 % test accuracy)."""
     x, y, _ = cifar_subset()
     torch.manual_seed(0)
-    model = TinyCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    return fit(TinyCNN(), x, y, lr=2e-3, epochs=epochs, batch_size=64)
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lr: float, epochs: int, batch_size: int) -> nn.Module:
+    """Train ``model`` with Adam and cross-entropy (seeded order), then freeze it in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(64):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
