@@ -505,6 +505,8 @@ def train_cmd(
     knn_every: int = typer.Option(5, "--knn-every", help="kNN monitor every N epochs (0: off)."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Use a class-balanced subset of the training set."),
     threads: int = typer.Option(2, help="torch CPU threads."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast for the networks, float32 losses; "
+                                                "~2x faster on CPUs with AVX-512 BF16)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: per-epoch checkpoint + state JSON."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same settings)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, probe and write models/zoo/NAME.{safetensors,json}."),
@@ -532,12 +534,14 @@ def train_cmd(
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
     if method == "clip":
         _train_clip(out, epochs=epochs, batch_size=batch_size, backbone=backbone, width=width, seed=seed,
-                    resume=resume, n_train=n_train, threads=threads, command=command, zoo=zoo, hparams=hparams,
+                    resume=resume, n_train=n_train, threads=threads, precision=precision, command=command, zoo=zoo,
+                    hparams=hparams,
                     overrides=dict(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs))
         return
     config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
-                         knn_every=knn_every, n_train=n_train, threads=threads, hparams=hparams)
+                         knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,
+                         hparams=hparams)
     train(config, out, resume=resume, console=console, command=command)
     console.print(f"checkpoint: {out}")
     if zoo:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.precision import float32_loss
+
 __all__ = ["similarity_logits", "info_nce", "clip_loss"]
 
 
@@ -32,6 +34,7 @@ def similarity_logits(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tenso
     return logit_scale * F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
 
 
+@float32_loss
 def info_nce(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
     """One direction of the loss: −(1/N) Σ_i log softmax_j(scale · cos(q_i, k_j))[i]; the
     positive of query ``i`` is key ``i``."""
@@ -41,6 +44,7 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tenso
     return F.cross_entropy(logits, torch.arange(len(queries), device=logits.device))
 
 
+@float32_loss
 def clip_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
               logit_scale: torch.Tensor | float) -> torch.Tensor:
     """The symmetric loss: mean of image→text and text→image cross-entropies."""

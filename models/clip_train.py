@@ -37,6 +37,7 @@ from models.captions import (HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, all_training_c
                              make_captions)
 from models.clip import CLIP, CLIPConfig, clip_card, zero_shot_classifier
 from models.clip_eval import caption_set, retrieval_recall_at_1, zero_shot_accuracy
+from models.precision import autocast
 from models.schedules import warmup_cosine_schedule
 from models.tokenizer import WordTokenizer, mask_words, split_words
 
@@ -147,6 +148,7 @@ def train_clip(
     val_size: int = 1000,
     dataset: str = "cifar10",
     threads: int | None = None,
+    precision: str = "fp32",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
@@ -169,6 +171,8 @@ def train_clip(
         n_test: evaluate the card's metrics on a subset of the test set (``None`` = all 10 000).
         val_size: class-balanced training images held out for the per-epoch zero-shot log.
         threads: ``torch.set_num_threads`` for the run (``None`` leaves it).
+        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast for the encoders, float32 loss;
+            :mod:`models.precision`).
         progress: show a rich progress bar; ``log`` receives one line per epoch.
         command: the command line recorded in the card (default: rebuilt from the arguments).
     Returns:
@@ -181,6 +185,7 @@ def train_clip(
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {epochs} and {batch_size}")
     if threads:
         torch.set_num_threads(threads)
+    autocast(precision)  # validates precision before any data is loaded
     log = log or (lambda line: print(line, file=sys.stderr))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +218,8 @@ def train_clip(
     args = {"epochs": epochs, "batch_size": batch_size, "backbone": backbone, "width": width, "lr": lr,
             "embed_dim": embed_dim, "text_width": text_width, "text_layers": text_layers, "text_heads": text_heads,
             "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "word_dropout": word_dropout,
-            "seed": seed, "n_train": n_train, "val_size": val_size, "dataset": dataset}
+            "seed": seed, "n_train": n_train, "val_size": val_size, "dataset": dataset,
+            "precision": precision}
     history, start_epoch, elapsed = [], 0, 0.0
 
     last = out / "last.safetensors"
@@ -222,7 +228,8 @@ def train_clip(
 
         meta = json.loads((out / "last.json").read_text())
         same = {k: v for k, v in args.items() if k != "epochs"}
-        if {k: v for k, v in meta.get("args", {}).items() if k != "epochs"} != same:
+        saved_args = {"precision": "fp32", **meta.get("args", {})}  # runs from before the option existed
+        if {k: v for k, v in saved_args.items() if k != "epochs"} != same:
             raise ValueError(f"cannot resume {last}: it was trained with {meta.get('args')}, now {args}")
         tensors = load_file(str(last))
         clip.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -247,7 +254,8 @@ def train_clip(
                     group["lr"] = warmup_cosine_schedule(step, max_steps, warmup, lr)
                 idx = order[b * batch_size:(b + 1) * batch_size]
                 captions = make_captions(attributes[idx], y[idx], classes, TRAIN_TEMPLATES, gen)
-                loss = clip_training_step(clip, x[idx], captions, class_token_ids, word_dropout, gen)
+                with autocast(precision):
+                    loss = clip_training_step(clip, x[idx], captions, class_token_ids, word_dropout, gen)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

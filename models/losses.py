@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.precision import float32_loss
 from models.schedules import linear_warmup
 
 __all__ = ["nt_xent", "info_nce", "byol_loss", "dino_loss", "DINOLoss"]
 
 
+@float32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
     """Normalised-temperature cross-entropy over the ``2N`` views of a batch.
 
@@ -48,6 +50,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     return F.cross_entropy(sim, target)
 
 
+@float32_loss
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """InfoNCE with a queue of negatives: ``−log exp(q·k/τ) / (exp(q·k/τ) + Σ_n exp(q·n/τ))``.
 
@@ -66,6 +69,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature:
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
+@float32_loss
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Mean normalised regression ``2 − 2·cos(p, z)`` (= ``‖p̂ − ẑ‖²``), in [0, 4]."""
     if p.shape != z.shape:
@@ -73,6 +77,7 @@ def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p, z, dim=-1)).mean()
 
 
+@float32_loss
 def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
               student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
     """DINO cross-entropy over cross-view pairs.

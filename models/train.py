@@ -27,6 +27,7 @@ from torch import nn
 from models.backbones import build_backbone
 from models.lars import LARS
 from models.method import Method
+from models.precision import PRECISIONS, autocast
 from models.probes import knn_accuracy
 from models.schedules import warmup_cosine_schedule
 
@@ -74,6 +75,7 @@ class TrainConfig:
     knn_every: int = 5
     n_train: int | None = None
     threads: int = 2
+    precision: str = "fp32"
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -87,6 +89,8 @@ class TrainConfig:
         for key in ("lr", "weight_decay", "optimizer", "warmup_epochs"):
             if getattr(out, key) is None:
                 setattr(out, key, d[key])
+        if out.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {out.precision!r}")
         if out.optimizer not in ("sgd", "lars", "adamw"):
             raise ValueError(f"optimizer must be sgd, lars or adamw, got {out.optimizer!r}")
         return out
@@ -231,6 +235,7 @@ def train(
                              "images_per_s": None, "command": command}
     if resume:
         saved = load_checkpoint(out_dir, method, optimizer)
+        saved["config"].setdefault("precision", "fp32")  # runs from before the option existed
         diff = sorted(k for k in state["config"] if saved["config"].get(k) != state["config"][k])
         # Changing the length of a run is exact while it is still in warm-up: the warm-up
         # lr and the data order do not depend on the total, so the steps done so far are
@@ -263,7 +268,8 @@ def train(
                 for g in optimizer.param_groups:
                     g["lr"] = warmup_cosine_schedule(step, total_steps, warmup, lr)
                 idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-                loss = method.training_step(x[idx], y[idx], step, total_steps)
+                with autocast(config.precision):
+                    loss = method.training_step(x[idx], y[idx], step, total_steps)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)

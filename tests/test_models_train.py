@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from models.precision import autocast
 from models.train import CKPT_NAME, STATE_NAME, TrainConfig, build_method, build_optimizer, train
 
 
@@ -36,8 +37,10 @@ def _eval_loss(method, x, y, seed=123):
 HPARAMS = {"moco": {"queue_size": 256}, "dino": {"out_dim": 64, "n_local": 2, "warmup_teacher_steps": 0, "momentum": 1.0, "center_momentum": 1.0}}
 
 
-@pytest.mark.parametrize("name", ["supervised", "simclr", "moco", "byol", "dino"])
-def test_a_few_steps_lower_the_loss(name):
+@pytest.mark.parametrize("name,precision", [("supervised", "fp32"), ("simclr", "fp32"), ("moco", "fp32"),
+                                            ("byol", "fp32"), ("dino", "fp32"), ("simclr", "bf16"),
+                                            ("byol", "bf16")])
+def test_a_few_steps_lower_the_loss(name, precision):
     torch.set_num_threads(2)
     x, y = _images(256)
     torch.manual_seed(0)  # the same initial weights whatever ran before
@@ -58,7 +61,9 @@ def test_a_few_steps_lower_the_loss(name):
     # same (initial) teacher and centre, which is the objective each step descends.
     frozen = {k: v.clone() for k, v in method.state_dict().items() if k.startswith(("teacher_", "criterion."))}
     for step in range(6):
-        loss = method.training_step(*batches[step % 2], step, 100)
+        with autocast(precision):
+            loss = method.training_step(*batches[step % 2], step, 100)
+        assert loss.dtype == torch.float32
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -99,3 +104,18 @@ def test_config_validation():
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(method="simclr", optimizer="rmsprop").resolved()
     assert TrainConfig(method="simclr", optimizer="lars").resolved().optimizer == "lars"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(method="simclr", precision="fp16").resolved()
+
+
+def test_resume_accepts_a_checkpoint_from_before_the_precision_option(tmp_path):
+    x, y = _images(128)
+    cfg = TrainConfig(method="supervised", width=4, epochs=2, batch_size=64, knn_every=0, threads=1)
+    train(cfg, tmp_path, data=(x, y), max_steps=2)
+    state = json.loads((tmp_path / STATE_NAME).read_text())
+    del state["config"]["precision"]
+    (tmp_path / STATE_NAME).write_text(json.dumps(state))
+    _, state = train(cfg, tmp_path, data=(x, y), resume=True)
+    assert state["epoch"] == 2
+    with pytest.raises(ValueError, match="precision"):
+        train(TrainConfig(**{**cfg.__dict__, "precision": "bf16"}), tmp_path, data=(x, y), resume=True)
