@@ -7,10 +7,9 @@ reported: images/s, success rate, median ‖r‖₂ (of successful rows) and the
 
 Where the time goes: Foolbox computes the gradient of each candidate's logit difference with
 its own forward+backward (``candidates − 1`` forward and backward passes per step);
-``uap.deepfool`` shares one forward pass between all candidates (``gradients="auto"``: one
-backward per candidate over that graph on the CPU for batches, one forward+backward over
-replicated images for small calls, one vmapped backward on CUDA) and drops rows as soon as
-they are fooled. Both run on the model as given (no BatchNorm folding).
+``uap.deepfool`` shares one forward pass between all candidates (on the CPU one backward per
+candidate over that graph, on CUDA one vmapped backward) and drops rows as soon as they are
+fooled.
 """
 from __future__ import annotations
 

@@ -48,10 +48,6 @@ _TINY = 1e-8  # guards divisions by a vanishing gradient norm, as in the referen
 # and Foolbox pad by 1e-4; 1e-5 gives the same success and keeps a step within 1e-4 relative
 # of the exact minimal step for any boundary distance ≥ 0.1.
 _STEP_PAD = 1e-5
-GRADIENT_MODES = ("auto", "batched", "loop", "replicate")
-# "auto" on the CPU replicates when the call has at most this many (image, candidate) pairs:
-# small calls are dominated by per-call overhead, large ones by arithmetic (BENCHMARKS.md).
-_REPLICATE_MAX = 64
 
 
 def deepfool(
@@ -74,9 +70,7 @@ def deepfool(
         overshoot: the accumulated step is multiplied by ``1 + overshoot`` (paper: 0.02).
         max_iter: maximum number of linearisation steps per image.
         gradients: ``"batched"`` (one vmapped backward), ``"loop"`` (one backward per
-            candidate on a shared forward graph), ``"replicate"`` (one forward and one backward
-            over ``candidates − 1`` copies of each image) or ``"auto"`` (batched on CUDA; on
-            the CPU replicate for small calls, e.g. Algorithm 1's one image, loop otherwise).
+            candidate on a shared forward graph) or ``"auto"`` (batched on CUDA, loop on CPU).
 
     Returns:
         ``(r, success)``: ``r`` has ``x``'s shape and includes the overshoot (it is *not*
@@ -91,8 +85,8 @@ def deepfool(
         raise ValueError(f"candidates must be an integer ≥ 2, got {candidates!r}")
     if not overshoot >= 0:
         raise ValueError(f"overshoot must be ≥ 0, got {overshoot!r}")
-    if gradients not in GRADIENT_MODES:
-        raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENT_MODES))}, got {gradients!r}")
+    if gradients not in ("auto", "batched", "loop"):
+        raise ValueError(f"gradients must be 'auto', 'batched' or 'loop', got {gradients!r}")
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer ≥ 0, got {max_iter!r}")
 
@@ -102,38 +96,27 @@ def deepfool(
     total = torch.zeros_like(x0)  # Σ r_i, before overshoot
     success = torch.zeros(n, dtype=torch.bool, device=device)
     if gradients == "auto":
-        gradients = "batched" if device.type == "cuda" else (
-            "replicate" if n * (candidates - 1) <= _REPLICATE_MAX else "loop")
-    replicate = gradients == "replicate"
+        gradients = "batched" if device.type == "cuda" else "loop"
     with eval_mode(model):
         classes = None
         active = torch.arange(n, device=device)
         vmap_state = {"ok": gradients == "batched"}
         for step in range(max_iter + 1):
-            xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
-            # Step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x), column 0 of classes.
-            if replicate:
-                if classes is None:
-                    with torch.no_grad():
-                        classes = _top_classes(logits_of(model, xa), candidates)
-                cls = classes[active]
-                logits, diffs, grads = _replicated_grads(model, xa, cls)
-            else:
-                xa.requires_grad_(True)
-                with torch.enable_grad():
-                    logits = logits_of(model, xa)
-                if classes is None:
-                    classes = _top_classes(logits.detach(), candidates)
-                cls = classes[active]
-                z = logits.gather(1, cls)
-                diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
-            fooled = logits.argmax(dim=1) != cls[:, 0]
+            xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0).requires_grad_(True)
+            with torch.enable_grad():
+                logits = logits_of(model, xa)
+            if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
+                k = min(candidates, logits.shape[1])
+                classes = logits.detach().topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
+            fooled = logits.argmax(dim=1) != classes[active, 0]
             success[active[fooled]] = True
             keep = ~fooled
             if step == max_iter or not bool(keep.any()):
                 break
-            if not replicate:
-                grads = _candidate_grads(diffs, xa, vmap_state)  # (A, k−1, C, H, W)
+            cls = classes[active]
+            z = logits.gather(1, cls)
+            diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
+            grads = _candidate_grads(diffs, xa, vmap_state)  # (A, k−1, C, H, W)
             diffs, grads = diffs[keep].detach(), grads[keep]
             flat = grads.flatten(2)
             dual = flat.norm(dim=2) if p == 2.0 else flat.abs().sum(dim=2)  # ‖w_k‖₂ or ‖w_k‖₁
@@ -149,31 +132,6 @@ def deepfool(
             active = active[keep]
             total[active] += r_i
     return ((1.0 + overshoot) * total).to(x.device), success.to(x.device)
-
-
-def _top_classes(logits: torch.Tensor, candidates: int) -> torch.Tensor:
-    """The ``candidates`` highest-scoring classes per row, the predicted class first."""
-    return logits.topk(min(candidates, logits.shape[1]), dim=1).indices
-
-
-def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits at ``xa`` (A×K), the logit differences ``f_k`` (A×(k−1)) and their gradients
-    (A×(k−1)×image) from ONE forward and ONE backward pass over ``k − 1`` copies of each image.
-
-    Copy ``j`` of image ``a`` only carries ``f_{j+1}`` of that image, so the gradient of the sum
-    of all selected differences, read at copy ``(a, j)``, is ``∇ f_{j+1}(x_a)`` (images are
-    independent in eval mode). This trades ``k − 2`` extra image forwards for ``k − 2`` fewer
-    backward calls: the right trade when calls are small and per-call overhead dominates.
-    """
-    a, kk = cls.shape[0], cls.shape[1] - 1
-    xr = xa.detach().repeat_interleave(kk, dim=0).requires_grad_(True)
-    with torch.enable_grad():
-        zr = logits_of(model, xr)
-        picked = zr.gather(1, cls[:, 1:].reshape(-1, 1)) - zr.gather(1, cls[:, :1].repeat_interleave(kk, dim=0))
-        (g,) = torch.autograd.grad(picked.sum(), xr)
-    logits = zr.detach()[::kk]
-    return logits, picked.detach().view(a, kk), g.view(a, kk, *xa.shape[1:])
 
 
 def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torch.Tensor:
