@@ -10,8 +10,7 @@ against ``craft(method="deepfool")`` from the same run.
 Contenders:
 
 - ``uap deepfool`` — ``uap.craft(method="deepfool")``: Algorithm 1 exactly;
-- ``uap deepfool-batched`` — ``uap.craft(method="deepfool-batched")`` (BatchNorm folded, its
-  default), and the same with ``fold_bn=False`` to show what the folding contributes;
+- ``uap deepfool-batched`` — ``uap.craft(method="deepfool-batched")``;
 - ``ART`` — ``art.attacks.evasion.UniversalPerturbation(attacker="deepfool")`` on a
   ``PyTorchClassifier`` with ``clip_values=(0, 1)``, ``y=None`` (fooling vs clean predictions),
   DeepFool with the same steps/candidates/overshoot;
@@ -33,10 +32,10 @@ from uap import craft, fooling_rate, lp_norm, project_lp, visiting_order
 STEPS, CANDIDATES, OVERSHOOT = 50, 10, 0.02
 
 
-def run_uap(model, x, args, method: str, fold_bn: bool | None = None) -> dict[str, Any]:
+def run_uap(model, x, args, method: str) -> dict[str, Any]:
     with timer() as t:
         pert = craft(model, x, eps=args.eps, norm=args.norm, delta=args.delta, max_passes=args.max_passes,
-                     method=method, seed=args.seed, fold_bn=fold_bn)
+                     method=method, seed=args.seed)
     return {"seconds": t["seconds"], "passes": pert.passes, "fooling_rate": pert.fooling_rate, "v": pert.v}
 
 
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--norm", type=parse_norm, default=math.inf)
     ap.add_argument("--delta", type=float, default=0.2)
     ap.add_argument("--max-passes", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma-separated contenders to skip: art,foolbox,batched,unfolded")
+    ap.add_argument("--skip", default="", help="comma-separated contenders to skip: art,foolbox,batched")
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     model = setup(args)
@@ -118,9 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     contenders = [("uap deepfool", lambda: run_uap(model, x, args, "deepfool"))]
     if "batched" not in skip:
         contenders.append(("uap deepfool-batched", lambda: run_uap(model, x, args, "deepfool-batched")))
-    if "batched" not in skip and "unfolded" not in skip:
-        contenders.append(("uap deepfool-batched, BN not folded",
-                           lambda: run_uap(model, x, args, "deepfool-batched", fold_bn=False)))
     if "foolbox" not in skip:
         contenders.append(("Foolbox loop", lambda: run_foolbox_loop(model, x, args)))
     if "art" not in skip:

@@ -15,7 +15,6 @@ __version__ = "0.1.0"
 
 from uap import data  # noqa: E402
 from uap.deepfool import deepfool  # noqa: E402
-from uap.fusion import fold_batchnorm  # noqa: E402
 from uap.metrics import (  # noqa: E402
     CleanPredictions,
     accuracy,
@@ -40,7 +39,6 @@ __all__ = [
     # crafting
     "craft",
     "deepfool",
-    "fold_batchnorm",
     "project_lp",
     "lp_norm",
     "register_method",

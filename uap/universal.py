@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from uap.deepfool import deepfool
-from uap.fusion import fold_batchnorm
 from uap.metrics import (
     DEFAULT_BATCH_SIZE,
     accuracy,
@@ -146,18 +145,11 @@ class CraftContext:
     options: dict[str, Any]
     callback: Callback | None = None
     target: int | None = None  # a target class for targeted methods (None: untargeted)
-    attack_model: nn.Module | None = None  # the model DeepFool runs on (BN folded); None: ``model``
     visited: int = 0
     fooled_seen: int = 0  # visited images already fooled when visited (live estimate)
     deepfool_calls: int = 0
     updates: int = 0
     _last_emit: float = field(default=0.0, repr=False)
-
-    @property
-    def attack(self) -> nn.Module:
-        """The model inner attacks (DeepFool) run on: ``model`` with BatchNorm folded into the
-        convolutions when ``craft(fold_bn=True)`` (same function, cheaper gradients)."""
-        return self.model if self.attack_model is None else self.attack_model
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """``P_{p,ε}(v)``."""
@@ -201,7 +193,7 @@ def _pass_algorithm1(ctx: CraftContext) -> None:
         advanced = idx.numel()
         for j in torch.nonzero(~fooled).flatten().tolist():
             i = idx[j:j + 1]
-            r, ok = deepfool(ctx.attack, ctx.perturbed(i), **ctx.deepfool_options)
+            r, ok = deepfool(ctx.model, ctx.perturbed(i), **ctx.deepfool_options)
             ctx.deepfool_calls += 1
             if bool(ok[0]):  # accept rule: DeepFool converged
                 ctx.v = ctx.project(ctx.v + r[0])
@@ -225,7 +217,7 @@ def _pass_batched(ctx: CraftContext) -> None:
         fooled = ctx.is_fooled(idx)
         todo = idx[~fooled]
         if todo.numel():
-            r, ok = deepfool(ctx.attack, ctx.perturbed(todo), **ctx.deepfool_options)
+            r, ok = deepfool(ctx.model, ctx.perturbed(todo), **ctx.deepfool_options)
             ctx.deepfool_calls += todo.numel()
             for dv in r[ok]:
                 ctx.v = ctx.project(ctx.v + dv)
@@ -259,7 +251,6 @@ def craft(
     data: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     target: int | None = None,
-    fold_bn: bool | None = None,
 ) -> Perturbation:
     """Craft a universal perturbation ``v`` with ``‖v‖_p ≤ eps`` that fools ``model`` on ``x``.
 
@@ -289,11 +280,6 @@ def craft(
             then runs as ``"deepfool-targeted"`` (``uap.methods.targeted``), the stop rule uses
             the targeted success rate and each record also holds ``targeted_success_rate``
             and ``heldout_targeted_success_rate``; stored in the metadata.
-        fold_bn: run DeepFool on a copy of the model with Conv+BatchNorm pairs folded
-            (:func:`uap.fusion.fold_batchnorm`; the same function to ~1e-6, fewer autograd
-            nodes). ``None`` (default): on for ``"deepfool-batched"`` (1.26× faster in
-            BENCHMARKS.md, same fooling rate), off for the exact methods, whose sequential
-            trajectory a 1e-6 change can alter. Fooling rates are always measured on ``model``.
 
     Returns:
         A :class:`Perturbation` whose ``history`` has one record per pass with
@@ -333,9 +319,6 @@ def craft(
     with eval_mode(model):
         clean = clean_predictions(model, x, batch_size=batch_size)  # also checks the N×C output
         xd, cleand = x.to(device), clean.to(device)
-        if fold_bn is None:
-            fold_bn = method == "deepfool-batched"
-        attack_model = fold_batchnorm(model, check=xd[:8]) if fold_bn else model
         if target is not None:
             from uap.methods.targeted import check_target, targeted_success_rate
 
@@ -358,7 +341,7 @@ def craft(
                 order=visiting_order(x.shape[0], seed, k).to(device), pass_index=k, method=method,
                 generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + k + 7919),
                 deepfool_options=df_options, options=dict(method_options or {}), callback=callback,
-                target=target, attack_model=attack_model,
+                target=target,
             )
             pass_fn(ctx)
             ctx.progress(force=True)
@@ -390,7 +373,6 @@ def craft(
         "deepfool": {k: (norm_name(v_) if k == "norm" else v_) for k, v_ in df_options.items()},
         "method_options": dict(method_options or {}),
         "max_passes": max_passes,
-        "fold_bn": attack_model is not model,
         **({"target": target} if target is not None else {}),
         "clean_heldout_accuracy": None if hy is None else accuracy(model, hx, hy, batch_size=batch_size),
     }

@@ -196,7 +196,7 @@ def targeted_deepfool_pass(ctx: CraftContext) -> None:
         return margin_at(idx, ctx.v) <= 0
 
     def step(xp: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return targeted_deepfool(ctx.attack, xp, target, **options)
+        return targeted_deepfool(ctx.model, xp, target, **options)
 
     def accept(i: torch.Tensor, candidate: torch.Tensor) -> bool:
         return bool(margin_at(i, candidate)[0] > margin_at(i, ctx.v)[0])
