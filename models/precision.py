@@ -36,16 +36,18 @@ def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.A
 
 
 def _upcast(value: Any) -> Any:
+    """Half-precision tensors → float32; float32/float64 and non-float values unchanged."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() else value
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     if isinstance(value, (list, tuple)):
         return type(value)(_upcast(v) for v in value)
     return value
 
 
 def float32_loss(fn: F) -> F:
-    """Decorator: run ``fn`` in float32 even inside an autocast region (tensor arguments, also
-    inside lists/tuples, are upcast; autocast is disabled for the body)."""
+    """Decorator: run ``fn`` in at least float32 even inside an autocast region (half-precision
+    tensor arguments, also inside lists/tuples, are upcast; float64 stays float64; autocast is
+    disabled for the body)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -49,3 +49,9 @@ def test_autocast_validates_the_name():
         assert torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="precision"):
         autocast("fp16")
+
+
+def test_float64_inputs_keep_their_precision():
+    a = torch.randn(8, 16, dtype=torch.float64)
+    with autocast("bf16"):
+        assert nt_xent(a, a.flip(0)).dtype == torch.float64
