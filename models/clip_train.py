@@ -284,7 +284,7 @@ def train_clip(
         "method": "clip",
         "description": "CLIP (Radford et al. 2021) trained on CIFAR-10 with generated captions; "
                        "logits are zero-shot (prompt ensemble of held-out templates)",
-        "backbone": backbone,
+        "backbone": f"{backbone} (width {width})" if backbone == "resnet18" else backbone,
         "epochs": epochs,
         "zero_shot_acc": metrics["zero_shot_accuracy"],
         "train_templates": list(TRAIN_TEMPLATES),
