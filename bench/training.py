@@ -15,8 +15,8 @@ import time
 import torch
 
 from bench.common import base_parser, load_images, print_table, write_results
-from models.precision import PRECISIONS, autocast
-from models.train import TrainConfig, build_method, build_optimizer
+from models.precision import PRECISIONS
+from models.train import TrainConfig, build_method, build_optimizer, optimisation_step
 
 
 def main() -> None:
@@ -36,14 +36,8 @@ def main() -> None:
         runs[precision] = (method, build_optimizer(method, config.optimizer, config.lr, config.weight_decay))
 
     def step(precision: str, i: int) -> float:
-        method, opt = runs[precision]
         t0 = time.perf_counter()
-        with autocast(precision):
-            loss = method.training_step(x, y, i, 1000)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        method.after_step(i, 1000)
+        optimisation_step(*runs[precision], x, y, i, 1000, precision)
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {p: [] for p in PRECISIONS}

@@ -37,7 +37,7 @@ from models.captions import (HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, all_training_c
                              make_captions)
 from models.clip import CLIP, CLIPConfig, clip_card, zero_shot_classifier
 from models.clip_eval import caption_set, retrieval_recall_at_1, zero_shot_accuracy
-from models.precision import autocast
+from models.precision import autocast, check_precision
 from models.schedules import warmup_cosine_schedule
 from models.tokenizer import WordTokenizer, mask_words, split_words
 
@@ -185,7 +185,7 @@ def train_clip(
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got {epochs} and {batch_size}")
     if threads:
         torch.set_num_threads(threads)
-    autocast(precision)  # validates precision before any data is loaded
+    check_precision(precision)  # before any data is loaded
     log = log or (lambda line: print(line, file=sys.stderr))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

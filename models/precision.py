@@ -19,18 +19,23 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "float32_loss"]
+__all__ = ["PRECISIONS", "check_precision", "autocast", "float32_loss"]
 
 PRECISIONS = ("fp32", "bf16")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
-    """The context a training step runs in: nothing for ``"fp32"``, bfloat16 autocast for ``"bf16"``."""
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of :data:`PRECISIONS`, else ``ValueError``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
+    return precision
+
+
+def autocast(precision: str, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager:
+    """The context a training step runs in: nothing for ``"fp32"``, bfloat16 autocast for ``"bf16"``."""
+    if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 

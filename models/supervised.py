@@ -35,4 +35,4 @@ class Supervised(Method):
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         logits = self(random_crop_flip(x, self.padding))
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)

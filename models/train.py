@@ -27,12 +27,13 @@ from torch import nn
 from models.backbones import build_backbone
 from models.lars import LARS
 from models.method import Method
-from models.precision import PRECISIONS, autocast
+from models.precision import autocast, check_precision
 from models.probes import knn_accuracy
 from models.schedules import warmup_cosine_schedule
 
 __all__ = [
-    "TrainConfig", "METHODS", "method_class", "build_method", "build_optimizer", "train", "sync_batchnorm_if_distributed",
+    "TrainConfig", "METHODS", "method_class", "build_method", "build_optimizer", "optimisation_step", "train",
+    "sync_batchnorm_if_distributed",
     "save_checkpoint", "load_checkpoint", "CKPT_NAME", "STATE_NAME",
 ]
 
@@ -89,8 +90,7 @@ class TrainConfig:
         for key in ("lr", "weight_decay", "optimizer", "warmup_epochs"):
             if getattr(out, key) is None:
                 setattr(out, key, d[key])
-        if out.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {out.precision!r}")
+        check_precision(out.precision)
         if out.optimizer not in ("sgd", "lars", "adamw"):
             raise ValueError(f"optimizer must be sgd, lars or adamw, got {out.optimizer!r}")
         return out
@@ -186,6 +186,21 @@ def _log(console, msg: str) -> None:
         console.file.flush()  # keep a redirected log (nohup … > log) current
 
 
+def optimisation_step(method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                      step: int, total_steps: int, precision: str = "fp32") -> torch.Tensor:
+    """One step of any method: loss (under ``precision``'s autocast), backward, optimiser
+    step, then the method's post-step updates (EMA teachers). Returns the loss."""
+    with autocast(precision):
+        loss = method.training_step(x, y, step, total_steps)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    method.after_step(step, total_steps)
+    return loss
+
+
 def train(
     config: TrainConfig,
     out_dir: str | os.PathLike,
@@ -268,14 +283,7 @@ def train(
                 for g in optimizer.param_groups:
                     g["lr"] = warmup_cosine_schedule(step, total_steps, warmup, lr)
                 idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-                with autocast(config.precision):
-                    loss = method.training_step(x[idx], y[idx], step, total_steps)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                method.after_step(step, total_steps)
+                loss = optimisation_step(method, optimizer, x[idx], y[idx], step, total_steps, config.precision)
                 state["step"] = step + 1
                 losses.append(loss.item())
                 ips = (i + 1) * config.batch_size / (time.perf_counter() - t0)
