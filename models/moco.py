@@ -5,8 +5,11 @@ A query encoder (backbone + MLP projection head — the v2 change) is trained wi
 the positive key is the *momentum* encoder's embedding of another view of the same image,
 negatives are the keys of earlier batches held in a queue. The key encoder follows the query
 encoder by EMA, ``θ_k ← m θ_k + (1 − m) θ_q``; the loss is symmetrised over the two views.
-BatchNorm shuffling (MoCo §3.3) is only needed across devices; on one device each view is
-forwarded as its own batch, so its statistics cannot leak across the positive pair.
+Shuffling BN (MoCo §3.3): BatchNorm statistics shared by a query and its positive key let
+the model find the positive by its batch statistics instead of its content. As MoCo does
+across devices, both encoders normalise ``bn_splits`` sub-batches separately
+(:mod:`models.split_batchnorm`) and the key batch is permuted before the key encoder and
+restored after it, so a query's sub-batch and its key's sub-batch hold different images.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from models.method import Method
 from models.momentum import momentum_copy, update_momentum
 from models.queue import MemoryQueue
 from models.schedules import cosine_schedule
+from models.split_batchnorm import split_batchnorm
 
 __all__ = ["MoCo"]
 
@@ -31,20 +35,24 @@ class MoCo(Method):
     defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0}
 
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, queue_size: int = 4096, momentum: float = 0.99,
-                 proj_dim: int = 128, hidden_dim: int = 512):
-        super().__init__(backbone)
-        self.projector = ProjectionHead(backbone.out_dim, hidden_dim, proj_dim)
+                 proj_dim: int = 128, hidden_dim: int = 512, bn_splits: int = 8):
+        super().__init__(split_batchnorm(backbone, bn_splits))
+        self.projector = split_batchnorm(ProjectionHead(backbone.out_dim, hidden_dim, proj_dim), bn_splits)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
         self.queue = MemoryQueue(proj_dim, queue_size)
         self.temperature, self.momentum = temperature, momentum
         self.augment = SSLAugment()
         self._hparams = {"temperature": temperature, "queue_size": queue_size, "momentum": momentum,
-                         "proj_dim": proj_dim, "hidden_dim": hidden_dim}
+                         "proj_dim": proj_dim, "hidden_dim": hidden_dim, "bn_splits": bn_splits}
 
     @torch.no_grad()
     def _keys(self, v: torch.Tensor) -> torch.Tensor:
-        return self.key_projector(self.key_backbone(v))
+        """Key embeddings of ``v``, computed on a shuffled batch (so the key encoder's BN
+        sub-batches differ from the query encoder's) and returned in ``v``'s order."""
+        perm = torch.randperm(len(v), device=v.device)
+        keys = self.key_projector(self.key_backbone(v[perm]))
+        return torch.empty_like(keys).index_copy_(0, perm, keys)
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         v1, v2 = self.augment(x), self.augment(x)
