@@ -208,7 +208,7 @@ def fooling_rate(
     elif clean.shape != (x.shape[0],):
         raise ValueError(f"clean has shape {tuple(clean.shape)}, expected ({x.shape[0]},)")
     adv = predict(model, x, v, batch_size=batch_size)
-    return (adv != clean.cpu()).float().mean().item()
+    return (adv != clean.cpu()).sum().item() / len(adv)  # exact count, one division in float64
 
 
 def accuracy(
@@ -224,7 +224,7 @@ def accuracy(
     if not torch.is_tensor(y) or y.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(getattr(y, 'shape', ()))}")
     pred = clean_predictions(model, x, batch_size=batch_size) if v is None else predict(model, x, v, batch_size=batch_size)
-    return (pred == y.cpu()).float().mean().item()
+    return (pred == y.cpu()).sum().item() / len(pred)
 
 
 def dominant_label(

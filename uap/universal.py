@@ -346,10 +346,11 @@ def craft(
             pass_fn(ctx)
             ctx.progress(force=True)
             v = ctx.v.detach()
-            rate = stop_rate(v)
+            fooled = fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
+            rate = fooled if target is None else stop_rate(v)  # untargeted: one evaluation serves both
             record = {
                 "pass": k,
-                "fooling_rate": fooling_rate(model, x, v, clean=clean, batch_size=batch_size),
+                "fooling_rate": fooled,
                 "heldout_fooling_rate": None if hx is None else fooling_rate(model, hx, v, batch_size=batch_size),
                 "heldout_accuracy": None if hy is None else accuracy(model, hx, hy, v, batch_size=batch_size),
                 "norm_2": lp_norm(v, 2).item(),

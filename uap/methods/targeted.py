@@ -170,7 +170,7 @@ def targeted_success_rate(
 ) -> float:
     """``mean_i 1[k̂(clip(x_i + v)) = target]``; with ``v=None`` the class's base rate on ``x``."""
     pred = predict(model, x, v, batch_size=batch_size)
-    return (pred == int(target)).float().mean().item()
+    return (pred == int(target)).sum().item() / len(pred)
 
 
 @register_method("deepfool-targeted")
