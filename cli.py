@@ -130,7 +130,8 @@ def _craft_table(summary: dict):
         table.add_row("held-out accuracy clean → under v",
                       f"{pct(summary['clean_heldout_accuracy'])} → {pct(summary['heldout_accuracy'])}")
     table.add_row("‖v‖₂ / ‖v‖∞", f"{summary['norm_2']:.4f} / {summary['norm_inf']:.4f}")
-    table.add_row("passes", str(summary["passes"]))
+    kept = summary.get("best_pass")
+    table.add_row("passes", str(summary["passes"]) + ("" if kept is None else f" (v from pass {kept}, --keep-best)"))
     table.add_row("DeepFool calls", str(summary["deepfool_calls"]))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     return table
@@ -162,6 +163,8 @@ def craft_cmd(
                                             "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
+                                   "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
     force: bool = typer.Option(False, "--force", help="Recraft even if --out holds a finished run."),
@@ -209,6 +212,7 @@ def craft_cmd(
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
         "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
         "target": target_class, "method_options": method_options,
+        **({"keep_best": True} if keep_best else {}),  # absent when off: older runs keep matching
     }
     summary_path, ckpt_path = out / "summary.json", out / "checkpoint.safetensors"
     if summary_path.is_file() and not force:
@@ -256,15 +260,15 @@ def craft_cmd(
 
         pert = uap.craft(target, x, eps=eps_value, norm=p, delta=delta, max_passes=max_passes, method=method,
                          seed=seed, heldout=held, callback=on_event, resume=previous_run, model_id=model_id,
-                         data=data_desc, method_options=method_options, target=target_class)
+                         data=data_desc, method_options=method_options, target=target_class, keep_best=keep_best)
     pert.extra["settings"] = settings
     pert.save(out / "perturbation.safetensors")
     pert.to_png(out / "perturbation.png")
-    last = pert.history[-1] if pert.history else {}
+    last = pert.record  # the pass that produced v: the last one, or the best with --keep-best
     summary = {
         "model": model_id, "data": data_desc, "n_images": n_images, "heldout": heldout,
         "eps": eps_value, "norm": norm_name(p), "delta": delta, "method": method, "seed": seed,
-        "passes": pert.passes, "seconds": pert.seconds,
+        "passes": pert.passes, "seconds": pert.seconds, "best_pass": pert.extra.get("best_pass"),
         "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate,
         "heldout_accuracy": last.get("heldout_accuracy"),
         "target": target_class,

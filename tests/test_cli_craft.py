@@ -62,6 +62,20 @@ def test_different_settings_refuse_to_overwrite(finished, data_root):
     assert result.exit_code == 2 and "different settings" in _stderr(result)
 
 
+def test_keep_best_is_recorded_and_consistent(tmp_path, data_root):
+    out = tmp_path / "best"
+    result = _craft("--eps", "8/255", "--max-passes", "3", "--delta", "0.001", "--keep-best", "--out", str(out),
+                    "--data-root", str(data_root))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    rates = [r["fooling_rate"] for r in summary["history"]]
+    kept = summary["best_pass"]
+    assert summary["settings"]["keep_best"] is True and 1 <= kept <= len(rates)
+    assert summary["fooling_rate"] == max(rates) == rates[kept - 1]
+    assert Perturbation.load(out / "perturbation.safetensors").fooling_rate == max(rates)
+    assert f"v from pass {kept}" in result.output
+
+
 def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     from safetensors.torch import save_file
 

@@ -145,6 +145,42 @@ def test_registry_plugs_in_new_methods():
     assert "test-noop" in available_methods() and get_method("test-noop") is _noop
 
 
+def _scripted_method(name: str, vs: list[torch.Tensor]):
+    """A registered method whose pass k sets v to ``vs[k - 1]`` (fooling rates we choose)."""
+    @register_method(name)
+    def _scripted(ctx):
+        ctx.v = vs[ctx.pass_index - 1]
+        ctx.visited = ctx.order.numel()
+
+
+def test_keep_best_returns_the_pass_with_the_highest_crafting_rate(tmp_path):
+    model, x = tiny_mlp(), _images()
+    big = craft(model, x, eps=0.1, max_passes=1, delta=0.01).v  # fools some images
+    small = 0.3 * big
+    _scripted_method("test-scripted", [big, torch.zeros_like(big), small])
+    last = craft(model, x, eps=0.3, max_passes=3, delta=0.001, method="test-scripted")
+    best = craft(model, x, eps=0.3, max_passes=3, delta=0.001, method="test-scripted", keep_best=True,
+                 heldout=_images(10, seed=3))
+    rates = [r["fooling_rate"] for r in best.history]
+    assert len(rates) == 3 and rates[0] > max(rates[1:])  # the script really is non-monotone
+    torch.testing.assert_close(last.v, small)
+    torch.testing.assert_close(best.v, big)
+    assert best.extra["best_pass"] == 1 and "best_pass" not in last.extra
+    assert best.fooling_rate == rates[0] and best.heldout_fooling_rate == best.history[0]["heldout_fooling_rate"]
+    assert last.fooling_rate == rates[2]
+    best.save(tmp_path / "best.safetensors")
+    loaded = Perturbation.load(tmp_path / "best.safetensors")
+    assert loaded.extra["best_pass"] == 1 and loaded.fooling_rate == rates[0]
+
+
+def test_keep_best_keeps_the_start_when_no_pass_improves():
+    model, x = tiny_mlp(), _images()
+    zero = torch.zeros(x.shape[1:])
+    _scripted_method("test-scripted-zero", [zero, zero])
+    pert = craft(model, x, eps=0.1, max_passes=2, delta=0.001, method="test-scripted-zero", keep_best=True)
+    assert pert.extra["best_pass"] == 0 and pert.passes == 2 and torch.equal(pert.v, zero)
+
+
 class _Flat(nn.Module):
     def forward(self, x):
         return x.flatten(1)[:, :1].squeeze(1)

@@ -91,14 +91,23 @@ class Perturbation:
         return check_norm(self.norm)
 
     @property
+    def record(self) -> dict:
+        """The history record measured on ``v``: the last pass's, or the pass chosen by
+        ``craft(keep_best=True)`` (``extra["best_pass"]``). Empty without history."""
+        if not self.history:
+            return {}
+        chosen = int(self.extra.get("best_pass", len(self.history)))
+        return self.history[chosen - 1] if chosen >= 1 else {}
+
+    @property
     def fooling_rate(self) -> float | None:
-        """The fooling rate on the crafting set after the last pass (None without history)."""
-        return self.history[-1].get("fooling_rate") if self.history else None
+        """The fooling rate of ``v`` on the crafting set (None without history)."""
+        return self.record.get("fooling_rate")
 
     @property
     def heldout_fooling_rate(self) -> float | None:
-        """The held-out fooling rate after the last pass (None if not measured)."""
-        return self.history[-1].get("heldout_fooling_rate") if self.history else None
+        """The held-out fooling rate of ``v`` (None if not measured)."""
+        return self.record.get("heldout_fooling_rate")
 
     @property
     def passes(self) -> int:

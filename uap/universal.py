@@ -251,6 +251,7 @@ def craft(
     data: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     target: int | None = None,
+    keep_best: bool = False,
 ) -> Perturbation:
     """Craft a universal perturbation ``v`` with ``‖v‖_p ≤ eps`` that fools ``model`` on ``x``.
 
@@ -280,6 +281,11 @@ def craft(
             then runs as ``"deepfool-targeted"`` (``uap.methods.targeted``), the stop rule uses
             the targeted success rate and each record also holds ``targeted_success_rate``
             and ``heldout_targeted_success_rate``; stored in the metadata.
+        keep_best: return the ``v`` of the pass with the highest rate on X (the crafting set;
+            held-out images are never used to choose) instead of the last pass's. Algorithm 1
+            is not monotone: a pass can lower the fooling rate. The chosen pass is stored as
+            ``extra["best_pass"]`` (0: no pass beat the starting ``v``); the history keeps
+            every pass. Candidates are the starting ``v`` and the passes of this call.
 
     Returns:
         A :class:`Perturbation` whose ``history`` has one record per pass with
@@ -332,7 +338,10 @@ def craft(
             return targeted_success_rate(model, x, v, target, batch_size=batch_size)
 
         key = "fooling_rate" if target is None else "targeted_success_rate"
-        rate = history[-1][key] if history else stop_rate(v)
+        measured = resume.record if resume is not None else {}  # the record of the v we start from
+        rate = measured[key] if key in measured else stop_rate(v)
+        best_pass = int(resume.extra.get("best_pass", len(history))) if resume is not None else 0
+        best_rate, best_v = rate, v
         while rate <= 1 - delta and len(history) < max_passes:
             k = len(history) + 1
             t0 = time.perf_counter()
@@ -365,6 +374,8 @@ def craft(
                 record["heldout_targeted_success_rate"] = (
                     None if hx is None else targeted_success_rate(model, hx, v, target, batch_size=batch_size))
             history.append(record)
+            if rate > best_rate:
+                best_rate, best_pass, best_v = rate, k, v
             if callback is not None and callback({"event": "pass", **record, "v": v.detach().cpu()}) is True:
                 break
     seconds = time.perf_counter() - started + (resume.seconds if resume is not None else 0.0)
@@ -375,8 +386,11 @@ def craft(
         "method_options": dict(method_options or {}),
         "max_passes": max_passes,
         **({"target": target} if target is not None else {}),
+        **({"best_pass": best_pass} if keep_best else {}),
         "clean_heldout_accuracy": None if hy is None else accuracy(model, hx, hy, batch_size=batch_size),
     }
+    if keep_best:
+        v = best_v
     return Perturbation(
         v=v.detach().cpu(), model=model_id or type(model).__name__, data=data or f"{x.shape[0]} images",
         eps=eps, norm=norm_name(p), delta=float(delta), method=method, seed=int(seed),
