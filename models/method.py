@@ -22,6 +22,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Under torch.distributed, BatchNorm becomes SyncBatchNorm (SimCLR's global BN) unless a
+    #: method keeps per-device statistics on purpose (MoCo's shuffling BN).
+    global_batchnorm: ClassVar[bool] = True
 
     def __init__(self, backbone: nn.Module):
         super().__init__()

@@ -33,6 +33,7 @@ class MoCo(Method):
 
     name = "moco"
     defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0}
+    global_batchnorm = False  # per-device (here: per-sub-batch) statistics plus shuffling, §3.3
 
     def __init__(self, backbone: nn.Module, temperature: float = 0.2, queue_size: int = 4096, momentum: float = 0.99,
                  proj_dim: int = 128, hidden_dim: int = 512, bn_splits: int = 8):

@@ -122,7 +122,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float)
 def sync_batchnorm_if_distributed(model: nn.Module) -> nn.Module:
     """Under ``torch.distributed``, convert BatchNorm to SyncBatchNorm so statistics are
     computed over the global batch (SimCLR §2.2 "Global BN": per-device BN lets the model
-    cheat the contrastive task through leaked batch statistics). No-op otherwise."""
+    cheat the contrastive task through leaked batch statistics). No-op otherwise, and for
+    methods with ``global_batchnorm = False`` (MoCo, which shuffles instead)."""
+    if not getattr(model, "global_batchnorm", True):
+        return model
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model

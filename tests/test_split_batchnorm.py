@@ -54,3 +54,14 @@ def test_moco_splits_bn_in_both_encoders():
     for net in (moco.backbone, moco.projector, moco.key_backbone, moco.key_projector):
         bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         assert bns and all(m.num_splits == 4 for m in bns)
+
+
+def test_distributed_runs_keep_moco_batchnorm_local(monkeypatch):
+    from models.simclr import SimCLR
+    from models.train import sync_batchnorm_if_distributed
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    moco = sync_batchnorm_if_distributed(MoCo(build_backbone("resnet18", 4), queue_size=64, bn_splits=2))
+    simclr = sync_batchnorm_if_distributed(SimCLR(build_backbone("resnet18", 4)))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in moco.modules())
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in simclr.modules())
