@@ -515,6 +515,8 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same settings)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, probe and write models/zoo/NAME.{safetensors,json}."),
     hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (networks, data and augmentations; "
+                               "not for clip yet)."),
 ) -> None:
     """Train a target model on CIFAR-10 (checkpoint every epoch; --resume continues).
 
@@ -536,6 +538,9 @@ def train_cmd(
             hparams[key] = value
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
+    torch_device = _torch_device(device)
+    if method == "clip" and torch_device.type != "cpu":
+        raise _UsageError("--device: clip trains on the CPU only for now")
     if method == "clip":
         _train_clip(out, epochs=epochs, batch_size=batch_size, backbone=backbone, width=width, seed=seed,
                     resume=resume, n_train=n_train, threads=threads, precision=precision, command=command, zoo=zoo,
@@ -546,7 +551,7 @@ def train_cmd(
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,
                          hparams=hparams)
-    train(config, out, resume=resume, console=console, command=command)
+    train(config, out, resume=resume, console=console, command=command, device=torch_device)
     console.print(f"checkpoint: {out}")
     if zoo:
         from models.zoo_build import build_zoo_entry

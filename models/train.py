@@ -151,6 +151,8 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         for k, v in s.items():
             tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().clone()
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # GPU augmentations draw from here
     meta = {**state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
     _atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, p))
     _atomic_write(out_dir / STATE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
@@ -177,6 +179,8 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     return meta
 
 
@@ -193,7 +197,7 @@ def optimisation_step(method: Method, optimizer: torch.optim.Optimizer, x: torch
                       step: int, total_steps: int, precision: str = "fp32") -> torch.Tensor:
     """One step of any method: loss (under ``precision``'s autocast), backward, optimiser
     step, then the method's post-step updates (EMA teachers). Returns the loss."""
-    with autocast(precision):
+    with autocast(precision, x.device):
         loss = method.training_step(x, y, step, total_steps)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
@@ -213,6 +217,7 @@ def train(
     console=None,
     max_steps: int | None = None,
     command: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[Method, dict]:
     """Train ``config.method`` and return ``(method, state)``; checkpoints every epoch.
 
@@ -220,9 +225,15 @@ def train(
     images). ``monitor_data`` (bank x, bank y, query x, query y) is used for the periodic kNN
     monitor (default: 5 000 training and 2 000 test images). ``max_steps`` stops early (tests).
     ``command`` (the command line that started the run) is recorded in the checkpoint state.
+    ``device`` runs the networks, the data and the augmentations there (e.g. ``"cuda"``); it
+    is not part of the configuration, so a run may resume on another device (augmentations
+    drawn on a GPU then differ from a CPU run's).
     With ``resume``, continues from ``out_dir``'s checkpoint; its config must match.
     """
     config = config.resolved()
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine")
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
     if data is None:
@@ -240,7 +251,10 @@ def train(
         qx, qy, _ = load("cifar10", "test", n=2000, seed=1)
         monitor_data = (bx, by, qx, qy)
 
-    method = sync_batchnorm_if_distributed(build_method(config))
+    x, y = x.to(device), y.to(device)
+    if monitor_data is not None:
+        monitor_data = tuple(t.to(device) for t in monitor_data)
+    method = sync_batchnorm_if_distributed(build_method(config)).to(device)
     if config.backbone == "resnet18":
         method = method.to(memory_format=torch.channels_last)  # ~35 % faster convolutions on CPU
     lr = config.lr * config.batch_size / 256

@@ -119,3 +119,12 @@ def test_resume_accepts_a_checkpoint_from_before_the_precision_option(tmp_path):
     assert state["epoch"] == 2
     with pytest.raises(ValueError, match="precision"):
         train(TrainConfig(**{**cfg.__dict__, "precision": "bf16"}), tmp_path, data=(x, y), resume=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_train_on_a_missing_device_is_a_clear_error(tmp_path):
+    cfg = TrainConfig(method="supervised", width=4, epochs=1, batch_size=64, knn_every=0, threads=1)
+    x, y = _images(128)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(cfg, tmp_path, data=(x, y), device="cuda")
+    assert not any(tmp_path.iterdir())
