@@ -23,7 +23,11 @@ class _SplitStatistics:
     """Training-mode statistics over ``num_splits`` consecutive equal chunks of the batch
     (running statistics are updated once per chunk); eval mode is the parent's forward."""
 
-    num_splits: int
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.num_splits == 1:
@@ -40,17 +44,9 @@ class _SplitStatistics:
 class SplitBatchNorm1d(_SplitStatistics, nn.BatchNorm1d):
     """``BatchNorm1d`` normalising ``num_splits`` sub-batches separately while training."""
 
-    def __init__(self, num_features: int, num_splits: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
-
 
 class SplitBatchNorm2d(_SplitStatistics, nn.BatchNorm2d):
     """``BatchNorm2d`` normalising ``num_splits`` sub-batches separately while training."""
-
-    def __init__(self, num_features: int, num_splits: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
 
 
 _SPLIT = {nn.BatchNorm1d: SplitBatchNorm1d, nn.BatchNorm2d: SplitBatchNorm2d}

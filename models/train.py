@@ -158,13 +158,19 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     _atomic_write(out_dir / STATE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
 
 
+def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
+    """The checkpoint's two files, or a FileNotFoundError that names them."""
+    ckpt, meta_path = out_dir / CKPT_NAME, out_dir / STATE_NAME
+    if not ckpt.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume in {out_dir} (expected {CKPT_NAME} and {STATE_NAME})")
+    return ckpt, meta_path
+
+
 def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state."""
     from safetensors.torch import load_file
 
-    ckpt, meta_path = out_dir / CKPT_NAME, out_dir / STATE_NAME
-    if not ckpt.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume in {out_dir} (expected {CKPT_NAME} and {STATE_NAME})")
+    ckpt, meta_path = _require_checkpoint(out_dir)
     tensors = load_file(str(ckpt))
     meta = json.loads(meta_path.read_text())
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -236,6 +242,8 @@ def train(
         raise ValueError(f"device {device}: CUDA is not available on this machine")
     torch.set_num_threads(config.threads)
     out_dir = Path(out_dir)
+    if resume:
+        _require_checkpoint(out_dir)  # before the data is loaded: a wrong --out fails at once
     if data is None:
         from uap.data import load
 
