@@ -264,16 +264,16 @@ def craft_cmd(
     pert.extra["settings"] = settings
     pert.save(out / "perturbation.safetensors")
     pert.to_png(out / "perturbation.png")
-    last = pert.record  # the pass that produced v: the last one, or the best with --keep-best
+    kept = pert.record  # the pass that produced v: the last one, or the best with --keep-best
     summary = {
         "model": model_id, "data": data_desc, "n_images": n_images, "heldout": heldout,
         "eps": eps_value, "norm": norm_name(p), "delta": delta, "method": method, "seed": seed,
         "passes": pert.passes, "seconds": pert.seconds, "best_pass": pert.extra.get("best_pass"),
         "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate,
-        "heldout_accuracy": last.get("heldout_accuracy"),
+        "heldout_accuracy": kept.get("heldout_accuracy"),
         "target": target_class,
-        "targeted_success_rate": last.get("targeted_success_rate"),
-        "heldout_targeted_success_rate": last.get("heldout_targeted_success_rate"),
+        "targeted_success_rate": kept.get("targeted_success_rate"),
+        "heldout_targeted_success_rate": kept.get("heldout_targeted_success_rate"),
         "clean_heldout_accuracy": pert.extra.get("clean_heldout_accuracy"),
         "norm_2": pert.norms()["norm_2"], "norm_inf": pert.norms()["norm_inf"],
         "deepfool_calls": sum(r["deepfool_calls"] for r in pert.history),
@@ -539,9 +539,9 @@ def train_cmd(
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
     torch_device = _torch_device(device)
-    if method == "clip" and torch_device.type != "cpu":
-        raise _UsageError("--device: clip trains on the CPU only for now")
     if method == "clip":
+        if torch_device.type != "cpu":
+            raise _UsageError("--device: clip trains on the CPU only for now")
         _train_clip(out, epochs=epochs, batch_size=batch_size, backbone=backbone, width=width, seed=seed,
                     resume=resume, n_train=n_train, threads=threads, precision=precision, command=command, zoo=zoo,
                     hparams=hparams,

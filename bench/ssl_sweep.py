@@ -53,7 +53,8 @@ def _split(n_images: int | None):
 
 
 def run_one(name: str, args: argparse.Namespace) -> None:
-    """One run of the sweep (a child process); its history lands in ``workdir/name/last.json``."""
+    """One run of the sweep (a child process); its history lands in the run's checkpoint state
+    (``workdir/name/`` + :data:`models.train.STATE_NAME`)."""
     import torch
 
     from models.train import TrainConfig, train
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         run_one(args.child, args)
         return
+    from models.train import STATE_NAME
+
     names = args.runs or list(RUNS)
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             p.kill()
     results = {}
     for n in names:
-        state = workdir / n / "last.json"
+        state = workdir / n / STATE_NAME
         history = json.loads(state.read_text())["history"] if state.is_file() else []
         results[n] = {"config": RUNS[n], "epochs_done": len(history),
                       "knn": {h["epoch"]: h["knn_acc"] for h in history if "knn_acc" in h},
