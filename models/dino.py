@@ -5,6 +5,12 @@ Self-distillation without labels: a student (backbone + DINO head) sees all mult
 ``θ_t ← m θ_t + (1 − m) θ_s`` with ``m`` cosine-scheduled to 1 — sees only the 2 global views.
 The student matches the teacher's centred and sharpened distribution on every *other* view
 (:class:`models.losses.DINOLoss`); centring + low teacher temperature prevent collapse.
+
+Defaults are the zoo's CIFAR-10 setting, chosen for a short (28-epoch) CPU budget rather than
+the paper's ImageNet schedule: AdamW lr 2e-3, 4 096 prototypes, 2 local crops, teacher
+momentum 0.96 → 1 and a fixed teacher temperature of 0.04. The paper's values (lr 5e-4,
+momentum 0.996, teacher temperature warmed from 0.04 to 0.07) learned more slowly at that
+budget (README, "Zoo"); pass them as hyper-parameters to reproduce the paper.
 """
 from __future__ import annotations
 
@@ -25,10 +31,10 @@ class DINO(Method):
     """Student/teacher self-distillation with multi-crop, centring and sharpening."""
 
     name = "dino"
-    defaults = {"optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.04, "warmup_epochs": 2.0}
+    defaults = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.04, "warmup_epochs": 2.0}
 
-    def __init__(self, backbone: nn.Module, out_dim: int = 1024, momentum: float = 0.996, n_local: int = 4,
-                 student_temp: float = 0.1, teacher_temp: float = 0.07, warmup_teacher_temp: float = 0.04,
+    def __init__(self, backbone: nn.Module, out_dim: int = 4096, momentum: float = 0.96, n_local: int = 2,
+                 student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
                  warmup_teacher_steps: int = 1000, center_momentum: float = 0.9):
         super().__init__(backbone)
         self.head = DINOHead(backbone.out_dim, out_dim)
