@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tests.tiny_models import Affine, trained_tiny_cnn
-from uap.deepfool import _candidate_grads, deepfool
+from uap.deepfool import REPLICATE_MAX_ROWS, _auto_gradients, _candidate_grads, _replicated_grads, deepfool
 
 OVERSHOOT = 0.02
 
@@ -124,7 +124,7 @@ def test_fooled_rows_stop_costing_compute(cnn, test_images):
     sizes = []
     handle = cnn.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     try:
-        deepfool(cnn, test_images)
+        deepfool(cnn, test_images, gradients="loop")  # "replicated" adds passes over copies
     finally:
         handle.remove()
     assert sizes[0] == len(test_images)  # the first step's forward also gives the clean prediction
@@ -143,12 +143,33 @@ def test_vmap_gradients_equal_per_class_backward(cnn, test_images):
     torch.testing.assert_close(looped, explicit)
 
 
+def test_replicated_gradients_equal_per_class_backward(cnn, test_images):
+    xa = test_images[:5].clone().requires_grad_(True)
+    z = cnn(xa)
+    cls = z.detach().topk(4, dim=1).indices  # 3 candidates besides the predicted class
+    zc = z.gather(1, cls)
+    diffs = zc[:, 1:] - zc[:, :1]
+    explicit = torch.stack([torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=True)[0]
+                            for j in range(diffs.shape[1])], dim=1)
+    f, g = _replicated_grads(cnn, xa.detach(), cls)
+    torch.testing.assert_close(f, diffs.detach())
+    torch.testing.assert_close(g, explicit)
+
+
+@pytest.mark.parametrize("mode", ["batched", "replicated"])
 @pytest.mark.parametrize("norm", [2, "inf"])
-def test_batched_and_looped_gradients_give_the_same_deepfool(cnn, test_images, norm):
-    r_b, ok_b = deepfool(cnn, test_images[:16], norm=norm, gradients="batched")
+def test_every_gradient_mode_gives_the_same_deepfool(cnn, test_images, norm, mode):
+    r_b, ok_b = deepfool(cnn, test_images[:16], norm=norm, gradients=mode)
     r_l, ok_l = deepfool(cnn, test_images[:16], norm=norm, gradients="loop")
     assert torch.equal(ok_b, ok_l)
     torch.testing.assert_close(r_b, r_l, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_gradients_replicate_small_cpu_batches_only():
+    cpu = torch.device("cpu")
+    assert _auto_gradients(cpu, 1) == _auto_gradients(cpu, REPLICATE_MAX_ROWS) == "replicated"
+    assert _auto_gradients(cpu, REPLICATE_MAX_ROWS + 1) == "loop"
+    assert _auto_gradients(torch.device("cuda"), 1) == "batched"
 
 
 def test_max_iter_zero_returns_no_perturbation(cnn, test_images):
@@ -179,3 +200,25 @@ def test_bad_model_output_and_images():
         deepfool(model, torch.rand(0, 3, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="N×C×H×W"):
         deepfool(model, torch.rand(3, 8, 8, dtype=torch.float64))
+
+
+class _ViewMLP(nn.Module):
+    """Calls ``.view`` on its input, which a channels-last batch cannot satisfy."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_models_that_reject_channels_last_input_still_work():
+    model = _ViewMLP()
+    x = torch.rand(6, 3, 8, 8)
+    for mode in ("auto", "loop", "replicated"):
+        r, ok = deepfool(model, x, gradients=mode)
+        assert bool(ok.all())
+        with pytest.raises(RuntimeError):  # the premise: this model cannot take the layout
+            model(x.contiguous(memory_format=torch.channels_last))

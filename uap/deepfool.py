@@ -23,10 +23,15 @@ What differs from ART and Foolbox is the cost, not the maths:
   (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the backward pass;
   ``gradients="batched"``) or from one backward per class over that shared graph
   (``gradients="loop"``, ``retain_graph``). Foolbox and ART redo the forward pass for every
-  class. ``"auto"`` picks ``"batched"`` on CUDA and ``"loop"`` on the CPU, where vmap over
-  convolution backward is slow: on the zoo's ResNet (100 images, 2 cores) one step took
-  1092 ms batched, 576 ms looped and 1064 ms Foolbox-style (see BENCHMARKS.md). Both give
-  the same gradients (tested); models whose layers vmap cannot batch fall back to the loop.
+  class. A third mode, ``gradients="replicated"``, copies each row once per candidate and
+  gets every gradient from ONE forward and ONE backward over the copies (K× the forward
+  arithmetic, one backward instead of K): on a CPU this wins for single images and small
+  batches, where every pass costs mostly per-operator overhead. ``"auto"`` picks
+  ``"batched"`` on CUDA; on the CPU, where vmap over convolution backward is slow (on the
+  zoo's ResNet, 100 images, 2 cores, one step took 1092 ms batched, 576 ms looped and
+  1064 ms Foolbox-style), it picks ``"replicated"`` for steps with ≤ ``REPLICATE_MAX_ROWS``
+  unfooled rows and ``"loop"`` above (see BENCHMARKS.md). All modes give the same
+  gradients (tested); models whose layers vmap cannot batch fall back to the loop.
 - the clean prediction comes from the first step's forward pass (no separate pass).
 """
 from __future__ import annotations
@@ -39,7 +44,10 @@ from torch import nn
 from uap.metrics import check_images, eval_mode, logits_of, model_device
 from uap.projection import check_norm
 
-__all__ = ["deepfool"]
+__all__ = ["deepfool", "GRADIENT_MODES"]
+
+#: How the ``candidates − 1`` gradients of a step are computed (see :func:`deepfool`).
+GRADIENT_MODES = ("auto", "batched", "loop", "replicated")
 
 _TINY = 1e-8  # guards divisions by a vanishing gradient norm, as in the reference code
 # Added to each step's distance so that progress never stalls at the clip boundary of [0, 1]
@@ -70,7 +78,9 @@ def deepfool(
         overshoot: the accumulated step is multiplied by ``1 + overshoot`` (paper: 0.02).
         max_iter: maximum number of linearisation steps per image.
         gradients: ``"batched"`` (one vmapped backward), ``"loop"`` (one backward per
-            candidate on a shared forward graph) or ``"auto"`` (batched on CUDA, loop on CPU).
+            candidate on a shared forward graph), ``"replicated"`` (one forward and one
+            backward over a copy of each row per candidate) or ``"auto"`` (batched on CUDA;
+            on the CPU replicated for ≤ ``REPLICATE_MAX_ROWS`` rows, loop above).
 
     Returns:
         ``(r, success)``: ``r`` has ``x``'s shape and includes the overshoot (it is *not*
@@ -85,8 +95,8 @@ def deepfool(
         raise ValueError(f"candidates must be an integer ≥ 2, got {candidates!r}")
     if not overshoot >= 0:
         raise ValueError(f"overshoot must be ≥ 0, got {overshoot!r}")
-    if gradients not in ("auto", "batched", "loop"):
-        raise ValueError(f"gradients must be 'auto', 'batched' or 'loop', got {gradients!r}")
+    if gradients not in GRADIENT_MODES:
+        raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENT_MODES))}, got {gradients!r}")
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer ≥ 0, got {max_iter!r}")
 
@@ -95,16 +105,18 @@ def deepfool(
     n = x0.shape[0]
     total = torch.zeros_like(x0)  # Σ r_i, before overshoot
     success = torch.zeros(n, dtype=torch.bool, device=device)
-    if gradients == "auto":
-        gradients = "batched" if device.type == "cuda" else "loop"
+    auto = gradients == "auto"
     with eval_mode(model):
         classes = None
         active = torch.arange(n, device=device)
         vmap_state = {"ok": gradients == "batched"}
+        layout = {"channels_last": device.type == "cpu" and x0.dim() == 4}
         for step in range(max_iter + 1):
-            xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0).requires_grad_(True)
-            with torch.enable_grad():
-                logits = logits_of(model, xa)
+            xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
+            if auto:  # decided per step: rows drop out, so late steps are small batches
+                gradients = _auto_gradients(device, xa.shape[0])
+            # "replicated" takes its gradients from a pass of its own: this one only classifies
+            xa, logits = _forward(model, xa, layout, track=gradients != "replicated")
             if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
                 k = min(candidates, logits.shape[1])
                 classes = logits.detach().topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
@@ -114,10 +126,13 @@ def deepfool(
             if step == max_iter or not bool(keep.any()):
                 break
             cls = classes[active]
-            z = logits.gather(1, cls)
-            diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
-            grads = _candidate_grads(diffs, xa, vmap_state)  # (A, k−1, C, H, W)
-            diffs, grads = diffs[keep].detach(), grads[keep]
+            if gradients == "replicated":
+                diffs, grads = _replicated_grads(model, xa[keep], cls[keep], layout)
+            else:
+                z = logits.gather(1, cls)
+                diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
+                grads = _candidate_grads(diffs, xa, vmap_state)  # (A, k−1, C, H, W)
+                diffs, grads = diffs[keep].detach(), grads[keep]
             flat = grads.flatten(2)
             dual = flat.norm(dim=2) if p == 2.0 else flat.abs().sum(dim=2)  # ‖w_k‖₂ or ‖w_k‖₁
             dist = diffs.abs() / (dual + _TINY)
@@ -132,6 +147,19 @@ def deepfool(
             active = active[keep]
             total[active] += r_i
     return ((1.0 + overshoot) * total).to(x.device), success.to(x.device)
+
+
+#: On the CPU, batches of at most this many rows use ``"replicated"`` gradients, larger ones ``"loop"``.
+REPLICATE_MAX_ROWS = 16
+
+
+def _auto_gradients(device: torch.device, rows: int) -> str:
+    """``gradients="auto"``: vmapped on CUDA; on the CPU, replicated for small batches, where
+    per-pass overhead dominates (1.45× the loop per image at 1 row, 1.5× at 4, even at 16), and
+    the loop over a shared graph for larger ones (BENCHMARKS.md)."""
+    if device.type == "cuda":
+        return "batched"
+    return "replicated" if rows <= REPLICATE_MAX_ROWS else "loop"
 
 
 def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torch.Tensor:
@@ -156,3 +184,52 @@ def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torc
                           RuntimeWarning, stacklevel=3)
     grads = [torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=j < kk - 1)[0] for j in range(kk)]
     return torch.stack(grads, dim=1)
+
+
+def _forward(model: nn.Module, xa: torch.Tensor, layout: dict, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xa, logits)``, with ``xa`` requiring grad (and the graph recorded) when ``track``.
+
+    With ``layout["channels_last"]`` (CPU, image batches) a batch of more than one image is
+    passed in channels-last memory layout: oneDNN's convolutions, forward and backward, ran
+    1.3× faster that way on the zoo's ResNet (BENCHMARKS.md). A single image stays
+    contiguous (PyTorch then uses its native kernels). A model that cannot take that layout
+    (e.g. it calls ``.view`` on its input) turns the option off for the rest of the call.
+    """
+    if layout["channels_last"] and xa.shape[0] > 1:
+        try:
+            return _run(model, xa.contiguous(memory_format=torch.channels_last), track)
+        except RuntimeError:
+            layout["channels_last"] = False
+    return _run(model, xa.contiguous(), track)
+
+
+def _run(model: nn.Module, xa: torch.Tensor, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if not track:
+        with torch.no_grad():
+            return xa, logits_of(model, xa)
+    xa.requires_grad_(True)
+    with torch.enable_grad():
+        return xa, logits_of(model, xa)
+
+
+def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
+                      layout: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f, ∇f)`` for every candidate of every row, from ONE forward and ONE backward pass.
+
+    Row i of ``xa`` is copied once per candidate (``K = cls.shape[1] − 1`` copies); copy j
+    carries ``f_j = z_{cls[i, j+1]} − z_{cls[i, 0]}``. The model maps images independently (eval
+    mode), so the gradient of ``Σ f`` w.r.t. copy j is exactly ``∇ f_j`` at row i. This trades
+    K× the forward arithmetic for one backward instead of K, which wins when each pass is
+    dominated by per-operator overhead rather than arithmetic: single images (Algorithm 1's
+    inner step) and small batches on a CPU.
+    """
+    a, kk = xa.shape[0], cls.shape[1] - 1
+    xr, logits = _forward(model, xa.detach().repeat_interleave(kk, dim=0), layout or {"channels_last": False},
+                          track=True)
+    with torch.enable_grad():
+        rows = torch.arange(a * kk, device=xa.device)
+        target = cls[:, 1:].reshape(-1)              # copy j of row i → candidate j + 1 of row i
+        source = cls[:, :1].repeat_interleave(kk, 0).squeeze(1)
+        f = logits[rows, target] - logits[rows, source]
+        (g,) = torch.autograd.grad(f.sum(), xr)
+    return f.detach().view(a, kk), g.view(a, kk, *xa.shape[1:])
