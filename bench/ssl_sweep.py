@@ -29,7 +29,9 @@ RUNS: dict[str, dict] = {
     "moco-sgd0.12-t0.2": dict(method="moco", lr=0.12, hparams={"temperature": 0.2}),
     "moco-sgd0.06-t0.1": dict(method="moco", lr=0.06, hparams={"temperature": 0.1}),
     "moco-sgd0.12-t0.2-nosplit": dict(method="moco", lr=0.12, hparams={"temperature": 0.2, "bn_splits": 1}),
-    "dino-default": dict(method="dino"),
+    "dino-paper": dict(method="dino", lr=5e-4, hparams={"momentum": 0.996, "out_dim": 1024, "n_local": 4,
+                                                       "teacher_temp": 0.07}),  # the earlier defaults
+    "dino-zoo": dict(method="dino"),  # the current defaults (the zoo's setting)
     "dino-adamw1e-3-m0.99-k4096": dict(method="dino", lr=1e-3, hparams={"momentum": 0.99, "out_dim": 4096}),
     "dino-lars0.3-m0.99-k4096": dict(method="dino", optimizer="lars", lr=0.3, weight_decay=1e-6,
                                      hparams={"momentum": 0.99, "out_dim": 4096}),

@@ -204,6 +204,7 @@ def _forward(model: nn.Module, xa: torch.Tensor, layout: dict, track: bool) -> t
 
 
 def _run(model: nn.Module, xa: torch.Tensor, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: gradient-free, or recording the graph from ``xa`` for the candidates' gradients."""
     if not track:
         with torch.no_grad():
             return xa, logits_of(model, xa)
