@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+# The DINO runs of the sweep predate the current defaults: 4 local crops, teacher τ 0.04 → 0.07.
+_DINO_PAPER_CROPS_TEMP = {"n_local": 4, "teacher_temp": 0.07}
 RUNS: dict[str, dict] = {
     "byol-sgd0.06-m0.99": dict(method="byol", lr=0.06, hparams={"momentum": 0.99}),
     "byol-sgd0.15-m0.96": dict(method="byol", lr=0.15, hparams={"momentum": 0.96}),
@@ -29,13 +31,12 @@ RUNS: dict[str, dict] = {
     "moco-sgd0.12-t0.2": dict(method="moco", lr=0.12, hparams={"temperature": 0.2}),
     "moco-sgd0.06-t0.1": dict(method="moco", lr=0.06, hparams={"temperature": 0.1}),
     "moco-sgd0.12-t0.2-nosplit": dict(method="moco", lr=0.12, hparams={"temperature": 0.2, "bn_splits": 1}),
-    "dino-paper": dict(method="dino", lr=5e-4, hparams={"momentum": 0.996, "out_dim": 1024, "n_local": 4,
-                                                       "teacher_temp": 0.07}),  # the earlier defaults
+    "dino-paper": dict(method="dino", lr=5e-4, hparams={"momentum": 0.996, "out_dim": 1024, **_DINO_PAPER_CROPS_TEMP}),
     "dino-zoo": dict(method="dino"),  # the current defaults (the zoo's setting)
-    "dino-adamw1e-3-m0.99-k4096": dict(method="dino", lr=1e-3, hparams={"momentum": 0.99, "out_dim": 4096}),
+    "dino-adamw1e-3-m0.99-k4096": dict(method="dino", lr=1e-3, hparams={"momentum": 0.99, "out_dim": 4096, **_DINO_PAPER_CROPS_TEMP}),
     "dino-lars0.3-m0.99-k4096": dict(method="dino", optimizer="lars", lr=0.3, weight_decay=1e-6,
-                                     hparams={"momentum": 0.99, "out_dim": 4096}),
-    "dino-sgd0.06-m0.99": dict(method="dino", optimizer="sgd", lr=0.06, weight_decay=5e-4, hparams={"momentum": 0.99}),
+                                     hparams={"momentum": 0.99, "out_dim": 4096, **_DINO_PAPER_CROPS_TEMP}),
+    "dino-sgd0.06-m0.99": dict(method="dino", optimizer="sgd", lr=0.06, weight_decay=5e-4, hparams={"momentum": 0.99, "out_dim": 1024, **_DINO_PAPER_CROPS_TEMP}),
 }
 HELD_OUT = 5000
 
