@@ -151,7 +151,7 @@ def test_replicated_gradients_equal_per_class_backward(cnn, test_images):
     diffs = zc[:, 1:] - zc[:, :1]
     explicit = torch.stack([torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=True)[0]
                             for j in range(diffs.shape[1])], dim=1)
-    f, g = _replicated_grads(cnn, xa.detach(), cls)
+    f, g = _replicated_grads(cnn, xa.detach(), cls, {"channels_last": False})
     torch.testing.assert_close(f, diffs.detach())
     torch.testing.assert_close(g, explicit)
 
@@ -170,6 +170,24 @@ def test_auto_gradients_replicate_small_cpu_batches_only():
     assert _auto_gradients(cpu, 1) == _auto_gradients(cpu, REPLICATE_MAX_ROWS) == "replicated"
     assert _auto_gradients(cpu, REPLICATE_MAX_ROWS + 1) == "loop"
     assert _auto_gradients(torch.device("cuda"), 1) == "batched"
+
+
+def test_auto_uses_vmap_when_it_picks_batched(cnn, test_images, monkeypatch):
+    """On CUDA ``auto`` resolves to ``"batched"`` per step; that step must really use vmap."""
+    import sys
+
+    module = sys.modules["uap.deepfool"]
+    monkeypatch.setattr(module, "_auto_gradients", lambda device, rows: "batched")
+    calls = []
+    real_grad = torch.autograd.grad
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("is_grads_batched", False))
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    deepfool(cnn, test_images[:4])
+    assert calls and all(calls)
 
 
 def test_max_iter_zero_returns_no_perturbation(cnn, test_images):

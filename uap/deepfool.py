@@ -109,7 +109,7 @@ def deepfool(
     with eval_mode(model):
         classes = None
         active = torch.arange(n, device=device)
-        vmap_state = {"ok": gradients == "batched"}
+        vmap_state = {"ok": True}  # turns False for the call if vmap cannot batch one of the model's layers
         layout = {"channels_last": device.type == "cpu" and x0.dim() == 4}
         for step in range(max_iter + 1):
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
@@ -131,7 +131,8 @@ def deepfool(
             else:
                 z = logits.gather(1, cls)
                 diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
-                grads = _candidate_grads(diffs, xa, vmap_state)  # (A, k−1, C, H, W)
+                state = vmap_state if gradients == "batched" else {"ok": False}  # "loop": no vmap
+                grads = _candidate_grads(diffs, xa, state)  # (A, k−1, C, H, W)
                 diffs, grads = diffs[keep].detach(), grads[keep]
             flat = grads.flatten(2)
             dual = flat.norm(dim=2) if p == 2.0 else flat.abs().sum(dim=2)  # ‖w_k‖₂ or ‖w_k‖₁
@@ -214,7 +215,7 @@ def _run(model: nn.Module, xa: torch.Tensor, track: bool) -> tuple[torch.Tensor,
 
 
 def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
-                      layout: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      layout: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f, ∇f)`` for every candidate of every row, from ONE forward and ONE backward pass.
 
     Row i of ``xa`` is copied once per candidate (``K = cls.shape[1] − 1`` copies); copy j
@@ -225,8 +226,7 @@ def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
     inner step) and small batches on a CPU.
     """
     a, kk = xa.shape[0], cls.shape[1] - 1
-    xr, logits = _forward(model, xa.detach().repeat_interleave(kk, dim=0), layout or {"channels_last": False},
-                          track=True)
+    xr, logits = _forward(model, xa.detach().repeat_interleave(kk, dim=0), layout, track=True)
     with torch.enable_grad():
         rows = torch.arange(a * kk, device=xa.device)
         target = cls[:, 1:].reshape(-1)              # copy j of row i → candidate j + 1 of row i
