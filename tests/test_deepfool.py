@@ -9,6 +9,7 @@ from torch import nn
 
 from tests.tiny_models import Affine, trained_tiny_cnn
 from uap.deepfool import REPLICATE_MAX_ROWS, _auto_gradients, _candidate_grads, _replicated_grads, deepfool
+from uap.layout import BatchLayout
 
 OVERSHOOT = 0.02
 
@@ -151,7 +152,9 @@ def test_replicated_gradients_equal_per_class_backward(cnn, test_images):
     diffs = zc[:, 1:] - zc[:, :1]
     explicit = torch.stack([torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=True)[0]
                             for j in range(diffs.shape[1])], dim=1)
-    f, g = _replicated_grads(cnn, xa.detach(), cls, {"channels_last": False})
+    layout = BatchLayout(torch.device("cpu"))
+    layout.channels_last = False
+    f, g = _replicated_grads(cnn, xa.detach(), cls, layout)
     torch.testing.assert_close(f, diffs.detach())
     torch.testing.assert_close(g, explicit)
 

@@ -41,7 +41,8 @@ import warnings
 import torch
 from torch import nn
 
-from uap.metrics import check_images, eval_mode, logits_of, model_device
+from uap.layout import BatchLayout
+from uap.metrics import check_images, eval_mode, model_device
 from uap.projection import check_norm
 
 __all__ = ["deepfool", "GRADIENT_MODES"]
@@ -67,6 +68,7 @@ def deepfool(
     overshoot: float = 0.02,
     max_iter: int = 50,
     gradients: str = "auto",
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimal perturbations that change the model's prediction on each image of ``x``.
 
@@ -81,6 +83,9 @@ def deepfool(
             candidate on a shared forward graph), ``"replicated"`` (one forward and one
             backward over a copy of each row per candidate) or ``"auto"`` (batched on CUDA;
             on the CPU replicated for ≤ ``REPLICATE_MAX_ROWS`` rows, loop above).
+        logits: the model's logits at ``x`` (N×K), when the caller already has them (e.g.
+            from checking that ``x`` is still unfooled). Step 0 then classifies with them
+            and, in ``"replicated"`` mode, skips its forward pass.
 
     Returns:
         ``(r, success)``: ``r`` has ``x``'s shape and includes the overshoot (it is *not*
@@ -103,6 +108,11 @@ def deepfool(
     device = model_device(model)
     x0 = x.detach().to(device)
     n = x0.shape[0]
+    if logits is not None:
+        if not torch.is_tensor(logits) or logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < 2:
+            shape = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+            raise ValueError(f"logits must be the model's N×K output at x (N={n}, K ≥ 2), got {shape}")
+        logits = logits.detach().to(device)
     total = torch.zeros_like(x0)  # Σ r_i, before overshoot
     success = torch.zeros(n, dtype=torch.bool, device=device)
     auto = gradients == "auto"
@@ -110,17 +120,24 @@ def deepfool(
         classes = None
         active = torch.arange(n, device=device)
         vmap_state = {"ok": True}  # turns False for the call if vmap cannot batch one of the model's layers
-        layout = {"channels_last": device.type == "cpu" and x0.dim() == 4}
+        layout = BatchLayout(device)
         for step in range(max_iter + 1):
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
             if auto:  # decided per step: rows drop out, so late steps are small batches
                 gradients = _auto_gradients(device, xa.shape[0])
             # "replicated" takes its gradients from a pass of its own: this one only classifies
-            xa, logits = _forward(model, xa, layout, track=gradients != "replicated")
+            track = gradients != "replicated"
+            if step == 0 and logits is not None:
+                z_now = logits  # the caller's pass at x classifies step 0
+                if track:
+                    xa, z_graph = layout.logits(model, xa, track=True)
+            else:
+                xa, z_now = layout.logits(model, xa, track=track)
+                z_graph = z_now
             if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
-                k = min(candidates, logits.shape[1])
-                classes = logits.detach().topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
-            fooled = logits.argmax(dim=1) != classes[active, 0]
+                k = min(candidates, z_now.shape[1])
+                classes = z_now.detach().topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
+            fooled = z_now.argmax(dim=1) != classes[active, 0]
             success[active[fooled]] = True
             keep = ~fooled
             if step == max_iter or not bool(keep.any()):
@@ -129,7 +146,7 @@ def deepfool(
             if gradients == "replicated":
                 diffs, grads = _replicated_grads(model, xa[keep], cls[keep], layout)
             else:
-                z = logits.gather(1, cls)
+                z = z_graph.gather(1, cls)
                 diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
                 state = vmap_state if gradients == "batched" else {"ok": False}  # "loop": no vmap
                 grads = _candidate_grads(diffs, xa, state)  # (A, k−1, C, H, W)
@@ -187,35 +204,8 @@ def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torc
     return torch.stack(grads, dim=1)
 
 
-def _forward(model: nn.Module, xa: torch.Tensor, layout: dict, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(xa, logits)``, with ``xa`` requiring grad (and the graph recorded) when ``track``.
-
-    With ``layout["channels_last"]`` (CPU, image batches) a batch of more than one image is
-    passed in channels-last memory layout: oneDNN's convolutions, forward and backward, ran
-    1.3× faster that way on the zoo's ResNet (BENCHMARKS.md). A single image stays
-    contiguous (PyTorch then uses its native kernels). A model that cannot take that layout
-    (e.g. it calls ``.view`` on its input) turns the option off for the rest of the call.
-    """
-    if layout["channels_last"] and xa.shape[0] > 1:
-        try:
-            return _run(model, xa.contiguous(memory_format=torch.channels_last), track)
-        except RuntimeError:
-            layout["channels_last"] = False
-    return _run(model, xa.contiguous(), track)
-
-
-def _run(model: nn.Module, xa: torch.Tensor, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass: gradient-free, or recording the graph from ``xa`` for the candidates' gradients."""
-    if not track:
-        with torch.no_grad():
-            return xa, logits_of(model, xa)
-    xa.requires_grad_(True)
-    with torch.enable_grad():
-        return xa, logits_of(model, xa)
-
-
 def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
-                      layout: dict) -> tuple[torch.Tensor, torch.Tensor]:
+                      layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f, ∇f)`` for every candidate of every row, from ONE forward and ONE backward pass.
 
     Row i of ``xa`` is copied once per candidate (``K = cls.shape[1] − 1`` copies); copy j
@@ -226,7 +216,7 @@ def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
     inner step) and small batches on a CPU.
     """
     a, kk = xa.shape[0], cls.shape[1] - 1
-    xr, logits = _forward(model, xa.detach().repeat_interleave(kk, dim=0), layout, track=True)
+    xr, logits = layout.logits(model, xa.detach().repeat_interleave(kk, dim=0), track=True)
     with torch.enable_grad():
         rows = torch.arange(a * kk, device=xa.device)
         target = cls[:, 1:].reshape(-1)              # copy j of row i → candidate j + 1 of row i

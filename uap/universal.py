@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from uap.deepfool import deepfool
+from uap.layout import BatchLayout
 from uap.metrics import (
     DEFAULT_BATCH_SIZE,
     accuracy,
@@ -150,6 +151,7 @@ class CraftContext:
     deepfool_calls: int = 0
     updates: int = 0
     _last_emit: float = field(default=0.0, repr=False)
+    _layout: BatchLayout | None = field(default=None, repr=False)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """``P_{p,ε}(v)``."""
@@ -159,10 +161,16 @@ class CraftContext:
         """``clip(x[idx] + v, 0, 1)``."""
         return (self.x[idx] + self.v).clamp_(0.0, 1.0)
 
-    @torch.no_grad()
-    def is_fooled(self, idx: torch.Tensor) -> torch.Tensor:
-        """``k̂(x_i + v) ≠ k̂(x_i)`` for each index, in one forward pass."""
-        return self.model(self.perturbed(idx)).argmax(dim=1) != self.clean[idx]
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """The model's logits at ``clip(x[idx] + v, 0, 1)``, in one gradient-free forward pass."""
+        if self._layout is None:
+            self._layout = BatchLayout(self.x.device)
+        return self._layout.logits(self.model, self.perturbed(idx))[1]
+
+    def is_fooled(self, idx: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``k̂(x_i + v) ≠ k̂(x_i)`` for each index (from ``logits`` at ``x[idx] + v`` if given)."""
+        z = self.logits(idx) if logits is None else logits
+        return z.argmax(dim=1) != self.clean[idx]
 
     def progress(self, force: bool = False) -> None:
         """Report live progress to the callback (at most ~10 times a second)."""
@@ -189,11 +197,12 @@ def _pass_algorithm1(ctx: CraftContext) -> None:
     pos = 0
     while pos < n:
         idx = order[pos:pos + chunk]
-        fooled = ctx.is_fooled(idx)
+        z = ctx.logits(idx)  # valid for the whole chunk until v changes
+        fooled = ctx.is_fooled(idx, z)
         advanced = idx.numel()
         for j in torch.nonzero(~fooled).flatten().tolist():
             i = idx[j:j + 1]
-            r, ok = deepfool(ctx.model, ctx.perturbed(i), **ctx.deepfool_options)
+            r, ok = deepfool(ctx.model, ctx.perturbed(i), logits=z[j:j + 1], **ctx.deepfool_options)
             ctx.deepfool_calls += 1
             if bool(ok[0]):  # accept rule: DeepFool converged
                 ctx.v = ctx.project(ctx.v + r[0])
@@ -214,10 +223,11 @@ def _pass_batched(ctx: CraftContext) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     for idx in ctx.order.split(batch_size):
-        fooled = ctx.is_fooled(idx)
+        z = ctx.logits(idx)
+        fooled = ctx.is_fooled(idx, z)
         todo = idx[~fooled]
         if todo.numel():
-            r, ok = deepfool(ctx.model, ctx.perturbed(todo), **ctx.deepfool_options)
+            r, ok = deepfool(ctx.model, ctx.perturbed(todo), logits=z[~fooled], **ctx.deepfool_options)
             ctx.deepfool_calls += todo.numel()
             for dv in r[ok]:
                 ctx.v = ctx.project(ctx.v + dv)
