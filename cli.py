@@ -163,6 +163,9 @@ def craft_cmd(
                                             "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
+    precision: str = typer.Option("fp32", "--precision", help="Arithmetic of DeepFool's gradients (deepfool, "
+                                  "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 and on recent "
+                                  "GPUs; the fooled/not-fooled decisions stay fp32)."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
                                    "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -193,6 +196,11 @@ def craft_cmd(
     if max_passes < 1:
         raise _UsageError(f"--max-passes must be ≥ 1, got {max_passes}")
     get_method(method)  # unknown method: fail before loading anything
+    if precision not in ("fp32", "bf16"):
+        raise _UsageError(f"--precision must be fp32 or bf16, got {precision!r}")
+    if precision != "fp32" and (method not in ("deepfool", "deepfool-batched") or target_class is not None):
+        raise _UsageError(f"--precision {precision} applies to untargeted DeepFool's gradients: use it with --method "
+                          f"deepfool or deepfool-batched and no --target")
     method_options: dict = {} if batch_size is None else {"batch_size": batch_size}
     for item in method_option:
         key, sep, raw = item.partition("=")
@@ -213,6 +221,7 @@ def craft_cmd(
         "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
         "target": target_class, "method_options": method_options,
         **({"keep_best": True} if keep_best else {}),  # absent when off: older runs keep matching
+        **({"precision": precision} if precision != "fp32" else {}),  # likewise
     }
     summary_path, ckpt_path = out / "summary.json", out / "checkpoint.safetensors"
     if summary_path.is_file() and not force:
@@ -260,7 +269,8 @@ def craft_cmd(
 
         pert = uap.craft(target, x, eps=eps_value, norm=p, delta=delta, max_passes=max_passes, method=method,
                          seed=seed, heldout=held, callback=on_event, resume=previous_run, model_id=model_id,
-                         data=data_desc, method_options=method_options, target=target_class, keep_best=keep_best)
+                         data=data_desc, method_options=method_options, target=target_class, keep_best=keep_best,
+                         deepfool_options={"precision": precision})
     pert.extra["settings"] = settings
     pert.save(out / "perturbation.safetensors")
     pert.to_png(out / "perturbation.png")

@@ -76,6 +76,16 @@ def test_keep_best_is_recorded_and_consistent(tmp_path, data_root):
     assert f"v from pass {kept}" in result.output
 
 
+def test_bf16_precision_is_recorded_and_runs(tmp_path, data_root):
+    out = tmp_path / "bf16"
+    result = _craft("--eps", "8/255", "--method", "deepfool-batched", "--precision", "bf16", "--out", str(out),
+                    "--data-root", str(data_root))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["precision"] == "bf16"
+    assert Perturbation.load(out / "perturbation.safetensors").extra["deepfool"]["precision"] == "bf16"
+
+
 def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     from safetensors.torch import save_file
 
@@ -97,6 +107,8 @@ def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     (["--eps", "0"], "--eps"), (["--eps", "abc"], "--eps"), (["--norm", "3"], "--norm"),
     (["--delta", "1.5"], "--delta"), (["--method", "nope"], "unknown method"), (["--n-images", "0"], "--n-images"),
     (["--model", "no_such_module:factory"], "cannot import"), (["--mean", "0.5"], "--mean and --std"),
+    (["--precision", "fp16"], "--precision"), (["--precision", "bf16", "--method", "sgd"], "--precision"),
+    (["--precision", "bf16", "--target", "3"], "--precision"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(tmp_path / "o"), *args])

@@ -168,6 +168,50 @@ def test_every_gradient_mode_gives_the_same_deepfool(cnn, test_images, norm, mod
     torch.testing.assert_close(r_b, r_l, rtol=1e-4, atol=1e-6)
 
 
+def test_given_logits_save_the_first_forward_pass_and_change_nothing(cnn, test_images):
+    x = test_images[:1]
+    with torch.no_grad():
+        z = cnn(x)
+    sizes = []
+    handle = cnn.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        r_own, ok_own = deepfool(cnn, x, gradients="replicated")
+        own = list(sizes)
+        sizes.clear()
+        r_given, ok_given = deepfool(cnn, x, gradients="replicated", logits=z)
+    finally:
+        handle.remove()
+    assert torch.equal(r_given, r_own) and torch.equal(ok_given, ok_own)
+    assert own[0] == 1 and sizes == own[1:]  # only the step-0 classification pass is gone
+
+
+@pytest.mark.parametrize("mode", ["loop", "replicated"])
+@pytest.mark.parametrize("norm", [2, "inf"])
+def test_bf16_gradients_steer_while_fp32_decides(cnn, test_images, norm, mode):
+    x = test_images[:24]
+    r32, ok32 = deepfool(cnn, x, norm=norm, gradients=mode)
+    r16, ok16 = deepfool(cnn, x, norm=norm, gradients=mode, precision="bf16")
+    with torch.no_grad():
+        clean, adv = cnn(x).argmax(1), cnn((x + r16).clamp(0, 1)).argmax(1)
+    assert torch.equal(ok16, adv != clean)  # success is the fp32 model's verdict
+    assert ok16.float().mean() >= ok32.float().mean() - 1 / len(x)
+    size = (lambda r: r.flatten(1).norm(dim=1)) if norm == 2 else (lambda r: r.flatten(1).abs().amax(1))
+    ratio = size(r16[ok16 & ok32]) / size(r32[ok16 & ok32])
+    assert 0.9 < float(ratio.median()) < 1.1  # the same minimal perturbations, up to bf16 steering
+
+
+def test_bf16_replicated_gradients_point_the_same_way(cnn, test_images):
+    x = test_images[:4]
+    with torch.no_grad():
+        cls = cnn(x).topk(4, dim=1).indices
+    layout = BatchLayout(torch.device("cpu"))
+    _, g32 = _replicated_grads(cnn, x, cls, layout)
+    _, g16 = _replicated_grads(cnn, x, cls, layout, torch.bfloat16)
+    assert g16.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(g16.flatten(2), g32.flatten(2), dim=2)
+    assert float(cosine.min()) > 0.98
+
+
 def test_auto_gradients_replicate_small_cpu_batches_only():
     cpu = torch.device("cpu")
     assert _auto_gradients(cpu, 1) == _auto_gradients(cpu, REPLICATE_MAX_ROWS) == "replicated"
@@ -206,6 +250,8 @@ class _BadOutput(nn.Module):
 @pytest.mark.parametrize("kwargs,match", [
     ({"norm": 1}, "norm"), ({"norm": "l7"}, "norm"), ({"candidates": 1}, "candidates"),
     ({"overshoot": -0.1}, "overshoot"), ({"max_iter": -1}, "max_iter"), ({"gradients": "vmap"}, "gradients"),
+    ({"precision": "fp16"}, "precision"), ({"logits": torch.zeros(3, 3)}, "logits"),
+    ({"logits": torch.zeros(2, 1)}, "logits"),
 ])
 def test_bad_arguments(kwargs, match):
     model, x0 = _affine_problem([0.0, -1.0, -2.0], n=2)

@@ -92,6 +92,25 @@ def test_result_in_ball_and_history_complete(method, p, eps):
     assert pert.method == method and pert.eps == eps and pert.p == p
 
 
+def test_a_fresh_run_does_not_measure_v_zero_unless_clipping_matters(monkeypatch):
+    import uap.universal as universal
+
+    seen = []
+    real = universal.fooling_rate
+
+    def spy(model, x, v, **kw):
+        seen.append(bool((v == 0).all()))
+        return real(model, x, v, **kw)
+
+    monkeypatch.setattr(universal, "fooling_rate", spy)
+    model, x = tiny_mlp(), _images()
+    craft(model, x, eps=0.06, max_passes=1)
+    assert seen and not any(seen)  # Err(X_0) = 0 for images in [0, 1]: known without a pass
+    seen.clear()
+    craft(model, 2 * x - 0.5, eps=0.06, max_passes=1)  # clip(x + 0) ≠ x: v = 0 must be measured
+    assert seen[0]
+
+
 def test_stop_rule_and_max_passes():
     model, x = tiny_mlp(), _images()
     easy = craft(model, x, eps=0.3, norm="inf", delta=0.9, max_passes=5)

@@ -45,10 +45,12 @@ from uap.layout import BatchLayout
 from uap.metrics import check_images, eval_mode, model_device
 from uap.projection import check_norm
 
-__all__ = ["deepfool", "GRADIENT_MODES"]
+__all__ = ["deepfool", "GRADIENT_MODES", "PRECISIONS"]
 
 #: How the ``candidates − 1`` gradients of a step are computed (see :func:`deepfool`).
 GRADIENT_MODES = ("auto", "batched", "loop", "replicated")
+#: The arithmetic of the candidates' gradients (see :func:`deepfool`).
+PRECISIONS = ("fp32", "bf16")
 
 _TINY = 1e-8  # guards divisions by a vanishing gradient norm, as in the reference code
 # Added to each step's distance so that progress never stalls at the clip boundary of [0, 1]
@@ -69,6 +71,7 @@ def deepfool(
     max_iter: int = 50,
     gradients: str = "auto",
     logits: torch.Tensor | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimal perturbations that change the model's prediction on each image of ``x``.
 
@@ -86,6 +89,12 @@ def deepfool(
         logits: the model's logits at ``x`` (N×K), when the caller already has them (e.g.
             from checking that ``x`` is still unfooled). Step 0 then classifies with them
             and, in ``"replicated"`` mode, skips its forward pass.
+        precision: ``"fp32"``, or ``"bf16"`` to compute the candidates' gradients ∇f_k under
+            bfloat16 autocast (1.8× faster forward + backward on a CPU with AVX512-BF16, and
+            on recent GPUs). Only the *direction* of each step is approximate: the logit
+            differences f_k and every "is it fooled yet?" decision stay fp32, so ``success``
+            means the same thing in both precisions, and an imprecise step is corrected by
+            the next one.
 
     Returns:
         ``(r, success)``: ``r`` has ``x``'s shape and includes the overshoot (it is *not*
@@ -104,6 +113,9 @@ def deepfool(
         raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENT_MODES))}, got {gradients!r}")
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer ≥ 0, got {max_iter!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+    autocast = torch.bfloat16 if precision == "bf16" else None
 
     device = model_device(model)
     x0 = x.detach().to(device)
@@ -125,14 +137,15 @@ def deepfool(
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
             if auto:  # decided per step: rows drop out, so late steps are small batches
                 gradients = _auto_gradients(device, xa.shape[0])
-            # "replicated" takes its gradients from a pass of its own: this one only classifies
-            track = gradients != "replicated"
+            # One pass serves classification and gradients only in fp32 "loop"/"batched" mode;
+            # otherwise this pass only classifies (fp32) and the gradients get a pass of their own.
+            shared = gradients != "replicated" and precision == "fp32"
             if step == 0 and logits is not None:
                 z_now = logits  # the caller's pass at x classifies step 0
-                if track:
+                if shared:
                     xa, z_graph = layout.logits(model, xa, track=True)
             else:
-                xa, z_now = layout.logits(model, xa, track=track)
+                xa, z_now = layout.logits(model, xa, track=shared)
                 z_graph = z_now
             if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
                 k = min(candidates, z_now.shape[1])
@@ -143,14 +156,17 @@ def deepfool(
             if step == max_iter or not bool(keep.any()):
                 break
             cls = classes[active]
-            if gradients == "replicated":
-                diffs, grads = _replicated_grads(model, xa[keep], cls[keep], layout)
-            else:
+            state = vmap_state if gradients == "batched" else {"ok": False}  # "loop"/"replicated": no vmap
+            if shared:
                 z = z_graph.gather(1, cls)
                 diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
-                state = vmap_state if gradients == "batched" else {"ok": False}  # "loop": no vmap
                 grads = _candidate_grads(diffs, xa, state)  # (A, k−1, C, H, W)
                 diffs, grads = diffs[keep].detach(), grads[keep]
+            else:
+                diffs, grads = _linearise(model, xa[keep].detach(), cls[keep], layout, gradients, state, autocast)
+                if autocast is not None:  # f from the fp32 classification pass; only ∇f is bf16
+                    z = z_now[keep].gather(1, cls[keep])
+                    diffs, grads = z[:, 1:] - z[:, :1], grads.float()
             flat = grads.flatten(2)
             dual = flat.norm(dim=2) if p == 2.0 else flat.abs().sum(dim=2)  # ‖w_k‖₂ or ‖w_k‖₁
             dist = diffs.abs() / (dual + _TINY)
@@ -204,8 +220,23 @@ def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torc
     return torch.stack(grads, dim=1)
 
 
+def _linearise(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor, layout: BatchLayout, gradients: str,
+               state: dict, autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f, ∇f)`` at the rows ``xa`` (A×K−1 and A×K−1×image) from a forward pass of their own.
+
+    Used when the step's classification pass cannot also serve the gradients: in
+    ``"replicated"`` mode, and whenever the gradients run under ``autocast``.
+    """
+    if gradients == "replicated":
+        return _replicated_grads(model, xa, cls, layout, autocast)
+    xg, z = layout.logits(model, xa, track=True, autocast=autocast)
+    z = z.float().gather(1, cls)
+    diffs = z[:, 1:] - z[:, :1]
+    return diffs.detach(), _candidate_grads(diffs, xg, state)
+
+
 def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
-                      layout: BatchLayout) -> tuple[torch.Tensor, torch.Tensor]:
+                      layout: BatchLayout, autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(f, ∇f)`` for every candidate of every row, from ONE forward and ONE backward pass.
 
     Row i of ``xa`` is copied once per candidate (``K = cls.shape[1] − 1`` copies); copy j
@@ -216,7 +247,8 @@ def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
     inner step) and small batches on a CPU.
     """
     a, kk = xa.shape[0], cls.shape[1] - 1
-    xr, logits = layout.logits(model, xa.detach().repeat_interleave(kk, dim=0), track=True)
+    xr, logits = layout.logits(model, xa.detach().repeat_interleave(kk, dim=0), track=True, autocast=autocast)
+    logits = logits.float()
     with torch.enable_grad():
         rows = torch.arange(a * kk, device=xa.device)
         target = cls[:, 1:].reshape(-1)              # copy j of row i → candidate j + 1 of row i

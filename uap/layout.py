@@ -12,12 +12,26 @@ remembers that for the rest of its life, so a failing model costs one extra pass
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from uap.metrics import logits_of
+__all__ = ["BatchLayout", "logits_of"]
 
-__all__ = ["BatchLayout"]
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, checked to be a floating ``N×C`` tensor with one row per image."""
+    out = model(x)
+    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(
+            f"the model must return logits of shape N×C (N={x.shape[0]} images), got {shape}; "
+            "wrap encoders with a classification head"
+        )
+    if out.shape[1] < 2:
+        raise ValueError(f"the model returns {out.shape[1]} logit per image; a classifier needs at least 2 classes")
+    return out
 
 
 class BatchLayout:
@@ -30,25 +44,28 @@ class BatchLayout:
     def __init__(self, device: torch.device) -> None:
         self.channels_last = device.type == "cpu"
 
-    def logits(self, model: nn.Module, x: torch.Tensor, *, track: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, model: nn.Module, x: torch.Tensor, *, track: bool = False,
+               autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_used, model(x_used))``: ``x`` in the chosen layout, and its N×C logits.
 
         With ``track`` the pass records the graph from ``x_used`` (which then requires
-        grad), for gradients w.r.t. the input; otherwise it runs without autograd.
+        grad), for gradients w.r.t. the input; otherwise it runs without autograd. With
+        ``autocast`` (e.g. ``torch.bfloat16``) the forward pass runs under autocast to that
+        type; ``x_used`` stays in its own dtype, so its gradient does too.
         """
         if self.channels_last and x.dim() == 4 and x.shape[0] > 1:
             try:
-                return _run(model, x.contiguous(memory_format=torch.channels_last), track)
+                return _run(model, x.contiguous(memory_format=torch.channels_last), track, autocast)
             except RuntimeError:
                 self.channels_last = False
-        return _run(model, x.contiguous(), track)
+        return _run(model, x.contiguous(), track, autocast)
 
 
-def _run(model: nn.Module, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(model: nn.Module, x: torch.Tensor, track: bool,
+         autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: gradient-free, or recording the graph from ``x``."""
-    if not track:
-        with torch.no_grad():
-            return x, logits_of(model, x)
-    x = x if x.requires_grad else x.requires_grad_(True)
-    with torch.enable_grad():
+    if track and not x.requires_grad:
+        x.requires_grad_(True)
+    cast = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with torch.set_grad_enabled(track), cast:
         return x, logits_of(model, x)

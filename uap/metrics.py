@@ -28,6 +28,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from uap.layout import BatchLayout, logits_of
+
 __all__ = [
     "CleanPredictions",
     "clean_predictions",
@@ -65,20 +67,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)``, checked to be a floating ``N×C`` tensor with one row per image."""
-    out = model(x)
-    if not torch.is_tensor(out) or out.dim() != 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(
-            f"the model must return logits of shape N×C (N={x.shape[0]} images), got {shape}; "
-            "wrap encoders with a classification head"
-        )
-    if out.shape[1] < 2:
-        raise ValueError(f"the model returns {out.shape[1]} logit per image; a classifier needs at least 2 classes")
-    return out
 
 
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
@@ -124,12 +112,13 @@ def predict(
     if v is not None:
         v = check_perturbation(v, x).to(device=device, dtype=x.dtype)
     out = []
+    layout = BatchLayout(device)
     with eval_mode(model):
         for xb in _batches(x, batch_size):
             xb = xb.to(device)
             if v is not None:
                 xb = (xb + v).clamp_(0.0, 1.0)
-            out.append(logits_of(model, xb).argmax(dim=1).cpu())
+            out.append(layout.logits(model, xb)[1].argmax(dim=1).cpu())
     return torch.cat(out)
 
 

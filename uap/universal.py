@@ -239,7 +239,7 @@ def _pass_batched(ctx: CraftContext) -> None:
 
 # --------------------------------------------------------------------------- driver
 
-_DEEPFOOL_DEFAULTS = {"norm": 2, "candidates": 10, "overshoot": 0.02, "max_iter": 50}
+_DEEPFOOL_DEFAULTS = {"norm": 2, "candidates": 10, "overshoot": 0.02, "max_iter": 50, "precision": "fp32"}
 
 
 def craft(
@@ -349,7 +349,12 @@ def craft(
 
         key = "fooling_rate" if target is None else "targeted_success_rate"
         measured = resume.record if resume is not None else {}  # the record of the v we start from
-        rate = measured[key] if key in measured else stop_rate(v)
+        if key in measured:
+            rate = measured[key]
+        elif resume is None and target is None and bool((x.min() >= 0) & (x.max() <= 1)):
+            rate = 0.0  # v = 0 leaves every image in [0, 1] as it is: no prediction changes
+        else:
+            rate = stop_rate(v)
         best_pass = int(resume.extra.get("best_pass", len(history))) if resume is not None else 0
         best_rate, best_v = rate, v
         while rate <= 1 - delta and len(history) < max_passes:
