@@ -18,10 +18,11 @@ What differs from ART and Foolbox is the cost, not the maths:
 
 - all images are processed as one batch, and rows that are already fooled drop out of the
   batch (they stop costing forward and backward passes);
-- at each step ONE forward pass serves all ``candidates − 1`` logit differences, whose
-  gradients then come either from ONE batched autograd call
+- each step is a gradient-free pass that classifies every active row (and gives the logit
+  differences ``f_k``), then a gradient pass over the rows still unfooled only, in which ONE
+  forward pass serves all ``candidates − 1`` gradients: from ONE batched autograd call
   (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the backward pass;
-  ``gradients="batched"``) or from one backward per class over that shared graph
+  ``gradients="batched"``) or from one backward per class over that graph
   (``gradients="loop"``, ``retain_graph``). Foolbox and ART redo the forward pass for every
   class. A third mode, ``gradients="replicated"``, copies each row once per candidate and
   gets every gradient from ONE forward and ONE backward over the copies (K× the forward
@@ -32,7 +33,10 @@ What differs from ART and Foolbox is the cost, not the maths:
   1064 ms Foolbox-style), it picks ``"replicated"`` for steps with ≤ ``REPLICATE_MAX_ROWS``
   unfooled rows and ``"loop"`` above (see BENCHMARKS.md). All modes give the same
   gradients (tested); models whose layers vmap cannot batch fall back to the loop.
-- the clean prediction comes from the first step's forward pass (no separate pass).
+- the clean prediction comes from the first step's classification pass, or from the
+  caller's logits (``logits=``), e.g. those of a crafting pass's "still unfooled?" check.
+- ``precision="bf16"`` computes only the gradients under bfloat16 autocast; ``f_k`` and
+  every decision come from the fp32 classification pass.
 """
 from __future__ import annotations
 
@@ -137,36 +141,23 @@ def deepfool(
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
             if auto:  # decided per step: rows drop out, so late steps are small batches
                 gradients = _auto_gradients(device, xa.shape[0])
-            # One pass serves classification and gradients only in fp32 "loop"/"batched" mode;
-            # otherwise this pass only classifies (fp32) and the gradients get a pass of their own.
-            shared = gradients != "replicated" and precision == "fp32"
             if step == 0 and logits is not None:
-                z_now = logits  # the caller's pass at x classifies step 0
-                if shared:
-                    xa, z_graph = layout.logits(model, xa, track=True)
-            else:
-                xa, z_now = layout.logits(model, xa, track=shared)
-                z_graph = z_now
+                z = logits  # the caller's pass at x classifies step 0
+            else:  # a gradient-free pass classifies; the rows still unfooled then get their gradients
+                xa, z = layout.logits(model, xa)
             if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
-                k = min(candidates, z_now.shape[1])
-                classes = z_now.detach().topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
-            fooled = z_now.argmax(dim=1) != classes[active, 0]
+                k = min(candidates, z.shape[1])
+                classes = z.topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
+            fooled = z.argmax(dim=1) != classes[active, 0]
             success[active[fooled]] = True
             keep = ~fooled
             if step == max_iter or not bool(keep.any()):
                 break
-            cls = classes[active]
+            cls = classes[active][keep]
+            zc = z[keep].gather(1, cls)
+            diffs = zc[:, 1:] - zc[:, :1]  # f_k = z_k − z_k̂ (fp32), negative while not fooled
             state = vmap_state if gradients == "batched" else {"ok": False}  # "loop"/"replicated": no vmap
-            if shared:
-                z = z_graph.gather(1, cls)
-                diffs = z[:, 1:] - z[:, :1]  # f_k = z_k − z_k̂, negative while not fooled
-                grads = _candidate_grads(diffs, xa, state)  # (A, k−1, C, H, W)
-                diffs, grads = diffs[keep].detach(), grads[keep]
-            else:
-                diffs, grads = _linearise(model, xa[keep].detach(), cls[keep], layout, gradients, state, autocast)
-                if autocast is not None:  # f from the fp32 classification pass; only ∇f is bf16
-                    z = z_now[keep].gather(1, cls[keep])
-                    diffs, grads = z[:, 1:] - z[:, :1], grads.float()
+            grads = _linearise(model, xa[keep].detach(), cls, layout, gradients, state, autocast)
             flat = grads.flatten(2)
             dual = flat.norm(dim=2) if p == 2.0 else flat.abs().sum(dim=2)  # ‖w_k‖₂ or ‖w_k‖₁
             dist = diffs.abs() / (dual + _TINY)
@@ -221,18 +212,18 @@ def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torc
 
 
 def _linearise(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor, layout: BatchLayout, gradients: str,
-               state: dict, autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f, ∇f)`` at the rows ``xa`` (A×K−1 and A×K−1×image) from a forward pass of their own.
+               state: dict, autocast: torch.dtype | None) -> torch.Tensor:
+    """∇f_k at the rows ``xa`` for every candidate, as A×(K−1)×image (in ``xa``'s dtype).
 
-    Used when the step's classification pass cannot also serve the gradients: in
-    ``"replicated"`` mode, and whenever the gradients run under ``autocast``.
+    The forward pass is the gradients' own, over the still-unfooled rows only: sharing the
+    classification pass's graph instead would make every backward pass also run over the rows
+    that this step found fooled (1.3× slower in alternating runs, BENCHMARKS.md).
     """
     if gradients == "replicated":
-        return _replicated_grads(model, xa, cls, layout, autocast)
+        return _replicated_grads(model, xa, cls, layout, autocast)[1]
     xg, z = layout.logits(model, xa, track=True, autocast=autocast)
-    z = z.float().gather(1, cls)
-    diffs = z[:, 1:] - z[:, :1]
-    return diffs.detach(), _candidate_grads(diffs, xg, state)
+    zc = z.to(xa.dtype).gather(1, cls)
+    return _candidate_grads(zc[:, 1:] - zc[:, :1], xg, state)
 
 
 def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
@@ -248,7 +239,7 @@ def _replicated_grads(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor,
     """
     a, kk = xa.shape[0], cls.shape[1] - 1
     xr, logits = layout.logits(model, xa.detach().repeat_interleave(kk, dim=0), track=True, autocast=autocast)
-    logits = logits.float()
+    logits = logits.to(xa.dtype)  # from autocast's type back to the images' (the gradient is in theirs)
     with torch.enable_grad():
         rows = torch.arange(a * kk, device=xa.device)
         target = cls[:, 1:].reshape(-1)              # copy j of row i → candidate j + 1 of row i
