@@ -92,7 +92,7 @@ def deepfool(
             on the CPU replicated for ≤ ``REPLICATE_MAX_ROWS`` rows, loop above).
         logits: the model's logits at ``x`` (N×K), when the caller already has them (e.g.
             from checking that ``x`` is still unfooled). Step 0 then classifies with them
-            and, in ``"replicated"`` mode, skips its forward pass.
+            instead of a forward pass of its own.
         precision: ``"fp32"``, or ``"bf16"`` to compute the candidates' gradients ∇f_k under
             bfloat16 autocast (1.8× faster forward + backward on a CPU with AVX512-BF16, and
             on recent GPUs). Only the *direction* of each step is approximate: the logit

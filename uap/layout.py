@@ -1,9 +1,9 @@
 """Forward passes of image batches in the memory layout the CPU runs fastest.
 
 On the CPU, oneDNN's convolutions (forward and backward) run faster on image batches in
-channels-last memory layout: 1.3× for DeepFool steps on the zoo's ResNet, 1.1–1.5× for
-gradient-free passes of 4–200 images (BENCHMARKS.md). A single image is left contiguous:
-PyTorch then uses its native kernels, which are as fast at that size. The layout changes
+channels-last memory layout: 1.3× for DeepFool steps on the zoo's ResNet, up to 1.6× for
+gradient-free passes of a few images and 1.1–1.2× for 200 (BENCHMARKS.md). A single image is
+left contiguous: PyTorch then uses its native kernels, which are as fast at that size. The layout changes
 only how the tensor is stored, not its values, so results agree to float rounding.
 
 Not every model accepts the layout (e.g. one that calls ``.view`` on its input raises a
