@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from tests.tiny_models import Affine, trained_tiny_cnn
-from uap.deepfool import REPLICATE_MAX_ROWS, _auto_gradients, _candidate_grads, _replicated_grads, deepfool
+from uap.deepfool import (
+    REPLICATE_MAX_ROWS,
+    Lookahead,
+    _auto_gradients,
+    _candidate_grads,
+    _replicated_grads,
+    deepfool,
+)
 from uap.layout import BatchLayout
 
 OVERSHOOT = 0.02
@@ -183,6 +190,27 @@ def test_given_logits_save_the_first_forward_pass_and_change_nothing(cnn, test_i
         handle.remove()
     assert torch.equal(r_given, r_own) and torch.equal(ok_given, ok_own)
     assert own[0] == 1 and sizes == own[1:]  # only the step-0 classification pass is gone
+
+
+def test_lookahead_classifies_the_callers_images_at_the_returned_r(cnn, test_images):
+    x, others = test_images[:1], test_images[1:6]
+    seen = []
+
+    def images(r):
+        seen.append(r.clone())
+        return (others + r[0]).clamp(0, 1)
+
+    look = Lookahead(images)
+    r, ok = deepfool(cnn, x, lookahead=look)
+    r_plain, ok_plain = deepfool(cnn, x)
+    assert bool(ok[0]) and torch.equal(ok, ok_plain)
+    torch.testing.assert_close(r, r_plain, rtol=1e-4, atol=1e-6)
+    assert torch.equal(seen[-1], r)  # the last images were built from exactly the r returned
+    with torch.no_grad():
+        expected = cnn((others + r[0]).clamp(0, 1))
+    torch.testing.assert_close(look.logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one-image"):
+        deepfool(cnn, test_images[:2], lookahead=Lookahead(images))
 
 
 @pytest.mark.parametrize("mode", ["loop", "replicated"])

@@ -59,6 +59,20 @@ def test_deepfool_method_matches_reference_loop(p, eps):
     torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
 
 
+def test_algorithm1_checks_the_next_images_inside_deepfool_after_an_update(monkeypatch):
+    from uap.universal import CraftContext
+
+    calls = []
+    real = CraftContext.logits
+    monkeypatch.setattr(CraftContext, "logits", lambda self, idx: calls.append(len(idx)) or real(self, idx))
+    model, x = tiny_mlp(), _images()
+    pert = craft(model, x, eps=0.06, max_passes=1, delta=0.05)
+    updates = pert.history[0]["updates"]
+    assert updates > 5
+    # Without the lookahead every update would be followed by a chunk check of its own.
+    assert len(calls) < updates
+
+
 def test_chunk_size_does_not_change_the_result():
     model, x = tiny_mlp(), _images()
     a = craft(model, x, eps=0.06, max_passes=2, delta=0.05, method_options={"chunk_size": 1, "max_chunk_size": 1})

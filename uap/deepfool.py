@@ -41,6 +41,7 @@ What differs from ART and Foolbox is the cost, not the maths:
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -49,7 +50,7 @@ from uap.layout import BatchLayout
 from uap.metrics import check_images, eval_mode, model_device
 from uap.projection import check_norm
 
-__all__ = ["deepfool", "GRADIENT_MODES", "PRECISIONS"]
+__all__ = ["deepfool", "Lookahead", "GRADIENT_MODES", "PRECISIONS"]
 
 #: How the ``candidates − 1`` gradients of a step are computed (see :func:`deepfool`).
 GRADIENT_MODES = ("auto", "batched", "loop", "replicated")
@@ -76,6 +77,7 @@ def deepfool(
     gradients: str = "auto",
     logits: torch.Tensor | None = None,
     precision: str = "fp32",
+    lookahead: Lookahead | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimal perturbations that change the model's prediction on each image of ``x``.
 
@@ -99,6 +101,8 @@ def deepfool(
             differences f_k and every "is it fooled yet?" decision stay fp32, so ``success``
             means the same thing in both precisions, and an imprecise step is corrected by
             the next one.
+        lookahead: for a one-image call, a :class:`Lookahead` whose images are classified
+            in the same forward passes as DeepFool's own "fooled yet?" checks.
 
     Returns:
         ``(r, success)``: ``r`` has ``x``'s shape and includes the overshoot (it is *not*
@@ -117,6 +121,8 @@ def deepfool(
         raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENT_MODES))}, got {gradients!r}")
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an integer ≥ 0, got {max_iter!r}")
+    if lookahead is not None and x.shape[0] != 1:
+        raise ValueError(f"a lookahead needs a one-image call, got {x.shape[0]} images")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     autocast = torch.bfloat16 if precision == "bf16" else None
@@ -143,6 +149,10 @@ def deepfool(
                 gradients = _auto_gradients(device, xa.shape[0])
             if step == 0 and logits is not None:
                 z = logits  # the caller's pass at x classifies step 0
+            elif step > 0 and lookahead is not None:  # the caller's images ride along in this pass
+                extra = lookahead.images(((1.0 + overshoot) * total).to(x.device))  # r as returned
+                xa, z = layout.logits(model, torch.cat([xa, extra.to(device)]))
+                xa, z, lookahead.logits = xa[:1], z[:1], z[1:]
             else:  # a gradient-free pass classifies; the rows still unfooled then get their gradients
                 xa, z = layout.logits(model, xa)
             if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
@@ -172,6 +182,24 @@ def deepfool(
             active = active[keep]
             total[active] += r_i
     return ((1.0 + overshoot) * total).to(x.device), success.to(x.device)
+
+
+class Lookahead:
+    """Images that a one-image DeepFool call classifies alongside its own checks.
+
+    Algorithm 1 is sequential: once DeepFool returns ``r`` for ``x_i`` and ``v`` becomes
+    ``v' = P(v + r)``, the next images must be checked at ``v'`` before the next DeepFool
+    call. That check and DeepFool's own last check (is ``clip(x_i + r)`` fooled?) are two
+    small forward passes, dominated by per-pass overhead on a CPU. With a lookahead, every
+    check after step 0 also classifies ``images(r)`` for the current ``r`` (exactly the
+    tensor :func:`deepfool` would return at that point), so when DeepFool stops, ``logits``
+    holds the logits of ``images(r)`` for the ``r`` it returned: for Algorithm 1, the next
+    images at ``v'``, without a pass of their own (BENCHMARKS.md).
+    """
+
+    def __init__(self, images: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.images = images
+        self.logits: torch.Tensor | None = None  # from the last check; None until a step > 0 ran
 
 
 #: On the CPU, batches of at most this many rows use ``"replicated"`` gradients, larger ones ``"loop"``.

@@ -18,9 +18,11 @@ without touching the driver. Two methods live here:
 - ``"deepfool"`` — Algorithm 1 exactly: same visiting order for a seed, same accept rule
   (update only when k̂(x_i+v) = k̂(x_i) and DeepFool converged), one image at a time. It is
   fast because the "is x_i still unfooled?" test is done for a *chunk* of upcoming images
-  in one forward pass, and re-done only after ``v`` changes. The chunk size adapts: it
-  doubles while no update happens (late passes, most images already fooled) and shrinks to
-  about twice the distance to the last update otherwise.
+  in one forward pass, and re-done only after ``v`` changes; that re-check rides along in
+  DeepFool's own last "is x_i + r fooled?" pass (:class:`uap.deepfool.Lookahead`), so it costs
+  no pass of its own, and the chunk's logits also serve as DeepFool's step 0. The chunk size
+  adapts: it doubles while no update happens (late passes, most images already fooled) and
+  shrinks to about twice the distance to the last update otherwise.
 - ``"deepfool-batched"`` — for each minibatch of the visiting order, DeepFool runs on every
   image not yet fooled *at the current v*, in one batched call, and the converged updates
   are folded in one after another with a projection after each
@@ -43,7 +45,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from uap.deepfool import deepfool
+from uap.deepfool import Lookahead, deepfool
 from uap.layout import BatchLayout
 from uap.metrics import (
     DEFAULT_BATCH_SIZE,
@@ -195,25 +197,38 @@ def _pass_algorithm1(ctx: CraftContext) -> None:
     chunk = int(ctx.options.get("chunk_size", 16))
     max_chunk = int(ctx.options.get("max_chunk_size", 512))
     pos = 0
+    carried = None  # logits of the next chunk at the current v, computed by DeepFool's lookahead
     while pos < n:
         idx = order[pos:pos + chunk]
-        z = ctx.logits(idx)  # valid for the whole chunk until v changes
+        z = ctx.logits(idx) if carried is None else carried  # valid for the whole chunk until v changes
+        carried = None
         fooled = ctx.is_fooled(idx, z)
-        advanced = idx.numel()
+        advanced, next_chunk = idx.numel(), min(chunk * 2, max_chunk)  # no update: the chunk grows
         for j in torch.nonzero(~fooled).flatten().tolist():
             i = idx[j:j + 1]
-            r, ok = deepfool(ctx.model, ctx.perturbed(i), logits=z[j:j + 1], **ctx.deepfool_options)
+            # If this update is accepted, the next chunk is checked at v' = P(v + r): let DeepFool
+            # classify it in the pass where it checks x_i + r (the same r, so the same v').
+            after = order[pos + j + 1:pos + j + 1 + _chunk_after_update(j + 1)]
+            look = Lookahead(lambda r, after=after: (ctx.x[after] + ctx.project(ctx.v + r[0])).clamp_(0.0, 1.0))
+            r, ok = deepfool(ctx.model, ctx.perturbed(i), logits=z[j:j + 1], lookahead=look, **ctx.deepfool_options)
             ctx.deepfool_calls += 1
             if bool(ok[0]):  # accept rule: DeepFool converged
                 ctx.v = ctx.project(ctx.v + r[0])
                 ctx.updates += 1
                 advanced = j + 1  # v changed: the rest of the chunk must be re-checked
+                next_chunk, carried = after.numel(), look.logits  # … and DeepFool already did: `after`
                 break
         ctx.visited += advanced
         ctx.fooled_seen += int(fooled[:advanced].sum())
         pos += advanced
-        chunk = min(chunk * 2, max_chunk) if advanced == idx.numel() else max(4, 2 * advanced)
+        chunk = max(next_chunk, 1)
         ctx.progress()
+
+
+def _chunk_after_update(advanced: int) -> int:
+    """Images to check after an update ``advanced`` images into a chunk: about twice the
+    distance between the last two updates, at least 4 (most of them are usually unfooled)."""
+    return max(4, 2 * advanced)
 
 
 @register_method("deepfool-batched")
