@@ -209,11 +209,17 @@ def _pass_algorithm1(ctx: CraftContext) -> None:
             # If this update is accepted, the next chunk is checked at v' = P(v + r): let DeepFool
             # classify it in the pass where it checks x_i + r (the same r, so the same v').
             after = order[pos + j + 1:pos + j + 1 + _chunk_after_update(j + 1)]
-            look = Lookahead(lambda r, after=after: (ctx.x[after] + ctx.project(ctx.v + r[0])).clamp_(0.0, 1.0))
+            moved: dict[str, torch.Tensor] = {}  # v' = P(v + r) for the r of DeepFool's latest check
+
+            def next_images(r: torch.Tensor, after: torch.Tensor = after, moved: dict = moved) -> torch.Tensor:
+                moved["v"] = ctx.project(ctx.v + r[0])
+                return (ctx.x[after] + moved["v"]).clamp_(0.0, 1.0)
+
+            look = Lookahead(next_images)
             r, ok = deepfool(ctx.model, ctx.perturbed(i), logits=z[j:j + 1], lookahead=look, **ctx.deepfool_options)
             ctx.deepfool_calls += 1
-            if bool(ok[0]):  # accept rule: DeepFool converged
-                ctx.v = ctx.project(ctx.v + r[0])
+            if bool(ok[0]):  # accept rule: DeepFool converged (which takes a check after step 0)
+                ctx.v = moved["v"]  # P(v + r) for the very r returned: the v' the carried logits saw
                 ctx.updates += 1
                 advanced = j + 1  # v changed: the rest of the chunk must be re-checked
                 next_chunk, carried = after.numel(), look.logits  # … and DeepFool already did: `after`
