@@ -37,6 +37,8 @@ What differs from ART and Foolbox is the cost, not the maths:
   caller's logits (``logits=``), e.g. those of a crafting pass's "still unfooled?" check.
 - ``precision="bf16"`` computes only the gradients under bfloat16 autocast; ``f_k`` and
   every decision come from the fp32 classification pass.
+- a one-image call can classify the caller's next images in its own checks
+  (:class:`Lookahead`): Algorithm 1's re-check after an update then costs no pass.
 """
 from __future__ import annotations
 
