@@ -196,8 +196,10 @@ def craft_cmd(
     if max_passes < 1:
         raise _UsageError(f"--max-passes must be ≥ 1, got {max_passes}")
     get_method(method)  # unknown method: fail before loading anything
-    if precision not in ("fp32", "bf16"):
-        raise _UsageError(f"--precision must be fp32 or bf16, got {precision!r}")
+    from uap.deepfool import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise _UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "fp32" and (method not in ("deepfool", "deepfool-batched") or target_class is not None):
         raise _UsageError(f"--precision {precision} applies to untargeted DeepFool's gradients: use it with --method "
                           f"deepfool or deepfool-batched and no --target")

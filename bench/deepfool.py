@@ -14,6 +14,7 @@ bfloat16 autocast, decisions in fp32).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     x, _ = load_images(args, "test", args.n_images)
     run_uap(model, x[:8], args.norm, args.batch_size)  # untimed: PyTorch's one-time kernel setup
     run_uap(model, x[:8], args.norm, args.batch_size, "bf16")
-    bf16 = lambda *a: run_uap(*a, precision="bf16")  # noqa: E731
     results = {}
+    bf16 = functools.partial(run_uap, precision="bf16")
     for name, fn in [("uap.deepfool", run_uap), ("uap.deepfool bf16", bf16), ("Foolbox DeepFool", run_foolbox)]:
         with timer() as t:
             r, ok = fn(model, x, args.norm, args.batch_size)
