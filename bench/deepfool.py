@@ -10,7 +10,8 @@ its own forward+backward (``candidates − 1`` forward and backward passes per s
 ``uap.deepfool`` shares one forward pass between all candidates (on the CPU one backward per
 candidate over that graph, on CUDA one vmapped backward) and drops rows as soon as they are
 fooled. ``uap.deepfool bf16`` is the same call with ``precision="bf16"`` (gradients under
-bfloat16 autocast, decisions in fp32).
+bfloat16 autocast, decisions in fp32); ``uap.deepfool, BN folded`` runs the fp32 call on
+``uap.fold_batchnorm(model)`` (what ``uap.craft`` attacks), the same function up to rounding.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import math
 import torch
 
 from bench.common import base_parser, load_images, parse_norm, print_table, setup, timer, write_results
-from uap import deepfool
+from uap import deepfool, fold_batchnorm
 
 STEPS, CANDIDATES, OVERSHOOT = 50, 10, 0.02
 
@@ -61,11 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     x, _ = load_images(args, "test", args.n_images)
     run_uap(model, x[:8], args.norm, args.batch_size)  # untimed: PyTorch's one-time kernel setup
     run_uap(model, x[:8], args.norm, args.batch_size, "bf16")
+    folded = fold_batchnorm(model, x[:8])
+    run_uap(folded, x[:8], args.norm, args.batch_size)
     results = {}
     bf16 = functools.partial(run_uap, precision="bf16")
-    for name, fn in [("uap.deepfool", run_uap), ("uap.deepfool bf16", bf16), ("Foolbox DeepFool", run_foolbox)]:
+    contenders = [("uap.deepfool", model, run_uap), ("uap.deepfool bf16", model, bf16),
+                  ("uap.deepfool, BN folded", folded, run_uap), ("Foolbox DeepFool", model, run_foolbox)]
+    for name, target, fn in contenders:
         with timer() as t:
-            r, ok = fn(model, x, args.norm, args.batch_size)
+            r, ok = fn(target, x, args.norm, args.batch_size)
         norms = r.flatten(1).norm(dim=1)[ok]
         results[name] = {
             "seconds": t["seconds"], "images_per_s": len(x) / t["seconds"], "success_rate": ok.float().mean().item(),

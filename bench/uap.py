@@ -11,8 +11,11 @@ Contenders:
 
 - ``uap deepfool`` — ``uap.craft(method="deepfool")``: Algorithm 1 exactly;
 - ``uap deepfool-batched`` — ``uap.craft(method="deepfool-batched")``;
-- ``uap deepfool-batched bf16`` — the same with ``deepfool_options={"precision": "bf16"}``
-  (DeepFool's gradients under bfloat16 autocast; every fooled/not-fooled decision in fp32);
+- ``… bf16`` — the same with ``deepfool_options={"precision": "bf16"}`` (DeepFool's
+  gradients under bfloat16 autocast; every fooled/not-fooled decision in fp32);
+- ``… unfolded`` — the same with ``method_options={"fold_batchnorm": False}``: the passes run
+  the model as it is instead of its batch-norm-folded copy (``uap.fold_batchnorm``), which
+  shows what the folding is worth in this very run;
 - ``ART`` — ``art.attacks.evasion.UniversalPerturbation(attacker="deepfool")`` on a
   ``PyTorchClassifier`` with ``clip_values=(0, 1)``, ``y=None`` (fooling vs clean predictions),
   DeepFool with the same steps/candidates/overshoot;
@@ -21,6 +24,7 @@ Contenders:
 """
 from __future__ import annotations
 
+import functools
 import math
 import random
 from typing import Any
@@ -34,10 +38,11 @@ from uap import craft, fooling_rate, lp_norm, project_lp, visiting_order
 STEPS, CANDIDATES, OVERSHOOT = 50, 10, 0.02
 
 
-def run_uap(model, x, args, method: str, precision: str = "fp32") -> dict[str, Any]:
+def run_uap(model, x, args, method: str, precision: str = "fp32", fold: bool = True) -> dict[str, Any]:
     with timer() as t:
         pert = craft(model, x, eps=args.eps, norm=args.norm, delta=args.delta, max_passes=args.max_passes,
-                     method=method, seed=args.seed, deepfool_options={"precision": precision})
+                     method=method, seed=args.seed, deepfool_options={"precision": precision},
+                     method_options={"fold_batchnorm": fold})
     return {"seconds": t["seconds"], "passes": pert.passes, "fooling_rate": pert.fooling_rate, "v": pert.v}
 
 
@@ -109,18 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--norm", type=parse_norm, default=math.inf)
     ap.add_argument("--delta", type=float, default=0.2)
     ap.add_argument("--max-passes", type=int, default=1)
-    ap.add_argument("--skip", default="", help="comma-separated contenders to skip: art,foolbox,batched,bf16")
+    ap.add_argument("--skip", default="", help="comma-separated contenders to skip: art,foolbox,batched,bf16,unfolded")
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     model = setup(args)
     x, _ = load_images(args, "train", args.n_images)
     hx, _ = load_images(args, "test", args.n_heldout)
 
-    contenders = [("uap deepfool", lambda: run_uap(model, x, args, "deepfool"))]
-    if "batched" not in skip:
-        contenders.append(("uap deepfool-batched", lambda: run_uap(model, x, args, "deepfool-batched")))
+    methods = ["deepfool"] + ([] if "batched" in skip else ["deepfool-batched"])
+    contenders = [(f"uap {m}", functools.partial(run_uap, model, x, args, m)) for m in methods]
     if "bf16" not in skip:
-        contenders.append(("uap deepfool-batched bf16", lambda: run_uap(model, x, args, "deepfool-batched", "bf16")))
+        contenders += [(f"uap {m} bf16", functools.partial(run_uap, model, x, args, m, "bf16")) for m in methods]
+    if "unfolded" not in skip:
+        contenders += [(f"uap {m} unfolded", functools.partial(run_uap, model, x, args, m, fold=False)) for m in methods]
     if "foolbox" not in skip:
         contenders.append(("Foolbox loop", lambda: run_foolbox_loop(model, x, args)))
     if "art" not in skip:
@@ -128,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # PyTorch sets up its CPU kernels (oneDNN primitives) on first use of each shape: pay that
     # once, untimed, so that it is not billed to whichever contender happens to run first.
-    craft(model, x[:10], eps=args.eps, norm=args.norm, max_passes=1, method="deepfool", seed=args.seed)
+    for fold in (True, False):
+        craft(model, x[:10], eps=args.eps, norm=args.norm, max_passes=1, method="deepfool", seed=args.seed,
+              method_options={"fold_batchnorm": fold})
 
     results: dict[str, dict[str, Any]] = {}
     for name, run in contenders:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.tiny_models import tiny_mlp
-from uap.metrics import CleanPredictions, accuracy, clean_predictions, dominant_label, fooling_rate, predict
+from uap.metrics import CleanPredictions, accuracy, clean_predictions, dominant_label, eval_mode, fooling_rate, predict
 
 
 def _images(n=50, seed=0):
@@ -110,3 +110,38 @@ def test_model_mode_is_restored():
     model.train()
     predict(model, x)
     assert model.training
+
+
+def test_eval_mode_gives_every_submodule_back_its_own_mode():
+    """A training model around a frozen (eval-mode) part gets exactly that back, and a
+    dropout model is deterministic inside the block."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.5)))
+    model.train()
+    model[2].eval()  # e.g. a frozen encoder inside a model being fine-tuned
+    before = [m.training for m in model.modules()]
+    x = torch.rand(8, 4)
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(model(x), model(x))
+    assert [m.training for m in model.modules()] == before == [True, True, True, False, False, False]
+
+
+def test_eval_mode_leaves_a_model_in_eval_mode_alone():
+    """Attacks enter the block once per DeepFool call: an eval-mode model is not walked again."""
+    calls = []
+
+    class Recording(nn.Linear):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = nn.Sequential(Recording(4, 2)).eval()
+    calls.clear()
+    with eval_mode(model):
+        pass
+    assert calls == []
+    model.train()
+    calls.clear()
+    with eval_mode(model):
+        assert calls == [False]
+    assert calls == [False, True] and model.training and model[0].training

@@ -5,6 +5,7 @@ The public API is re-exported here; see README.md for a tour.
 - :func:`craft` — Algorithm 1 of Moosavi-Dezfooli et al. (CVPR 2017) and its variants
   (methods are pluggable: :func:`register_method`);
 - :func:`deepfool` — batched multi-class DeepFool (ℓ2, ℓ∞);
+- :func:`fold_batchnorm` — a batch-norm-folded copy of a model, the same function, faster to attack;
 - :func:`project_lp` — exact Euclidean projection onto ℓ1 / ℓ2 / ℓ∞ balls;
 - :func:`fooling_rate`, :func:`accuracy`, :func:`clean_predictions` … — metrics;
 - :class:`Perturbation` — the artefact (safetensors + JSON).
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 from uap import data  # noqa: E402
 from uap.deepfool import deepfool  # noqa: E402
+from uap.fold import fold_batchnorm  # noqa: E402
 from uap.metrics import (  # noqa: E402
     CleanPredictions,
     accuracy,
@@ -39,6 +41,7 @@ __all__ = [
     # crafting
     "craft",
     "deepfool",
+    "fold_batchnorm",
     "project_lp",
     "lp_norm",
     "register_method",

@@ -56,17 +56,26 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore its previous mode afterwards.
+    """Put ``model`` in eval mode for the block, then give every submodule back its own mode.
 
     Attacks must see a deterministic, batch-independent classifier (batch-norm statistics,
-    dropout), whatever mode the caller left the model in.
+    dropout), whatever mode the caller left the model in. The modes are restored module by
+    module, so a model that is training around a frozen (eval-mode) part gets exactly that
+    back, not ``model.train()`` applied to everything. A model already in eval mode
+    throughout is left untouched: attacks enter this block once per DeepFool call, and
+    ``model.eval()`` walks (and re-assigns) every module each time.
     """
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # modules() yields the model itself first
+    if not any(training for _, training in modes):
+        yield model
+        return
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        model.train(modes[0][1])  # what earlier versions did (and what a custom train() may rely on) …
+        for m, training in modes:  # … then each submodule's own flag, e.g. a frozen part stays in eval
+            m.training = training
 
 
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:

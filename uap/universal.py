@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from uap.deepfool import Lookahead, deepfool
+from uap.fold import count_batchnorm, fold_batchnorm
 from uap.layout import BatchLayout
 from uap.metrics import (
     DEFAULT_BATCH_SIZE,
@@ -152,8 +153,23 @@ class CraftContext:
     fooled_seen: int = 0  # visited images already fooled when visited (live estimate)
     deepfool_calls: int = 0
     updates: int = 0
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)  # kept across the passes of one craft call
     _last_emit: float = field(default=0.0, repr=False)
     _layout: BatchLayout | None = field(default=None, repr=False)
+
+    @property
+    def classifier(self) -> nn.Module:
+        """The model as the DeepFool passes and :meth:`logits` run it: a copy with its batch norm
+        folded into the layers before it (:func:`uap.fold.fold_batchnorm`; the same function up
+        to float rounding, and 1.1× faster to attack), unless ``options["fold_batchnorm"]`` is
+        False. Made once per :func:`craft` call, on first use; methods that call ``model``
+        directly attack the model as it is."""
+        if "classifier" not in self.shared:
+            fold = self.options.get("fold_batchnorm", True)
+            if not isinstance(fold, bool):
+                raise ValueError(f"fold_batchnorm must be true or false, got {fold!r}")
+            self.shared["classifier"] = fold_batchnorm(self.model, self.x[:8]) if fold else self.model
+        return self.shared["classifier"]
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """``P_{p,ε}(v)``."""
@@ -167,7 +183,7 @@ class CraftContext:
         """The model's logits at ``clip(x[idx] + v, 0, 1)``, in one gradient-free forward pass."""
         if self._layout is None:
             self._layout = BatchLayout(self.x.device)
-        return self._layout.logits(self.model, self.perturbed(idx))[1]
+        return self._layout.logits(self.classifier, self.perturbed(idx))[1]
 
     def is_fooled(self, idx: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """``k̂(x_i + v) ≠ k̂(x_i)`` for each index (from ``logits`` at ``x[idx] + v`` if given)."""
@@ -216,7 +232,7 @@ def _pass_algorithm1(ctx: CraftContext) -> None:
                 return (ctx.x[after] + moved["v"]).clamp_(0.0, 1.0)
 
             look = Lookahead(next_images)
-            r, ok = deepfool(ctx.model, ctx.perturbed(i), logits=z[j:j + 1], lookahead=look, **ctx.deepfool_options)
+            r, ok = deepfool(ctx.classifier, ctx.perturbed(i), logits=z[j:j + 1], lookahead=look, **ctx.deepfool_options)
             ctx.deepfool_calls += 1
             if bool(ok[0]):  # accept rule: DeepFool converged (which takes a check after step 0)
                 ctx.v = moved["v"]  # P(v + r) for the very r returned: the v' the carried logits saw
@@ -248,7 +264,7 @@ def _pass_batched(ctx: CraftContext) -> None:
         fooled = ctx.is_fooled(idx, z)
         todo = idx[~fooled]
         if todo.numel():
-            r, ok = deepfool(ctx.model, ctx.perturbed(todo), logits=z[~fooled], **ctx.deepfool_options)
+            r, ok = deepfool(ctx.classifier, ctx.perturbed(todo), logits=z[~fooled], **ctx.deepfool_options)
             ctx.deepfool_calls += todo.numel()
             for dv in r[ok]:
                 ctx.v = ctx.project(ctx.v + dv)
@@ -378,6 +394,7 @@ def craft(
             rate = stop_rate(v)
         best_pass = int(resume.extra.get("best_pass", len(history))) if resume is not None else 0
         best_rate, best_v = rate, v
+        shared: dict[str, Any] = {}  # what the passes share, e.g. the batch-norm-folded classifier
         while rate <= 1 - delta and len(history) < max_passes:
             k = len(history) + 1
             t0 = time.perf_counter()
@@ -386,7 +403,7 @@ def craft(
                 order=visiting_order(x.shape[0], seed, k).to(device), pass_index=k, method=method,
                 generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + k + 7919),
                 deepfool_options=df_options, options=dict(method_options or {}), callback=callback,
-                target=target,
+                target=target, shared=shared,
             )
             pass_fn(ctx)
             ctx.progress(force=True)
@@ -421,6 +438,8 @@ def craft(
         "deepfool": {k: (norm_name(v_) if k == "norm" else v_) for k, v_ in df_options.items()},
         "method_options": dict(method_options or {}),
         "max_passes": max_passes,
+        **({"batchnorm_folded": count_batchnorm(model) - count_batchnorm(shared["classifier"])}
+           if "classifier" in shared else {}),  # BatchNorm layers the passes ran folded (uap.fold)
         **({"target": target} if target is not None else {}),
         **({"best_pass": best_pass} if keep_best else {}),
         "clean_heldout_accuracy": None if hy is None else accuracy(model, hx, hy, batch_size=batch_size),
