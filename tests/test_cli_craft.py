@@ -86,6 +86,18 @@ def test_bf16_precision_is_recorded_and_runs(tmp_path, data_root):
     assert Perturbation.load(out / "perturbation.safetensors").extra["deepfool"]["precision"] == "bf16"
 
 
+def test_batchnorm_folding_is_recorded_and_can_be_turned_off(tmp_path, data_root):
+    folded = []
+    for option in ([], ["--method-option", "fold_batchnorm=false"]):
+        out = tmp_path / f"run{len(folded)}"
+        result = CliRunner().invoke(app, ["craft", "--model", "tests.tiny_models:bn_net", *SMALL, "--eps", "8/255",
+                                          "--method", "deepfool-batched", *option, "--out", str(out),
+                                          "--data-root", str(data_root)])
+        assert result.exit_code == 0, result.output
+        folded.append(Perturbation.load(out / "perturbation.safetensors").extra["batchnorm_folded"])
+    assert folded == [5, 0]
+
+
 def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     from safetensors.torch import save_file
 
@@ -109,6 +121,7 @@ def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     (["--model", "no_such_module:factory"], "cannot import"), (["--mean", "0.5"], "--mean and --std"),
     (["--precision", "fp16"], "--precision"), (["--precision", "bf16", "--method", "sgd"], "--precision"),
     (["--precision", "bf16", "--target", "3"], "--precision"),
+    (["--method-option", "fold_batchnorm=maybe"], "fold_batchnorm"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(tmp_path / "o"), *args])

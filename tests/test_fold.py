@@ -10,52 +10,10 @@ import torch
 from torch import nn
 
 import uap.fold
+from tests.tiny_models import BNNet, randomise_batchnorm
 from uap import craft
 from uap.fold import count_batchnorm, fold_batchnorm
 
-
-
-def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine parameters."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
-
-
-class Block(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a conv-BN shortcut, as in a ResNet."""
-
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout)
-        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.short(x))
-
-
-class BNNet(nn.Module):
-    """Conv blocks with batch norm and a linear + BatchNorm1d head: 5 foldable BatchNorm layers."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = Block(8, 16)
-        self.fc, self.bn_fc, self.out = nn.Linear(16 * 8 * 8, 12), nn.BatchNorm1d(12), nn.Linear(12, 10)
-        _randomise_batchnorm(self)
-
-    def forward(self, x):
-        h = self.block(self.stem(x - 0.5)).flatten(1)
-        return self.out(torch.relu(self.bn_fc(self.fc(h))))
 
 
 def _images(n=16, seed=0):
@@ -96,7 +54,7 @@ class SharedOutput(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 10)
-        _randomise_batchnorm(self)
+        randomise_batchnorm(self)
 
     def forward(self, x):
         h = self.conv(x)
@@ -110,7 +68,7 @@ class SharedConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.bn1, self.bn2, self.head = nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Linear(3, 10)
-        _randomise_batchnorm(self)
+        randomise_batchnorm(self)
 
     def forward(self, x):
         return self.head(self.bn2(self.conv(self.bn1(self.conv(x)))).mean(dim=(2, 3)))

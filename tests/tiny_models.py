@@ -4,7 +4,9 @@
   the repository root);
 - :func:`trained_tiny_cnn` — the same network trained for a few seconds on 2 000 CIFAR-10
   images, cached per process so every test file shares one training run;
-- :class:`Affine` — ``f(x) = W·flatten(x) + b``, whose DeepFool answer has a closed form.
+- :class:`Affine` — ``f(x) = W·flatten(x) + b``, whose DeepFool answer has a closed form;
+- :class:`BNNet` (:func:`bn_net` for the CLI) — convolutions and a linear layer each followed by
+  batch norm with non-trivial statistics, for batch-norm folding.
 """
 from __future__ import annotations
 
@@ -106,3 +108,54 @@ def tiny_linear() -> nn.Module:
     one or two steps on it, so crafting is fast even on a busy machine)."""
     g = torch.Generator().manual_seed(0)
     return Affine(0.05 * torch.randn(10, 3 * 32 * 32, generator=g), 0.1 * torch.randn(10, generator=g))
+
+
+# --------------------------------------------------------------------------- batch norm
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a conv-BN shortcut, as in a ResNet."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.short(x))
+
+
+class BNNet(nn.Module):
+    """Conv blocks with batch norm and a linear + BatchNorm1d head: 5 foldable BatchNorm layers.
+    Takes ``size``×``size`` images."""
+
+    def __init__(self, size: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = Block(8, 16)
+        self.fc, self.bn_fc, self.out = nn.Linear(16 * size * size, 12), nn.BatchNorm1d(12), nn.Linear(12, 10)
+        randomise_batchnorm(self)
+
+    def forward(self, x):
+        h = self.block(self.stem(x - 0.5)).flatten(1)
+        return self.out(torch.relu(self.bn_fc(self.fc(h))))
+
+
+def bn_net() -> nn.Module:
+    """Factory for the CLI (``--model tests.tiny_models:bn_net``): :class:`BNNet` for 32×32 images, seeded."""
+    return BNNet(size=32)

@@ -31,6 +31,11 @@ without touching the driver. Two methods live here:
   the same minibatch), and an image that an earlier update of its minibatch already fooled
   still contributes its Δv. With ``batch_size=1`` it is Algorithm 1.
 
+Both run the model through :attr:`CraftContext.classifier`: a copy with its batch norm folded
+into the convolutions (:mod:`uap.fold`; the same function up to float rounding, checked
+before use), since DeepFool's ten backward passes per step each pay for every batch-norm
+layer. Fooling rates (the stop rule and the history) are measured on the model as given.
+
 Visiting order: pass ``k`` (1-based) visits ``visiting_order(N, seed, k)``, a permutation
 drawn from a generator seeded with ``(seed, k)`` only — so a resumed run and a reference
 loop see the same order.
