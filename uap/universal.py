@@ -166,7 +166,7 @@ class CraftContext:
     def classifier(self) -> nn.Module:
         """The model as the DeepFool passes and :meth:`logits` run it: a copy with its batch norm
         folded into the layers before it (:func:`uap.fold.fold_batchnorm`; the same function up
-        to float rounding, and 1.1× faster to attack), unless ``options["fold_batchnorm"]`` is
+        to float rounding, and up to 1.15× faster to attack), unless ``options["fold_batchnorm"]`` is
         False. Made once per :func:`craft` call, on first use; methods that call ``model``
         directly attack the model as it is."""
         if "classifier" not in self.shared:
