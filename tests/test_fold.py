@@ -98,7 +98,51 @@ class DataDependent(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("cls", [SharedOutput, SharedConv, NoRunningStats, DataDependent, nn.Flatten])
+class _Embedder(nn.Module):
+    def __init__(self, body, head):
+        super().__init__()
+        self.body, self.head = body, head
+
+    def forward(self, x):
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+class HeldAsAttribute(nn.Module):
+    """Like the zoo's CLIP head: ``encoder`` is a plain attribute over registered weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 10)
+        self.__dict__["encoder"] = _Embedder(self.body, self.head)
+        randomise_batchnorm(self)
+
+    def forward(self, x):
+        return self.encoder(x) * 2.0
+
+
+class Unregistered(nn.Module):
+    """A plain-attribute module whose weights are registered nowhere: cannot be traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.__dict__["body"] = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Linear(4, 10)
+        self.norm = nn.BatchNorm1d(10)  # something foldable-looking, so the trace is attempted
+
+    def forward(self, x):
+        return self.norm(self.head(self.body(x).mean(dim=(2, 3))))
+
+
+def test_modules_held_as_plain_attributes_are_traced_through():
+    model, x = HeldAsAttribute().eval(), _images()
+    folded = fold_batchnorm(model, x[:4])
+    assert folded is not model and count_batchnorm(folded) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [SharedOutput, SharedConv, NoRunningStats, DataDependent, Unregistered, nn.Flatten])
 def test_what_cannot_be_folded_safely_is_left_as_it_is(cls):
     model = (cls() if cls is not nn.Flatten else nn.Sequential(nn.Flatten(), nn.Linear(192, 10))).eval()
     x = _images(6)

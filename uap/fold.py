@@ -8,7 +8,8 @@ step, and on the zoo's ResNet batch norm's backward alone is 11 % of a step's ti
 With the folded copy ``deepfool-batched`` crafts 1.08–1.15× faster and Algorithm 1 about 1.05×
 (BENCHMARKS.md, section 1, change 5).
 
-The copy is found by tracing the model with ``torch.fx``; a layer pair is folded only when
+The copy is found by tracing the model with ``torch.fx`` (modules held as plain attributes
+are traced through); a layer pair is folded only when
 the BatchNorm's single input is the output of a convolution (or linear layer) used nowhere
 else, and each of the two modules is called exactly once. Anything else is left as it is:
 a model that ``torch.fx`` cannot trace (data-dependent control flow, say) is returned
@@ -77,7 +78,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
 def _fold(model: nn.Module) -> nn.Module | None:
     """The traced, folded copy, or None when there is nothing to fold or it cannot be made."""
     try:
-        gm = fx.symbolic_trace(copy.deepcopy(model))
+        root = copy.deepcopy(model)
+        gm = fx.GraphModule(root, _InliningTracer().trace(root))
     except Exception:  # untraceable or uncopyable models are attacked as they are
         return None
     gm.eval()
@@ -110,6 +112,20 @@ def _fold(model: nn.Module) -> nn.Module | None:
     for p in gm.parameters():
         p.requires_grad_(False)
     return gm
+
+
+class _InliningTracer(fx.Tracer):
+    """``torch.fx``'s tracer, except that a module held as a plain attribute (not registered as
+    a submodule, e.g. the zoo CLIP head's ``encoder``, which shares registered weights) is
+    traced through instead of failing; its own submodules must then be registered elsewhere
+    in the model, or tracing fails as usual."""
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 def _set_submodule(root: nn.Module, target: str, module: nn.Module) -> None:
