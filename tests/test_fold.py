@@ -187,3 +187,8 @@ def test_craft_attacks_the_folded_copy_and_records_it(monkeypatch):
     with pytest.raises(ValueError, match="fold_batchnorm"):
         craft(model, x, eps=0.3, max_passes=1, method_options={"fold_batchnorm": "yes"})
 
+
+@pytest.mark.parametrize("example", [torch.zeros(0, 3, 8, 8), None])
+def test_an_empty_or_missing_example_is_a_value_error(example):
+    with pytest.raises(ValueError, match="example"):
+        fold_batchnorm(BNNet().eval(), example)

@@ -59,6 +59,8 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
         ``model`` when nothing can be folded, the model cannot be traced or copied, or the
         copy does not agree with it.
     """
+    if not torch.is_tensor(example) or example.dim() == 0 or example.shape[0] == 0:
+        raise ValueError("example must be a non-empty batch of inputs (the folded copy is checked on it)")
     if count_batchnorm(model) == 0:
         return model
     with eval_mode(model):
