@@ -192,3 +192,10 @@ def test_craft_attacks_the_folded_copy_and_records_it(monkeypatch):
 def test_an_empty_or_missing_example_is_a_value_error(example):
     with pytest.raises(ValueError, match="example"):
         fold_batchnorm(BNNet().eval(), example)
+
+
+def test_targeted_algorithm1_attacks_the_folded_copy_too():
+    model, x = BNNet(), _images(24)
+    pert = craft(model, x, eps=0.1, norm=math.inf, max_passes=1, seed=0, target=3)
+    assert pert.method == "deepfool-targeted" and pert.extra["batchnorm_folded"] == 5
+    assert pert.history[0]["updates"] > 0

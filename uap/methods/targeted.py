@@ -180,7 +180,8 @@ def targeted_deepfool_pass(ctx: CraftContext) -> None:
     Options (``method_options``): ``target`` (required unless the driver passes one),
     ``batch_size`` (1 = Algorithm 1 exactly; > 1 = batched inner steps), ``chunk_size``.
     DeepFool's ``norm``, ``overshoot`` and ``max_iter`` come from ``deepfool_options``
-    (``candidates`` does not apply: the only candidate is the target).
+    (``candidates`` does not apply: the only candidate is the target). Like the untargeted
+    passes it runs ``ctx.classifier``, the batch-norm-folded copy of the model (:mod:`uap.fold`).
     """
     target = target_of(ctx)
     if target is None:
@@ -190,13 +191,13 @@ def targeted_deepfool_pass(ctx: CraftContext) -> None:
 
     @torch.no_grad()
     def margin_at(idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return target_margin(ctx.model((ctx.x[idx] + v).clamp(0.0, 1.0)), target)
+        return target_margin(ctx.classifier((ctx.x[idx] + v).clamp(0.0, 1.0)), target)
 
     def todo(idx: torch.Tensor) -> torch.Tensor:
         return margin_at(idx, ctx.v) <= 0
 
     def step(xp: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return targeted_deepfool(ctx.model, xp, target, **options)
+        return targeted_deepfool(ctx.classifier, xp, target, **options)
 
     def accept(i: torch.Tensor, candidate: torch.Tensor) -> bool:
         return bool(margin_at(i, candidate)[0] > margin_at(i, ctx.v)[0])
