@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 
 import torch
 from torch import fx, nn
@@ -85,10 +86,7 @@ def _fold(model: nn.Module) -> nn.Module | None:
     except Exception:  # untraceable or uncopyable models are attacked as they are
         return None
     gm.eval()
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     folded = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
