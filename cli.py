@@ -181,7 +181,8 @@ def craft_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from uap.perturbation import Perturbation, atomic_write
+    from uap.atomic import atomic_write
+    from uap.perturbation import Perturbation
     from uap.projection import norm_name
     from uap.targets import resolve_model
     from uap.universal import get_method

@@ -12,7 +12,8 @@ import torch
 
 from bench.common import base_parser, load_images, print_table, setup, timer, write_results
 from uap import fooling_rate
-from uap.metrics import DEFAULT_BATCH_SIZE, clean_predictions
+from uap.forward import DEFAULT_BATCH_SIZE
+from uap.metrics import clean_predictions
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from uap.atomic import atomic_write
+
 __all__ = ["ZOO_DIR", "register_builder", "available", "cards", "load", "load_card", "save_entry", "sha256_file"]
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
@@ -181,11 +183,7 @@ def save_entry(name: str, model: nn.Module, card: dict[str, Any], zoo_dir: str |
     d.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     weights = d / f"{name}.safetensors"
-    tmp = d / f".{name}.safetensors.tmp{os.getpid()}"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, weights)
+    atomic_write(weights, lambda tmp: save_file(tensors, str(tmp)))
     card = {**card, "name": name, "sha256": sha256_file(weights), "size_bytes": weights.stat().st_size}
-    tmp = d / f".{name}.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, d / f"{name}.json")
+    atomic_write(d / f"{name}.json", json.dumps(card, indent=2) + "\n")
     return card

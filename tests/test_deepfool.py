@@ -16,7 +16,7 @@ from uap.deepfool import (
     _replicated_grads,
     deepfool,
 )
-from uap.layout import BatchLayout
+from uap.forward import BatchLayout
 
 OVERSHOOT = 0.02
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from tests.tiny_models import tiny_mlp
-from uap.metrics import CleanPredictions, accuracy, clean_predictions, dominant_label, eval_mode, fooling_rate, predict
+from uap.forward import eval_mode
+from uap.metrics import CleanPredictions, accuracy, clean_predictions, dominant_label, fooling_rate, predict
 
 
 def _images(n=50, seed=0):

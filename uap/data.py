@@ -23,6 +23,7 @@ deterministic for a seed; splits never share an image.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import zlib
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from uap.atomic import atomic_write
 
 __all__ = ["DataNotFoundError", "Split", "load", "load_split", "cache_dir", "CIFAR10_CLASSES"]
 
@@ -292,13 +295,15 @@ def _decode_all(paths: list[Path]) -> np.ndarray:
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, _npz_bytes(arrays))
     except OSError:
         pass  # a read-only cache dir only costs speed
+
+
+def _npz_bytes(arrays: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def _load_imagefolder(path: Path, split: str):

@@ -48,8 +48,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from uap.layout import BatchLayout
-from uap.metrics import check_images, eval_mode, model_device
+from uap.forward import BatchLayout
+from uap.forward import check_images, eval_mode, model_device
 from uap.projection import check_norm
 
 __all__ = ["deepfool", "Lookahead", "GRADIENT_MODES", "PRECISIONS"]

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uap.metrics import clean_predictions, eval_mode, logits_of, model_device
+from uap.forward import eval_mode, logits_of, model_device
+from uap.metrics import clean_predictions
 from uap.report import Report
 
 __all__ = ["evaluate", "as_named_perturbations", "as_named_models", "clean_outputs", "perturbed_outputs", "Outputs", "ProgressFn"]

@@ -28,8 +28,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from uap.layout import logits_of
-from uap.metrics import eval_mode
+from uap.forward import eval_mode, logits_of
 
 __all__ = ["fold_batchnorm", "count_batchnorm"]
 

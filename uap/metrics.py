@@ -21,91 +21,22 @@ moves batches to the model's device, and checks that the model returns ``N×C`` 
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from uap.layout import BatchLayout, logits_of
+from uap.forward import DEFAULT_BATCH_SIZE, BatchLayout, batches, check_images, check_perturbation, eval_mode, model_device
 
 __all__ = [
     "CleanPredictions",
     "clean_predictions",
     "predict",
-    "logits_of",
     "fooling_rate",
     "accuracy",
     "dominant_label",
-    "model_device",
-    "eval_mode",
 ]
-
-DEFAULT_BATCH_SIZE = 256
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then give every submodule back its own mode.
-
-    Attacks must see a deterministic, batch-independent classifier (batch-norm statistics,
-    dropout), whatever mode the caller left the model in. The modes are restored module by
-    module, so a model that is training around a frozen (eval-mode) part gets exactly that
-    back, not ``model.train()`` applied to everything. A model already in eval mode
-    throughout is left untouched: attacks enter this block once per DeepFool call, and
-    ``model.eval()`` walks (and re-assigns) every module each time.
-    """
-    modes = [(m, m.training) for m in model.modules()]  # modules() yields the model itself first
-    if not any(training for _, training in modes):
-        yield model
-        return
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(modes[0][1])  # what earlier versions did (and what a custom train() may rely on) …
-        for m, training in modes:  # … then each submodule's own flag, e.g. a frozen part stays in eval
-            m.training = training
-
-
-def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """Validate an image batch: a non-empty floating ``N×C×H×W`` tensor."""
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor of images in [0, 1]")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape N×C×H×W, got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: need at least one image")
-    return x
-
-
-def check_perturbation(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Validate that ``v`` (C×H×W, or 1×C×H×W) fits the images ``x`` (N×C×H×W)."""
-    if not torch.is_tensor(v) or not v.is_floating_point():
-        raise ValueError("the perturbation must be a floating-point tensor")
-    if v.dim() == 4 and v.shape[0] == 1:
-        v = v[0]
-    if tuple(v.shape) != tuple(x.shape[1:]):
-        raise ValueError(f"perturbation shape {tuple(v.shape)} does not match image shape {tuple(x.shape[1:])}")
-    return v
-
-
-def _batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    for start in range(0, x.shape[0], batch_size):
-        yield x[start:start + batch_size]
-
 
 @torch.no_grad()
 def predict(
@@ -123,7 +54,7 @@ def predict(
     out = []
     layout = BatchLayout(device)
     with eval_mode(model):
-        for xb in _batches(x, batch_size):
+        for xb in batches(x, batch_size):
             xb = xb.to(device)
             if v is not None:
                 xb = (xb + v).clamp_(0.0, 1.0)

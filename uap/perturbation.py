@@ -19,36 +19,19 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from uap.atomic import atomic_write
 from uap.projection import check_norm, lp_norm, norm_name
 
-__all__ = ["Perturbation", "atomic_write"]
+__all__ = ["Perturbation"]
 
 _TENSOR_KEY = "v"
 _HEADER_KEY = "uap"
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    A crash leaves either the old file or the new one, never a truncated file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from uap.atomic import atomic_write
 from uap.report import Report
 
 __all__ = ["plot_heatmap", "heatmap_figure", "plot_perturbations", "plot_examples", "write_figures", "amplify", "save_figure"]
@@ -32,13 +33,8 @@ __all__ = ["plot_heatmap", "heatmap_figure", "plot_perturbations", "plot_example
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
     """Render ``fig`` with Agg and write it atomically as PNG; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
 
 
 def _hwc(img: torch.Tensor) -> np.ndarray:

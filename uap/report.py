@@ -29,20 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Report", "atomic_write_text", "METRICS"]
+from uap.atomic import atomic_write
+
+__all__ = ["Report", "METRICS"]
 
 #: P×M float matrices held by a :class:`Report`, in the order they appear in tables and files.
 METRICS = ("fooling_rate", "accuracy", "dominant_share", "embedding_cosine")
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``, so a crash
-    never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _as_matrix(value: Any, shape: tuple[int, int], name: str, dtype=np.float64) -> np.ndarray:
@@ -210,7 +202,7 @@ class Report:
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write ``results.json``-style JSON atomically; returns the path."""
-        atomic_write_text(path, self.to_json() + "\n")
+        atomic_write(path, self.to_json() + "\n")
         return Path(path)
 
     @classmethod
@@ -245,7 +237,7 @@ class Report:
         return buf.getvalue()
 
     def save_csv(self, path: str | os.PathLike) -> Path:
-        atomic_write_text(path, self.to_csv())
+        atomic_write(path, self.to_csv())
         return Path(path)
 
     @classmethod

@@ -40,7 +40,8 @@ from uap.baseline import random_perturbation
 from uap.evaluate import as_named_models, evaluate
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
-from uap.report import Report, atomic_write_text
+from uap.atomic import atomic_write
+from uap.report import Report
 
 __all__ = ["transfer_matrix", "Transfer", "RANDOM_ROW", "model_fingerprint", "tensor_fingerprint"]
 
@@ -152,7 +153,7 @@ def _save(pert: Perturbation, stem: Path, settings: dict[str, Any]) -> None:
     settings_path.unlink(missing_ok=True)  # invalidate first: a crash mid-save must not look complete
     stem.parent.mkdir(parents=True, exist_ok=True)
     pert.save(stem)
-    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    atomic_write(settings_path, json.dumps(settings, indent=2) + "\n")
 
 
 def transfer_matrix(

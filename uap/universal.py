@@ -52,17 +52,8 @@ from torch import nn
 
 from uap.deepfool import Lookahead, deepfool
 from uap.fold import count_batchnorm, fold_batchnorm
-from uap.layout import BatchLayout
-from uap.metrics import (
-    DEFAULT_BATCH_SIZE,
-    accuracy,
-    check_images,
-    check_perturbation,
-    clean_predictions,
-    eval_mode,
-    fooling_rate,
-    model_device,
-)
+from uap.forward import DEFAULT_BATCH_SIZE, BatchLayout, check_images, check_perturbation, eval_mode, model_device
+from uap.metrics import accuracy, clean_predictions, fooling_rate
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name, project_lp
 

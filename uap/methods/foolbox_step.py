@@ -26,7 +26,7 @@ import torch
 
 from uap.methods.algorithm1 import algorithm1_pass
 from uap.methods.targeted import target_of
-from uap.metrics import model_device
+from uap.forward import model_device
 from uap.universal import CraftContext, register_method
 
 __all__ = ["foolbox_attack", "FoolboxStep", "foolbox_pass"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from uap.methods.ascent import projected_ascent_pass, step_length
 from uap.methods.targeted import target_of
-from uap.metrics import logits_of
+from uap.forward import logits_of
 from uap.universal import CraftContext, register_method
 
 __all__ = ["sgd_uap_pass", "clamped_cross_entropy", "SGD_DEFAULTS"]

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from uap.methods.algorithm1 import algorithm1_pass
-from uap.metrics import DEFAULT_BATCH_SIZE, check_images, eval_mode, logits_of, model_device, predict
+from uap.forward import DEFAULT_BATCH_SIZE, check_images, eval_mode, logits_of, model_device
+from uap.metrics import predict
 from uap.projection import check_norm
 from uap.universal import CraftContext, register_method
 
