@@ -13,7 +13,7 @@ Contenders:
 - ``uap deepfool-batched`` — ``uap.craft(method="deepfool-batched")``;
 - ``… bf16`` — the same with ``deepfool_options={"precision": "bf16"}`` (DeepFool's
   gradients under bfloat16 autocast; every fooled/not-fooled decision in fp32);
-- ``… unfolded`` — the same with ``method_options={"fold_batchnorm": False}``: the passes run
+- ``… unfolded`` — the same with ``fold_batchnorm=False``: the passes run
   the model as it is instead of its batch-norm-folded copy (``uap.fold_batchnorm``), which
   shows what the folding is worth in this very run;
 - ``ART`` — ``art.attacks.evasion.UniversalPerturbation(attacker="deepfool")`` on a
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from bench.common import base_parser, load_images, parse_eps, parse_norm, print_table, setup, timer, write_results
-from uap import craft, fooling_rate, lp_norm, project_lp, visiting_order
+from uap import craft, fooling_rate, lp_norm, project_lp
+from uap.universal import visiting_order
 from uap.metrics import DEFAULT_CACHE
 
 STEPS, CANDIDATES, OVERSHOOT = 50, 10, 0.02
@@ -44,7 +45,7 @@ def run_uap(model, x, args, method: str, precision: str = "fp32", fold: bool = T
     with timer() as t:
         pert = craft(model, x, eps=args.eps, norm=args.norm, delta=args.delta, max_passes=args.max_passes,
                      method=method, seed=args.seed, deepfool_options={"precision": precision},
-                     method_options={"fold_batchnorm": fold})
+                     fold_batchnorm=fold)
     return {"seconds": t["seconds"], "passes": pert.passes, "fooling_rate": pert.fooling_rate, "v": pert.v}
 
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     # once, untimed, so that it is not billed to whichever contender happens to run first.
     for fold in (True, False):
         craft(model, x[:10], eps=args.eps, norm=args.norm, max_passes=1, method="deepfool", seed=args.seed,
-              method_options={"fold_batchnorm": fold})
+              fold_batchnorm=fold)
     fooling_rate(model, x, torch.zeros_like(x[0]))  # … and for whole-X passes (clean predictions, Err(X_v))
 
     results: dict[str, dict[str, Any]] = {}

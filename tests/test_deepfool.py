@@ -10,7 +10,6 @@ from torch import nn
 from tests.tiny_models import Affine, trained_tiny_cnn
 from uap.deepfool import (
     REPLICATE_MAX_ROWS,
-    Lookahead,
     _auto_gradients,
     _candidate_grads,
     _replicated_grads,
@@ -19,6 +18,13 @@ from uap.deepfool import (
 from uap.forward import BatchLayout
 
 OVERSHOOT = 0.02
+
+
+class Lookahead:
+    """A lookahead as Algorithm 1 passes one: ``images(r)`` to classify, ``logits`` filled in."""
+
+    def __init__(self, images):
+        self.images, self.logits = images, None
 
 
 def _affine_problem(margins: list[float], n: int = 6, seed: int = 0):

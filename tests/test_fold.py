@@ -165,14 +165,14 @@ def test_a_copy_that_disagrees_is_discarded_with_a_warning(monkeypatch):
 def test_craft_attacks_the_folded_copy_and_records_it(monkeypatch):
     model, x = BNNet(), _images(24)
     seen = []
-    universal = sys.modules["uap.universal"]
-    real = universal.deepfool
+    loop = sys.modules["uap.methods.deepfool"]
+    real = loop.deepfool
 
     def recording(m, *a, **k):
         seen.append(m)
         return real(m, *a, **k)
 
-    monkeypatch.setattr(universal, "deepfool", recording)
+    monkeypatch.setattr(loop, "deepfool", recording)
     pert = craft(model, x, eps=0.05, norm=math.inf, max_passes=2, delta=0.01, seed=0)
     assert pert.passes == 2 and pert.history[0]["updates"] > 0
     assert seen and all(count_batchnorm(m) == 0 for m in seen)
@@ -181,11 +181,11 @@ def test_craft_attacks_the_folded_copy_and_records_it(monkeypatch):
     assert model.training  # craft's eval mode is undone as before
 
     seen.clear()
-    plain = craft(model, x, eps=0.05, norm=math.inf, max_passes=2, delta=0.01, seed=0, method_options={"fold_batchnorm": False})
+    plain = craft(model, x, eps=0.05, norm=math.inf, max_passes=2, delta=0.01, seed=0, fold_batchnorm=False)
     assert seen and all(m is model for m in seen)
     assert plain.extra["batchnorm_folded"] == 0
     with pytest.raises(ValueError, match="fold_batchnorm"):
-        craft(model, x, eps=0.3, max_passes=1, method_options={"fold_batchnorm": "yes"})
+        craft(model, x, eps=0.3, max_passes=1, fold_batchnorm="yes")
 
 
 @pytest.mark.parametrize("example", [torch.zeros(0, 3, 8, 8), None])
@@ -197,5 +197,5 @@ def test_an_empty_or_missing_example_is_a_value_error(example):
 def test_targeted_algorithm1_attacks_the_folded_copy_too():
     model, x = BNNet(), _images(24)
     pert = craft(model, x, eps=0.1, norm=math.inf, max_passes=1, seed=0, target=3)
-    assert pert.method == "deepfool-targeted" and pert.extra["batchnorm_folded"] == 5
+    assert pert.extra["target"] == 3 and pert.extra["batchnorm_folded"] == 5
     assert pert.history[0]["updates"] > 0

@@ -9,7 +9,7 @@ from torch import nn
 
 import uap
 import uap.methods  # noqa: F401  (registers the methods)
-from uap.methods import embedding_distance
+from uap.methods.feature import embedding_distance
 from tests.method_models import TinyEncoderModel, blobs
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import uap
-import uap.methods  # noqa: F401  (registers the methods)
-from uap.methods import foolbox_attack, targeted_success_rate
+from uap import targeted_success_rate
+from uap.methods.foolbox_step import foolbox_attack
 from tests.method_models import blobs, random_affine, trained_mlp
 
 
@@ -35,10 +35,10 @@ def test_targeted_foolbox_carlini_wagner_in_minibatches_moves_inputs_to_the_targ
     model = trained_mlp()
     x, _ = blobs(40, seed=1)
     target = 3
-    options = {"target": target, "batch_size": 40,
+    options = {"batch_size": 40,
                "attack_options": {"steps": 100, "binary_search_steps": 5, "stepsize": 0.05}}
     p = uap.craft(model, x, eps=2.0, norm=2, max_passes=2, delta=0.01,
-                  method="foolbox:L2CarliniWagnerAttack", method_options=options)
+                  method="foolbox:L2CarliniWagnerAttack", method_options=options, target=target)
     first = p.history[0]
     assert first["deepfool_calls"] == 36 and first["updates"] == 36  # the 36 images not predicted as 3
     assert uap.lp_norm(p.v, 2).item() == pytest.approx(2.0, rel=1e-5)

@@ -8,7 +8,8 @@ import torch
 
 import uap
 import uap.methods  # noqa: F401  (registers the methods)
-from uap.methods import ascent_direction, clamped_cross_entropy
+from uap.methods.ascent import ascent_direction
+from uap.methods.sgd import clamped_cross_entropy
 from tests.method_models import Linear2D, blobs, trained_mlp
 
 W = (2.0, -1.0)

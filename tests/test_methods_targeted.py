@@ -1,4 +1,5 @@
-"""Targeted UAPs: targeted DeepFool vs an explicit reference, success on a trained model."""
+"""Targeted UAPs: targeted DeepFool (``uap.deepfool(..., target=t)``) vs an explicit reference,
+success on a trained model."""
 from __future__ import annotations
 
 import math
@@ -7,11 +8,11 @@ import pytest
 import torch
 
 import uap
-import uap.methods  # noqa: F401  (registers the methods)
-from uap.methods import target_margin, targeted_deepfool, targeted_success_rate
+from uap import deepfool, targeted_success_rate
+from uap.targeting import target_margin
 from tests.method_models import blobs, random_affine, trained_mlp
 
-PAD = 1e-5  # the step pad of uap.deepfool / targeted_deepfool
+PAD = 1e-5  # the step pad of uap.deepfool
 
 
 def _reference_targeted_deepfool(model, x, target, overshoot=0.02, max_iter=50):
@@ -40,7 +41,7 @@ def test_targeted_deepfool_matches_an_explicit_reference_on_an_affine_model():
     model = random_affine(num_classes=5)
     x = 0.35 + 0.3 * torch.rand(12, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     for target in (0, 3):
-        r, ok = targeted_deepfool(model, x, target)
+        r, ok = deepfool(model, x, target=target)
         r_ref, ok_ref = _reference_targeted_deepfool(model, x, target)
         assert torch.equal(ok, ok_ref) and bool(ok.all())
         assert torch.allclose(r, r_ref, atol=1e-5), (r - r_ref).abs().max()
@@ -51,7 +52,7 @@ def test_targeted_deepfool_linf_step_and_already_on_target():
     model = random_affine(num_classes=3)
     x = 0.4 + 0.2 * torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     target = 1
-    r, ok = targeted_deepfool(model, x, target, norm="inf", overshoot=0.0)
+    r, ok = deepfool(model, x, target=target, norm="inf", overshoot=0.0)
     assert bool(ok.all())
     assert bool((model((x + r).clamp(0, 1)).argmax(1) == target).all())
     on_target = model(x).argmax(1) == target
@@ -77,14 +78,14 @@ def test_targeted_uap_moves_inputs_to_the_target(method, options):
     x, _ = blobs(100, seed=1)
     xh, _ = blobs(300, seed=2)
     target = 3
-    p = uap.craft(model, x, eps=0.2, method=method, max_passes=3, delta=0.05, method_options={"target": target, **options})
+    p = uap.craft(model, x, eps=0.2, method=method, max_passes=3, delta=0.05, target=target, method_options=options)
     base = targeted_success_rate(model, xh, None, target)
     success = targeted_success_rate(model, xh, p.v, target)
     assert p.v.abs().max().item() > 0.1
     assert p.v.abs().max().item() <= 0.2 + 1e-6
     assert base == pytest.approx(0.1, abs=0.02)
     assert success > 0.7, success
-    assert p.extra["method_options"]["target"] == target  # recorded in the artefact
+    assert p.extra["target"] == target  # recorded in the artefact
 
 
 def test_targeted_options_are_checked():
@@ -93,10 +94,10 @@ def test_targeted_options_are_checked():
     with pytest.raises(ValueError, match="needs a target"):
         uap.craft(model, x, eps=0.1, method="deepfool-targeted")
     with pytest.raises(ValueError, match="out of range"):
-        uap.craft(model, x, eps=0.1, method="sgd", method_options={"target": 10})
+        uap.craft(model, x, eps=0.1, method="sgd", target=10)
     with pytest.raises(ValueError, match="integer"):
-        uap.craft(model, x, eps=0.1, method="sgd", method_options={"target": "cat"})
+        uap.craft(model, x, eps=0.1, method="sgd", target="cat")
     with pytest.raises(ValueError, match="norm 2 or inf"):
-        targeted_deepfool(model, x, 1, norm=1)
+        deepfool(model, x, target=1, norm=1)
     assert math.isclose(targeted_success_rate(model, x, torch.zeros(3, 8, 8), 0),
                         targeted_success_rate(model, x, None, 0))

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from tests.tiny_models import tiny_mlp
-from uap import Perturbation, craft, deepfool, project_lp, visiting_order
-from uap.universal import available_methods, get_method, register_method
+from uap import Perturbation, craft, deepfool, project_lp
+from uap.methods import available_methods, get_method, register_method
+from uap.universal import visiting_order
 
 DF = {"max_iter": 3}  # few DeepFool steps: some calls fail, which exercises the accept rule
 
@@ -60,7 +61,7 @@ def test_deepfool_method_matches_reference_loop(p, eps):
 
 
 def test_algorithm1_checks_the_next_images_inside_deepfool_after_an_update(monkeypatch):
-    from uap.universal import CraftContext
+    from uap.methods.base import CraftContext
 
     calls = []
     real = CraftContext.logits

@@ -1,39 +1,36 @@
 """uap — universal adversarial perturbations.
 
-The public API is re-exported here; see README.md for a tour.
+The public API; see README.md for a tour.
 
 - :func:`craft` — Algorithm 1 of Moosavi-Dezfooli et al. (CVPR 2017) and its variants
-  (methods are pluggable: :func:`register_method`);
-- :func:`deepfool` — batched multi-class DeepFool (ℓ2, ℓ∞);
+  (methods are pluggable: :func:`register_method`, :class:`Method`);
+- :func:`deepfool` — batched multi-class DeepFool (ℓ2, ℓ∞; untargeted and targeted);
 - :func:`fold_batchnorm` — a batch-norm-folded copy of a model, the same function, faster to attack;
 - :func:`project_lp` — exact Euclidean projection onto ℓ1 / ℓ2 / ℓ∞ balls;
-- :func:`fooling_rate`, :func:`accuracy`, :func:`clean_predictions` … — metrics;
-- :class:`Perturbation` — the artefact (safetensors + JSON).
+- :func:`fooling_rate`, :func:`accuracy`, :func:`targeted_success_rate` … — metrics;
+- :func:`evaluate`, :func:`transfer_matrix` — every perturbation on every model;
+- :class:`Perturbation` and :class:`Report` — the artefacts (safetensors + JSON).
+
+Internals stay reachable by their module path (``uap.methods``, ``uap.metrics.CleanPredictions``,
+``uap.universal.visiting_order`` …).
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from uap import data  # noqa: E402
-from uap.deepfool import deepfool  # noqa: E402
-from uap.fold import fold_batchnorm  # noqa: E402
-from uap.metrics import (  # noqa: E402
-    CleanPredictions,
-    accuracy,
-    clean_predictions,
-    dominant_label,
-    fooling_rate,
-    predict,
-)
-from uap.perturbation import Perturbation  # noqa: E402
-from uap.projection import lp_norm, project_lp  # noqa: E402
-from uap.universal import available_methods, craft, register_method, visiting_order  # noqa: E402
-from uap import methods  # noqa: E402,F401  (registers sgd, feature, deepfool-targeted, foolbox:…)
-from uap.methods import targeted_success_rate  # noqa: E402
-from uap.evaluate import evaluate  # noqa: E402
-from uap.report import Report  # noqa: E402
-from uap.transfer import Transfer, transfer_matrix  # noqa: E402
-from uap.baseline import random_perturbation  # noqa: E402
+from uap import data
+from uap.baseline import random_perturbation
+from uap.deepfool import deepfool
+from uap.evaluate import evaluate
+from uap.fold import fold_batchnorm
+from uap.methods import Method, available_methods, register_method
+from uap.metrics import accuracy, clean_predictions, dominant_label, fooling_rate, predict
+from uap.perturbation import Perturbation
+from uap.projection import lp_norm, project_lp
+from uap.report import Report
+from uap.targeting import targeted_success_rate
+from uap.transfer import Transfer, transfer_matrix
+from uap.universal import craft
 
 __all__ = [
     "__version__",
@@ -44,23 +41,20 @@ __all__ = [
     "fold_batchnorm",
     "project_lp",
     "lp_norm",
+    "Method",
     "register_method",
     "available_methods",
-    "visiting_order",
-    "methods",
-    "targeted_success_rate",
     # metrics
     "fooling_rate",
     "accuracy",
+    "targeted_success_rate",
     "predict",
     "clean_predictions",
-    "CleanPredictions",
     "dominant_label",
-    # artefacts
+    # artefacts and evaluation
     "Perturbation",
-    # evaluation (issue 6)
-    "evaluate",
     "Report",
+    "evaluate",
     "transfer_matrix",
     "Transfer",
     "random_perturbation",

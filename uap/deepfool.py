@@ -28,44 +28,81 @@ What differs from ART and Foolbox is the cost, not the maths:
   gets every gradient from ONE forward and ONE backward over the copies (K× the forward
   arithmetic, one backward instead of K): on a CPU this wins for single images and small
   batches, where every pass costs mostly per-operator overhead. ``"auto"`` picks
-  ``"batched"`` on CUDA; on the CPU, where vmap over convolution backward is slow (on the
-  zoo's ResNet, 100 images, 2 cores, one step took 1092 ms batched, 576 ms looped and
-  1064 ms Foolbox-style), it picks ``"replicated"`` for steps with ≤ ``REPLICATE_MAX_ROWS``
-  unfooled rows and ``"loop"`` above (see BENCHMARKS.md). All modes give the same
-  gradients (tested); models whose layers vmap cannot batch fall back to the loop.
+  ``"batched"`` on CUDA; on the CPU, where vmap over convolution backward is slow, it picks
+  ``"replicated"`` for steps with ≤ ``REPLICATE_MAX_ROWS`` unfooled rows and ``"loop"`` above
+  (the crossover is measured in BENCHMARKS.md). All modes give the same gradients (tested);
+  models whose layers vmap cannot batch fall back to the loop.
 - the clean prediction comes from the first step's classification pass, or from the
   caller's logits (``logits=``), e.g. those of a crafting pass's "still unfooled?" check.
 - ``precision="bf16"`` computes only the gradients under bfloat16 autocast; ``f_k`` and
   every decision come from the fp32 classification pass.
-- a one-image call can classify the caller's next images in its own checks
-  (:class:`Lookahead`): Algorithm 1's re-check after an update then costs no pass.
+- a one-image call can classify the caller's next images in its own checks (``lookahead``):
+  Algorithm 1's re-check after an update then costs no pass.
+
+**Targeted** (``target=t``): the same steps with one candidate, ``f = z_t − z_k`` for the
+strongest rival ``k ≠ t`` at the current point, until ``t`` is the predicted class
+(``z_t > max_{j≠t} z_j``); images already predicted as ``t`` get ``r = 0`` and success.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import nn
 
-from uap.forward import BatchLayout
-from uap.forward import check_images, eval_mode, model_device
+from uap.forward import BatchLayout, check_images, eval_mode, logits_of, model_device
+from uap.options import Options, require
 from uap.projection import check_norm
+from uap.targeting import check_target, target_margin
 
-__all__ = ["deepfool", "Lookahead", "GRADIENT_MODES", "PRECISIONS"]
+__all__ = ["deepfool", "DeepFoolOptions", "GRADIENT_MODES", "PRECISIONS"]
 
 #: How the ``candidates − 1`` gradients of a step are computed (see :func:`deepfool`).
 GRADIENT_MODES = ("auto", "batched", "loop", "replicated")
 #: The arithmetic of the candidates' gradients (see :func:`deepfool`).
-PRECISIONS = ("fp32", "bf16")
+Precision = Literal["fp32", "bf16"]
+PRECISIONS = get_args(Precision)
 
 _TINY = 1e-8  # guards divisions by a vanishing gradient norm, as in the reference code
 # Added to each step's distance so that progress never stalls at the clip boundary of [0, 1]
 # (a step whose components are clipped away moves the point less than the linear model
-# predicts; without the pad ~10 % of CIFAR-10 images never cross). DeepFool's reference code
+# predicts; without the pad many CIFAR-10 images never cross). DeepFool's reference code
 # and Foolbox pad by 1e-4; 1e-5 gives the same success and keeps a step within 1e-4 relative
 # of the exact minimal step for any boundary distance ≥ 0.1.
 _STEP_PAD = 1e-5
+
+
+@dataclass(frozen=True)
+class DeepFoolOptions(Options):
+    """The DeepFool settings a crafting run passes to every inner step (:func:`deepfool`'s
+    keyword arguments of the same names; the defaults are the paper's)."""
+
+    norm: float | int | str = 2
+    candidates: int = 10
+    overshoot: float = 0.02
+    max_iter: int = 50
+    precision: Precision = "fp32"
+
+    def check(self) -> None:
+        require(check_norm(self.norm) != 1.0, "deepfool supports norm 2 or inf (the ℓ1 variant is not implemented)")
+        require(self.candidates >= 2, f"candidates must be an integer ≥ 2, got {self.candidates!r}")
+        require(self.overshoot >= 0, f"overshoot must be ≥ 0, got {self.overshoot!r}")
+        require(self.max_iter >= 0, f"max_iter must be an integer ≥ 0, got {self.max_iter!r}")
+
+
+class Lookahead(Protocol):
+    """What a one-image :func:`deepfool` call classifies alongside its own checks.
+
+    Every check after step 0 also classifies ``images(r)`` for the current ``r`` (exactly the
+    tensor :func:`deepfool` would return at that point) and stores their logits in
+    ``logits``; when DeepFool stops, ``logits`` belong to the ``r`` it returned.
+    """
+
+    logits: torch.Tensor | None
+
+    def images(self, r: torch.Tensor) -> torch.Tensor: ...
 
 
 def deepfool(
@@ -80,6 +117,7 @@ def deepfool(
     logits: torch.Tensor | None = None,
     precision: str = "fp32",
     lookahead: Lookahead | None = None,
+    target: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimal perturbations that change the model's prediction on each image of ``x``.
 
@@ -87,7 +125,8 @@ def deepfool(
         model: classifier taking images in [0, 1] (N×C×H×W) and returning logits N×K.
         x: images in [0, 1]; the label to move away from is the model's prediction on ``x``.
         norm: 2 or ``inf`` — the geometry of the step (ℓ∞ uses the ℓ1 dual norm and a sign step).
-        candidates: how many top classes (the predicted one included) are considered.
+        candidates: how many top classes (the predicted one included) are considered
+            (untargeted only: a targeted step has one candidate).
         overshoot: the accumulated step is multiplied by ``1 + overshoot`` (paper: 0.02).
         max_iter: maximum number of linearisation steps per image.
         gradients: ``"batched"`` (one vmapped backward), ``"loop"`` (one backward per
@@ -98,35 +137,30 @@ def deepfool(
             from checking that ``x`` is still unfooled). Step 0 then classifies with them
             instead of a forward pass of its own.
         precision: ``"fp32"``, or ``"bf16"`` to compute the candidates' gradients ∇f_k under
-            bfloat16 autocast (1.8× faster forward + backward on a CPU with AVX512-BF16, and
-            on recent GPUs). Only the *direction* of each step is approximate: the logit
+            bfloat16 autocast (faster on CPUs with AVX512-BF16 and on recent GPUs). Only the
+            *direction* of each step is approximate: the logit
             differences f_k and every "is it fooled yet?" decision stay fp32, so ``success``
             means the same thing in both precisions, and an imprecise step is corrected by
             the next one.
-        lookahead: for a one-image call, a :class:`Lookahead` whose images are classified
-            in the same forward passes as DeepFool's own "fooled yet?" checks.
+        lookahead: for a one-image call, an object with ``images(r)`` and ``logits``
+            (:class:`Lookahead`) whose images are classified in the same forward passes as
+            DeepFool's own "fooled yet?" checks.
+        target: a class (or one per image) to reach instead of leaving the prediction.
 
     Returns:
         ``(r, success)``: ``r`` has ``x``'s shape and includes the overshoot (it is *not*
         clipped: ``clip(x + r, 0, 1)`` is the adversarial image); ``success[i]`` is True when
-        the prediction at ``clip(x_i + r_i, 0, 1)`` differs from the prediction at ``x_i``.
+        the prediction at ``clip(x_i + r_i, 0, 1)`` differs from the prediction at ``x_i``
+        (targeted: when it is the target).
     """
     check_images(x)
+    DeepFoolOptions.parse(dict(norm=norm, candidates=candidates, overshoot=overshoot, max_iter=max_iter,
+                               precision=precision), owner="deepfool")
     p = check_norm(norm)
-    if p == 1.0:
-        raise ValueError("deepfool supports norm 2 or inf (the ℓ1 variant is not implemented)")
-    if not isinstance(candidates, int) or candidates < 2:
-        raise ValueError(f"candidates must be an integer ≥ 2, got {candidates!r}")
-    if not overshoot >= 0:
-        raise ValueError(f"overshoot must be ≥ 0, got {overshoot!r}")
     if gradients not in GRADIENT_MODES:
         raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENT_MODES))}, got {gradients!r}")
-    if not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter must be an integer ≥ 0, got {max_iter!r}")
     if lookahead is not None and x.shape[0] != 1:
         raise ValueError(f"a lookahead needs a one-image call, got {x.shape[0]} images")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     autocast = torch.bfloat16 if precision == "bf16" else None
 
     device = model_device(model)
@@ -141,6 +175,7 @@ def deepfool(
     success = torch.zeros(n, dtype=torch.bool, device=device)
     auto = gradients == "auto"
     with eval_mode(model):
+        targets = None if target is None else _targets(model, x0, target, logits)
         classes = None
         active = torch.arange(n, device=device)
         vmap_state = {"ok": True}  # turns False for the call if vmap cannot batch one of the model's layers
@@ -157,15 +192,18 @@ def deepfool(
                 xa, z, lookahead.logits = xa[:1], z[:1], z[1:]
             else:  # a gradient-free pass classifies; the rows still unfooled then get their gradients
                 xa, z = layout.logits(model, xa)
-            if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
-                k = min(candidates, z.shape[1])
-                classes = z.topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
-            fooled = z.argmax(dim=1) != classes[active, 0]
+            if targets is not None:
+                fooled = target_margin(z, targets[active]) > 0
+            else:
+                if classes is None:  # step 0 is at x itself (x is in [0, 1]): its prediction is k̂(x)
+                    k = min(candidates, z.shape[1])
+                    classes = z.topk(k, dim=1).indices  # column 0 is the predicted class k̂(x)
+                fooled = z.argmax(dim=1) != classes[active, 0]
             success[active[fooled]] = True
             keep = ~fooled
             if step == max_iter or not bool(keep.any()):
                 break
-            cls = classes[active][keep]
+            cls = classes[active][keep] if targets is None else _rival_and_target(z[keep], targets[active][keep])
             zc = z[keep].gather(1, cls)
             diffs = zc[:, 1:] - zc[:, :1]  # f_k = z_k − z_k̂ (fp32), negative while not fooled
             state = vmap_state if gradients == "batched" else {"ok": False}  # "loop"/"replicated": no vmap
@@ -186,22 +224,29 @@ def deepfool(
     return ((1.0 + overshoot) * total).to(x.device), success.to(x.device)
 
 
-class Lookahead:
-    """Images that a one-image DeepFool call classifies alongside its own checks.
+def _targets(model: nn.Module, x0: torch.Tensor, target: int | torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """The target class of every row, checked against the model's number of classes."""
+    n = x0.shape[0]
+    if logits is not None:
+        num_classes = logits.shape[1]
+    else:
+        with torch.no_grad():
+            num_classes = logits_of(model, x0[:1]).shape[1]
+    if torch.is_tensor(target) and target.dim() == 1:
+        if target.shape != (n,):
+            raise ValueError(f"target must be one class or one per image ({n}), got shape {tuple(target.shape)}")
+        if target.is_floating_point() or bool(((target < 0) | (target >= num_classes)).any()):
+            raise ValueError(f"target classes must be integers in [0, {num_classes})")
+        return target.to(device=x0.device, dtype=torch.int64)
+    return torch.full((n,), check_target(target, num_classes), dtype=torch.int64, device=x0.device)
 
-    Algorithm 1 is sequential: once DeepFool returns ``r`` for ``x_i`` and ``v`` becomes
-    ``v' = P(v + r)``, the next images must be checked at ``v'`` before the next DeepFool
-    call. That check and DeepFool's own last check (is ``clip(x_i + r)`` fooled?) are two
-    small forward passes, dominated by per-pass overhead on a CPU. With a lookahead, every
-    check after step 0 also classifies ``images(r)`` for the current ``r`` (exactly the
-    tensor :func:`deepfool` would return at that point), so when DeepFool stops, ``logits``
-    holds the logits of ``images(r)`` for the ``r`` it returned: for Algorithm 1, the next
-    images at ``v'``, without a pass of their own (BENCHMARKS.md).
-    """
 
-    def __init__(self, images: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.images = images
-        self.logits: torch.Tensor | None = None  # from the last check; None until a step > 0 ran
+def _rival_and_target(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rows ``[k, t]``: the strongest rival ``k ≠ t`` and the target, so that the one candidate
+    difference ``f = z_t − z_k`` is the target margin (negative until ``t`` is predicted)."""
+    t = targets.view(-1, 1)
+    rival = z.scatter(1, t, float("-inf")).argmax(dim=1, keepdim=True)
+    return torch.cat([rival, t], dim=1)
 
 
 #: On the CPU, batches of at most this many rows use ``"replicated"`` gradients, larger ones ``"loop"``.
@@ -210,8 +255,7 @@ REPLICATE_MAX_ROWS = 16
 
 def _auto_gradients(device: torch.device, rows: int) -> str:
     """``gradients="auto"``: vmapped on CUDA; on the CPU, replicated for small batches, where
-    per-pass overhead dominates (1.45× the loop per image at 1 row, 1.5× at 4, even at 16), and
-    the loop over a shared graph for larger ones (BENCHMARKS.md)."""
+    per-pass overhead dominates, and the loop over a shared graph for larger ones."""
     if device.type == "cuda":
         return "batched"
     return "replicated" if rows <= REPLICATE_MAX_ROWS else "loop"
@@ -247,7 +291,7 @@ def _linearise(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor, layout: Ba
 
     The forward pass is the gradients' own, over the still-unfooled rows only: sharing the
     classification pass's graph instead would make every backward pass also run over the rows
-    that this step found fooled (1.3× slower in alternating runs, BENCHMARKS.md).
+    that this step found fooled.
     """
     if gradients == "replicated":
         return _replicated_grads(model, xa, cls, layout, autocast)[1]

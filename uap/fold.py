@@ -3,10 +3,9 @@ into the convolution or linear layer that feeds it.
 
 In eval mode a BatchNorm layer is a fixed per-channel affine map, so ``bn(conv(x))`` is one
 convolution with rescaled weights and a bias: the same function, one operator fewer in the
-forward pass and one fewer in every backward pass. DeepFool runs ten backward passes per
-step, and on the zoo's ResNet batch norm's backward alone is 11 % of a step's time on a CPU.
-With the folded copy ``deepfool-batched`` crafts 1.08–1.15× faster and Algorithm 1 about 1.05×
-(BENCHMARKS.md, section 1, change 5).
+forward pass and one fewer in every backward pass. Attacks run many backward passes per
+image (DeepFool one per candidate class and step), so batch norm's share of each pass is
+saved many times over; BENCHMARKS.md measures what that is worth.
 
 The copy is found by tracing the model with ``torch.fx`` (modules held as plain attributes
 are traced through); a layer pair is folded only when
@@ -14,8 +13,8 @@ the BatchNorm's single input is the output of a convolution (or linear layer) us
 else, and each of the two modules is called exactly once. Anything else is left as it is:
 a model that ``torch.fx`` cannot trace (data-dependent control flow, say) is returned
 unchanged. The copy is then checked against the model on example images; it agrees up to
-float rounding (≈ 3e-6 on logits of ≈ 10), the same order as the differences between
-memory layouts or batch sizes, and a copy that does not agree is discarded with a warning.
+float rounding, the same order as the differences between memory layouts or batch sizes,
+and a copy that does not agree is discarded with a warning.
 The model itself is never modified.
 """
 from __future__ import annotations
@@ -28,7 +27,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from uap.forward import eval_mode, logits_of
+from uap.forward import eval_mode
 
 __all__ = ["fold_batchnorm", "count_batchnorm"]
 
@@ -49,10 +48,11 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
     """An eval-mode copy of ``model`` with its BatchNorm layers folded, or ``model`` itself.
 
     Args:
-        model: a classifier (images → N×K logits); it is copied, never modified.
+        model: a classifier (images → N×K logits) or an encoder (images → features); it is
+            copied, never modified.
         example: a few images the copy is checked on (on the model's device).
-        rtol: the copy is kept only if its logits on ``example`` differ from the model's by
-            at most ``rtol × max(1, max |logit|)``.
+        rtol: the copy is kept only if its outputs on ``example`` differ from the model's by
+            at most ``rtol × max(1, max |output|)``.
 
     Returns:
         The folded copy (parameters frozen: attacks need gradients w.r.t. the input only), or
@@ -68,13 +68,22 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
         if folded is None:
             return model
         with torch.no_grad():
-            want, got = logits_of(model, example), logits_of(folded, example)
+            want, got = _output(model, example), _output(folded, example)
     scale = max(1.0, want.abs().max().item())
-    if not (got - want).abs().max().item() <= rtol * scale:
+    if got.shape != want.shape or not (got - want).abs().max().item() <= rtol * scale:
         warnings.warn("the batch-norm-folded copy of the model disagrees with the model; attacking the model "
                       "as it is", RuntimeWarning, stacklevel=2)
         return model
     return folded
+
+
+def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)``, which must be one tensor with a row per input (logits or features)."""
+    out = model(x)
+    if not torch.is_tensor(out) or out.dim() < 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"the model must return one tensor with a row per input (N={x.shape[0]}), got {shape}")
+    return out
 
 
 def _fold(model: nn.Module) -> nn.Module | None:

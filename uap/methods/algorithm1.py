@@ -1,109 +1,190 @@
-"""Algorithm 1 of Moosavi-Dezfooli et al. (CVPR 2017) with a pluggable inner step.
+"""Algorithm 1 of Moosavi-Dezfooli et al. (CVPR 2017), once, with a pluggable inner step.
 
-The engine's ``"deepfool"`` method hard-wires DeepFool as the inner step
-``Δv_i ← argmin_r ‖r‖₂ s.t. k̂(x_i + v + r) ≠ k̂(x_i)``. Targeted UAPs (targeted DeepFool)
-and the Foolbox adapter (any Foolbox minimisation attack) run the *same* outer loop with a
-different inner step and a different "does this image still need an update?" test, so the
-loop lives here once::
+Every method that builds ``v`` from per-image minimal perturbations runs this loop: DeepFool
+(untargeted and targeted, one image at a time or a minibatch at a time) and any Foolbox
+minimisation attack. They differ only in their :class:`InnerStep`::
 
     for x_i in X (the pass's visiting order):
-        if todo(x_i + v):                       # e.g. k̂(x_i + v) = k̂(x_i)
-            Δv_i, ok ← step(x_i + v)            # a minimal perturbation, batched
-            if ok and accept(x_i, P(v + Δv_i)):  # e.g. "moves towards the target"
+        if step.needs_update(x_i + v):             # e.g. k̂(x_i + v) = k̂(x_i)
+            Δv_i, ok ← step(x_i + v)               # a minimal perturbation
+            if ok and step.accept(x_i, P(v + Δv_i)):
                 v ← P_{p,ε}(v + Δv_i)
 
-With ``batch_size=1`` this is Algorithm 1 exactly (one image at a time, every update seen by
-the next image); the ``todo`` test is evaluated for a *chunk* of upcoming images in one
-forward pass and re-evaluated only after ``v`` changes (same trick as the engine's
-``"deepfool"`` method, so the sequence of updates is identical to a plain loop). With
-``batch_size > 1`` the inner step runs on every image of a minibatch that needs an update,
-in one call, and the successful steps are folded in one after another (the engine's
-``"deepfool-batched"`` semantics).
+With ``batch_size=1`` this is Algorithm 1 exactly: one image at a time, every update seen by
+the next image, in the same visiting order as a plain loop. It is fast because the "needs an
+update?" test runs for a *chunk* of upcoming images in one forward pass, and is redone only
+after ``v`` changes. The chunk doubles (up to ``max_chunk_size``) while no update happens and
+shrinks to about twice the distance to the last update otherwise. A step that can classify
+images inside its own last check (DeepFool: :class:`_Lookahead`) does the re-check after an
+update for free: the next chunk's logits at ``v' = P(v + Δv_i)`` come back with ``Δv_i``.
+
+With ``batch_size > 1`` the step runs on every image of a minibatch that needs an update, in
+one call, and the successful steps are folded in one after another (``v ← P(v + Δv_j)``):
+every Δv_j of a minibatch was computed at the ``v`` of the minibatch's start, and an image
+that an earlier update of its minibatch already fooled still contributes its Δv.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from uap.universal import CraftContext
+from uap.methods.base import CraftContext, Method
+from uap.options import Options, require
 
-__all__ = ["algorithm1_pass", "InnerStep", "TodoFn", "AcceptFn"]
-
-#: ``step(x_perturbed, idx) -> (r, ok)``: minimal perturbations for the images ``clip(x[idx] + v)``.
-InnerStep = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-#: ``todo(idx) -> bool mask``: which images still need an update at the current ``ctx.v``.
-TodoFn = Callable[[torch.Tensor], torch.Tensor]
-#: ``accept(idx, v_candidate) -> bool``: extra accept rule for one image (``idx`` has one entry).
-AcceptFn = Callable[[torch.Tensor, torch.Tensor], bool]
+__all__ = ["Algorithm1", "Algorithm1Options", "InnerStep", "StepResult", "algorithm1_pass"]
 
 
-def algorithm1_pass(
-    ctx: CraftContext,
-    step: InnerStep,
-    *,
-    todo: TodoFn,
-    accept: AcceptFn | None = None,
-    batch_size: int = 1,
-) -> None:
-    """Run one pass of Algorithm 1 over ``ctx.order`` with ``step`` as the inner attack.
+@dataclass(frozen=True)
+class Algorithm1Options(Options):
+    """``batch_size``: 1 = Algorithm 1 exactly, more = minibatch inner steps;
+    ``chunk_size``/``max_chunk_size``: images checked per forward pass (exact mode; they do
+    not change the result)."""
+
+    batch_size: int = 1
+    chunk_size: int = 16
+    max_chunk_size: int = 512
+
+    def check(self) -> None:
+        require(self.batch_size >= 1, f"batch_size must be an integer ≥ 1, got {self.batch_size!r}")
+        require(self.chunk_size >= 1 and self.max_chunk_size >= 1, "chunk_size and max_chunk_size must be ≥ 1")
+
+
+@dataclass
+class StepResult:
+    """Minimal perturbations ``r`` (B×C×H×W) for the images of one step and ``ok`` (B,): whether
+    each succeeded. A one-image step with a lookahead also returns ``v' = P(v + r[0])`` and
+    the logits of the lookahead images at ``v'`` (``at_candidate``: the logits of the image
+    itself at ``v'``, when the accept rule asked for them)."""
+
+    r: torch.Tensor
+    ok: torch.Tensor
+    candidate: torch.Tensor | None = None
+    lookahead_logits: torch.Tensor | None = None
+    at_candidate: torch.Tensor | None = None
+
+
+class InnerStep:
+    """The per-image part of Algorithm 1 (see the module docstring)."""
+
+    #: Whether the accept rule reads the image's logits at the candidate ``v'`` (then a
+    #: lookahead classifies the image itself at ``v'`` too).
+    accept_reads_candidate: ClassVar[bool] = False
+
+    def needs_update(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Which of the images ``idx`` need an update, from the classifier's ``logits`` at the current ``v``."""
+        return ~ctx.is_fooled(idx, logits)
+
+    def __call__(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor,
+                 lookahead: torch.Tensor | None) -> StepResult:
+        """Minimal perturbations for ``clip(x[idx] + v)`` (``logits``: the classifier's there);
+        ``lookahead`` (one-image steps only) are images to classify at ``v' = P(v + r)``."""
+        raise NotImplementedError
+
+    def accept(self, ctx: CraftContext, i: torch.Tensor, candidate: torch.Tensor, logits_at_v: torch.Tensor | None,
+               logits_at_candidate: torch.Tensor | None) -> bool:
+        """Extra accept rule for one image ``i`` and the candidate ``v' = P(v + Δv_i)``."""
+        return True
+
+
+class Algorithm1(Method):
+    """Base of the Algorithm-1 methods: ``run_pass`` is :func:`algorithm1_pass` with
+    :meth:`inner_step`; ``Options`` derive from :class:`Algorithm1Options`."""
+
+    Options = Algorithm1Options
+
+    def inner_step(self, ctx: CraftContext) -> InnerStep:
+        raise NotImplementedError
+
+    def run_pass(self, ctx: CraftContext) -> None:
+        algorithm1_pass(ctx, self.inner_step(ctx), self.options)
+
+
+def algorithm1_pass(ctx: CraftContext, step: InnerStep, options: Algorithm1Options) -> None:
+    """One pass of Algorithm 1 over ``ctx.order`` with ``step`` as the inner attack.
 
     Counts the work in ``ctx``: ``visited``, ``fooled_seen`` (visited images that needed no
     update), ``deepfool_calls`` (images given to ``step``) and ``updates``.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
-    if batch_size == 1:
-        _exact_pass(ctx, step, todo, accept)
+    if options.batch_size == 1:
+        _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size)
     else:
-        _minibatch_pass(ctx, step, todo, accept, batch_size)
+        _minibatch_pass(ctx, step, options.batch_size)
 
 
-def _try_update(ctx: CraftContext, i: torch.Tensor, dv: torch.Tensor, accept: AcceptFn | None) -> bool:
-    candidate = ctx.project(ctx.v + dv)
-    if accept is not None and not accept(i, candidate):
-        return False
-    ctx.v = candidate
-    ctx.updates += 1
-    return True
+def _chunk_after_update(advanced: int) -> int:
+    """Images to check after an update ``advanced`` images into a chunk: about twice the
+    distance between the last two updates, at least 4 (most of them are usually unfooled)."""
+    return max(4, 2 * advanced)
 
 
-def _exact_pass(ctx: CraftContext, step: InnerStep, todo: TodoFn, accept: AcceptFn | None) -> None:
+def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int) -> None:
     order = ctx.order
     n = order.numel()
-    chunk = int(ctx.options.get("chunk_size", 16))
-    max_chunk = int(ctx.options.get("max_chunk_size", 512))
-    if chunk < 1 or max_chunk < 1:
-        raise ValueError("chunk_size and max_chunk_size must be ≥ 1")
     pos = 0
+    carried = None  # logits of the next chunk at the current v, from the step's lookahead
     while pos < n:
         idx = order[pos:pos + chunk]
-        need = todo(idx)
-        advanced = idx.numel()
+        z = ctx.logits(idx) if carried is None else carried  # valid for the whole chunk until v changes
+        carried = None
+        need = step.needs_update(ctx, idx, z)
+        advanced, next_chunk = idx.numel(), min(chunk * 2, max_chunk)  # no update: the chunk grows
         for j in torch.nonzero(need).flatten().tolist():
             i = idx[j:j + 1]
-            r, ok = step(ctx.perturbed(i), i)
+            after = order[pos + j + 1:pos + j + 1 + _chunk_after_update(j + 1)]
+            res = step(ctx, i, z[j:j + 1], after)
             ctx.deepfool_calls += 1
-            if bool(ok[0]) and _try_update(ctx, i, r[0], accept):
-                advanced = j + 1  # v changed: the rest of the chunk must be re-checked
+            if not bool(res.ok[0]):
+                continue
+            candidate = res.candidate if res.candidate is not None else ctx.project(ctx.v + res.r[0])
+            if step.accept(ctx, i, candidate, z[j:j + 1], res.at_candidate):
+                ctx.v = candidate
+                ctx.updates += 1
+                advanced = j + 1  # v changed: the rest of the chunk must be re-checked …
+                next_chunk, carried = after.numel(), res.lookahead_logits  # … unless the step already did
                 break
         ctx.visited += advanced
         ctx.fooled_seen += int((~need[:advanced]).sum())
         pos += advanced
-        chunk = min(chunk * 2, max_chunk) if advanced == idx.numel() else max(4, 2 * advanced)
+        chunk = max(next_chunk, 1)
         ctx.progress()
 
 
-def _minibatch_pass(ctx: CraftContext, step: InnerStep, todo: TodoFn, accept: AcceptFn | None,
-                    batch_size: int) -> None:
+def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int) -> None:
     for idx in ctx.order.split(batch_size):
-        need = todo(idx)
+        z = ctx.logits(idx)
+        need = step.needs_update(ctx, idx, z)
         sel = idx[need]
         if sel.numel():
-            r, ok = step(ctx.perturbed(sel), sel)
+            res = step(ctx, sel, z[need], None)
             ctx.deepfool_calls += sel.numel()
-            for j in torch.nonzero(ok).flatten().tolist():
-                _try_update(ctx, sel[j:j + 1], r[j], accept)
+            for j in torch.nonzero(res.ok).flatten().tolist():
+                candidate = ctx.project(ctx.v + res.r[j])
+                if step.accept(ctx, sel[j:j + 1], candidate, None, None):
+                    ctx.v = candidate
+                    ctx.updates += 1
         ctx.visited += idx.numel()
         ctx.fooled_seen += int((~need).sum())
         ctx.progress()
+
+
+class _Lookahead:
+    """Images a one-image DeepFool call classifies at ``v' = P(v + r)`` inside its own checks.
+
+    Algorithm 1 is sequential: once DeepFool returns ``r`` for ``x_i`` and ``v`` becomes
+    ``v'``, the next images must be checked at ``v'`` before the next DeepFool call. That check
+    and DeepFool's own last check (is ``clip(x_i + r)`` fooled?) would be two small forward
+    passes, dominated by per-pass overhead on a CPU; with the lookahead they are one.
+    ``candidate`` is ``v'`` for the ``r`` of DeepFool's latest check, so when DeepFool stops it
+    is ``P(v + r)`` for the very ``r`` returned, the ``v'`` the logits saw.
+    """
+
+    def __init__(self, ctx: CraftContext, images: torch.Tensor) -> None:
+        self.ctx, self.idx = ctx, images
+        self.candidate: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+
+    def images(self, r: torch.Tensor) -> torch.Tensor:
+        self.candidate = self.ctx.project(self.ctx.v + r[0])
+        return self.ctx.perturbed(self.idx, self.candidate)

@@ -14,13 +14,15 @@ UAPs) share one loop and differ only in the objective they maximise::
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
 import torch
 
-from uap.universal import CraftContext
+from uap.methods.base import CraftContext, Method
+from uap.options import Options, require
 
-__all__ = ["ascent_direction", "step_length", "projected_ascent_pass", "Objective"]
+__all__ = ["ascent_direction", "step_length", "projected_ascent_pass", "Objective", "Ascent", "AscentOptions"]
 
 #: ``objective(x_adv, idx) -> (J, fooled)``: the batch objective to
 #: maximise (a scalar, already averaged) and, optionally, which images count as fooled
@@ -44,13 +46,39 @@ def ascent_direction(g: torch.Tensor, p: float) -> torch.Tensor:
     return g / norm if norm > 0 else torch.zeros_like(g)
 
 
+@dataclass(frozen=True)
+class AscentOptions(Options):
+    """``batch_size`` images per step, ``step_size`` (a fraction of ε) and its ``decay`` per pass."""
+
+    batch_size: int = 32
+    step_size: float = 0.1
+    decay: float = 0.7
+
+    def check(self) -> None:
+        require(self.batch_size >= 1, f"batch_size must be an integer ≥ 1, got {self.batch_size!r}")
+        require(self.step_size > 0 and math.isfinite(self.step_size),
+                f"step_size must be a finite number > 0 (a fraction of eps), got {self.step_size!r}")
+        require(0 < self.decay <= 1, f"decay must be in (0, 1], got {self.decay!r}")
+
+
 def step_length(ctx: CraftContext, *, step_size: float, decay: float) -> float:
-    """``step_size · ε · decay^(pass − 1)`` after validating both knobs."""
-    if not (isinstance(step_size, (int, float)) and step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a finite number > 0 (a fraction of eps), got {step_size!r}")
-    if not (isinstance(decay, (int, float)) and 0 < decay <= 1):
-        raise ValueError(f"decay must be in (0, 1], got {decay!r}")
+    """``step_size · ε · decay^(pass − 1)``."""
     return float(step_size) * ctx.eps * float(decay) ** (ctx.pass_index - 1)
+
+
+class Ascent(Method):
+    """Base of the projected-ascent methods: ``run_pass`` is :func:`projected_ascent_pass` on
+    :meth:`objective`, with the pass's step length; ``Options`` derive from :class:`AscentOptions`."""
+
+    Options = AscentOptions
+
+    def objective(self, ctx: CraftContext) -> Objective:
+        """The batch objective of this pass (called once per pass)."""
+        raise NotImplementedError
+
+    def run_pass(self, ctx: CraftContext) -> None:
+        step = step_length(ctx, step_size=self.options.step_size, decay=self.options.decay)
+        projected_ascent_pass(ctx, self.objective(ctx), batch_size=self.options.batch_size, step=step)
 
 
 def projected_ascent_pass(
@@ -66,8 +94,6 @@ def projected_ascent_pass(
     the graph to ``v``) and returns ``(J, fooled)`` — the scalar to maximise and an optional
     bool mask of fooled images (counted in ``ctx.fooled_seen``). Each minibatch is one update.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")
     for idx in ctx.order.split(batch_size):
         v = ctx.v.detach().requires_grad_(True)
         with torch.enable_grad():

@@ -20,21 +20,23 @@ crafting driver still reports the fooling rate of the target's own head after ea
 ``uap evaluate`` then measures the same ``v`` on every downstream head.
 
 Options (``method_options``): ``batch_size`` (32), ``step_size`` (0.1, a fraction of ε),
-``decay`` (0.7 per pass), ``distance`` (``"cosine"`` or ``"l2"``), ``init`` (0.25).
+``decay`` (0.7 per pass), ``distance`` (``"cosine"`` or ``"l2"``), ``init`` (0.25). The
+encoder is attacked as the run attacks every model: batch-norm-folded unless asked not to.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from uap.baseline import random_perturbation
-from uap.methods.ascent import projected_ascent_pass, step_length
-from uap.universal import CraftContext, register_method
+from uap.methods.ascent import Ascent, AscentOptions, Objective
+from uap.methods.base import CraftContext, register_method
+from uap.options import require
 
-__all__ = ["feature_uap_pass", "embedding_distance", "encoder_of", "FEATURE_DEFAULTS"]
+__all__ = ["Feature", "FeatureOptions", "embedding_distance", "encoder_of"]
 
-FEATURE_DEFAULTS = {"batch_size": 32, "step_size": 0.1, "decay": 0.7, "distance": "cosine", "init": 0.25}
 _DISTANCES = ("cosine", "l2")
 
 
@@ -73,28 +75,38 @@ def _features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@register_method("feature")
-def feature_uap_pass(ctx: CraftContext) -> None:
-    """One pass of the label-free feature UAP (module docstring)."""
-    unknown = set(ctx.options) - set(FEATURE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method 'feature'; known: {sorted(FEATURE_DEFAULTS)}")
-    opts = {**FEATURE_DEFAULTS, **ctx.options}
-    if opts["distance"] not in _DISTANCES:
-        raise ValueError(f"unknown distance {opts['distance']!r}: use one of {', '.join(_DISTANCES)}")
-    init = opts["init"]
-    if not (isinstance(init, (int, float)) and 0 < init <= 1):
-        raise ValueError(f"init must be in (0, 1] (a fraction of eps), got {init!r}")
-    encoder = encoder_of(ctx.model)
-    step = step_length(ctx, step_size=opts["step_size"], decay=opts["decay"])
-    if not bool(ctx.v.any()):  # zero gradient at v = 0: start from random noise of size init·ε
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        noise = random_perturbation(tuple(ctx.v.shape), init * ctx.eps, ctx.p, seed=seed, dtype=ctx.v.dtype)
-        ctx.v = ctx.project(noise.to(ctx.v.device))
+@dataclass(frozen=True)
+class FeatureOptions(AscentOptions):
+    """:class:`~uap.methods.ascent.AscentOptions` plus the embedding ``distance`` and the size of
+    the random start, ``init`` (a fraction of ε)."""
 
-    def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
-        with torch.no_grad():
-            clean = _features(encoder, ctx.x[idx])
-        return embedding_distance(clean, _features(encoder, x_adv), opts["distance"]), None
+    distance: str = "cosine"
+    init: float = 0.25
 
-    projected_ascent_pass(ctx, objective, batch_size=opts["batch_size"], step=step)
+    def check(self) -> None:
+        super().check()
+        require(self.distance in _DISTANCES, f"unknown distance {self.distance!r}: use one of {', '.join(_DISTANCES)}")
+        require(0 < self.init <= 1, f"init must be in (0, 1] (a fraction of eps), got {self.init!r}")
+
+
+@register_method()
+class Feature(Ascent):
+    """The label-free feature UAP (module docstring)."""
+
+    name = "feature"
+    Options = FeatureOptions
+
+    def objective(self, ctx: CraftContext) -> Objective:
+        encoder = ctx.attacked(encoder_of(ctx.model), ctx.x)
+        opts = self.options
+        if not bool(ctx.v.any()):  # zero gradient at v = 0: start from random noise of size init·ε
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+            noise = random_perturbation(tuple(ctx.v.shape), opts.init * ctx.eps, ctx.p, seed=seed, dtype=ctx.v.dtype)
+            ctx.v = ctx.project(noise.to(ctx.v.device))
+
+        def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+            with torch.no_grad():
+                clean = _features(encoder, ctx.x[idx])
+            return embedding_distance(clean, _features(encoder, x_adv), opts.distance), None
+
+        return objective

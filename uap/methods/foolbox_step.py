@@ -14,24 +14,23 @@ accepted only when Foolbox reports success, as the engine accepts only converged
 
 Options (``method_options``): ``attack_options`` (keyword arguments of the attack class),
 ``batch_size`` (1 = Algorithm 1 exactly; > 1 attacks the unfooled images of a minibatch in
-one Foolbox call), ``chunk_size``, ``target``. For Foolbox's DeepFool attacks, ``steps``,
+one Foolbox call), ``chunk_size``. A target class comes from :func:`uap.craft`'s ``target``;
+without an accept rule of its own, any successful targeted step is taken. For Foolbox's DeepFool attacks, ``steps``,
 ``candidates`` and ``overshoot`` default to the run's ``deepfool_options`` so that
 ``foolbox:L2DeepFoolAttack`` and the built-in ``deepfool`` method compare like for like.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from uap.methods.algorithm1 import algorithm1_pass
-from uap.methods.targeted import target_of
 from uap.forward import model_device
-from uap.universal import CraftContext, register_method
+from uap.methods.algorithm1 import Algorithm1, Algorithm1Options, InnerStep, StepResult
+from uap.methods.base import CraftContext, register_method
 
-__all__ = ["foolbox_attack", "FoolboxStep", "foolbox_pass"]
-
-_KNOWN_OPTIONS = {"attack_options", "batch_size", "chunk_size", "max_chunk_size", "target"}
+__all__ = ["foolbox_attack", "FoolboxStep", "FoolboxMethod"]
 
 
 def foolbox_attack(name: str, attack_options: dict[str, Any] | None = None,
@@ -67,8 +66,8 @@ def foolbox_attack(name: str, attack_options: dict[str, Any] | None = None,
         raise ValueError(f"bad attack_options for foolbox.attacks.{name}: {e}") from None
 
 
-class FoolboxStep:
-    """The inner step ``(x_perturbed, idx) → (Δv, success)`` backed by a Foolbox attack.
+class FoolboxStep(InnerStep):
+    """The inner step backed by a Foolbox attack on ``model`` (the run's attacked classifier).
 
     ``labels`` are the clean predictions of the whole crafting set (indexed by ``idx``);
     with ``target`` the criterion is targeted misclassification instead.
@@ -83,29 +82,44 @@ class FoolboxStep:
         self.labels = labels
         self.target = target
 
-    def __call__(self, xp: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xp = xp.detach().contiguous()
+    def needs_update(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.target is None:
+            return ~ctx.is_fooled(idx, logits)
+        return logits.argmax(dim=1) != self.target
+
+    def __call__(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor,
+                 lookahead: torch.Tensor | None) -> StepResult:
+        xp = ctx.perturbed(idx).detach().contiguous()
         if self.target is None:
             criterion = self.fb.criteria.Misclassification(self.labels[idx])
         else:
             criterion = self.fb.criteria.TargetedMisclassification(
                 torch.full((xp.shape[0],), self.target, dtype=torch.int64, device=xp.device))
         _, adv, success = self.attack(self.fmodel, xp, criterion, epsilons=None)
-        return (adv - xp).detach(), success.to(torch.bool)
+        return StepResult((adv - xp).detach(), success.to(torch.bool))
+
+
+@dataclass(frozen=True)
+class FoolboxOptions(Algorithm1Options):
+    """:class:`Algorithm1Options` plus ``attack_options``: keyword arguments of the attack class."""
+
+    attack_options: dict = field(default_factory=dict)
 
 
 @register_method("foolbox", prefix=True)
-def foolbox_pass(ctx: CraftContext) -> None:
-    """One pass of Algorithm 1 with ``foolbox.attacks.<Name>`` (``ctx.method = "foolbox:<Name>"``)."""
-    unknown = set(ctx.options) - _KNOWN_OPTIONS
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for foolbox methods; known: {sorted(_KNOWN_OPTIONS)}")
-    name = ctx.method.partition(":")[2]
-    attack = foolbox_attack(name, ctx.options.get("attack_options"), ctx.deepfool_options)
-    target = target_of(ctx)
-    step = FoolboxStep(ctx.model, attack, ctx.clean, target)
-    if target is None:
-        todo = lambda idx: ~ctx.is_fooled(idx)  # noqa: E731
-    else:
-        todo = lambda idx: ctx.model(ctx.perturbed(idx)).argmax(dim=1) != target  # noqa: E731
-    algorithm1_pass(ctx, step, todo=torch.no_grad()(todo), batch_size=int(ctx.options.get("batch_size", 1)))
+class FoolboxMethod(Algorithm1):
+    """Algorithm 1 with ``foolbox.attacks.<Name>`` as the inner step (``method="foolbox:<Name>"``)."""
+
+    name = "foolbox"
+    Options = FoolboxOptions
+    supports_target = True
+    uses_deepfool = True  # Foolbox's DeepFool attacks default to the run's DeepFool settings
+
+    def __init__(self, options=None, *, name: str | None = None) -> None:
+        super().__init__(options, name=name)
+        self.attack_name = self.name.partition(":")[2]
+        foolbox_attack(self.attack_name, self.options.attack_options)  # a bad name fails before crafting
+
+    def inner_step(self, ctx: CraftContext) -> InnerStep:
+        attack = foolbox_attack(self.attack_name, self.options.attack_options, ctx.deepfool)
+        return FoolboxStep(ctx.classifier, attack, ctx.clean, ctx.target)

@@ -21,21 +21,22 @@ Targeted (``target=t``): the objective becomes ``−CE(f(clip(x_i + v)), t)`` �
 minimises the cross-entropy to the target class for every image.
 
 Options (``method_options``): ``batch_size`` (32), ``step_size`` (0.1, a fraction of ε),
-``decay`` (0.7 per pass), ``beta`` (10.0, the clamp; ``inf`` disables it), ``target``.
+``decay`` (0.7 per pass), ``beta`` (10.0, the clamp; ``inf`` disables it). The target class
+of a targeted run comes from :func:`uap.craft`'s ``target``.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from uap.methods.ascent import projected_ascent_pass, step_length
-from uap.methods.targeted import target_of
 from uap.forward import logits_of
-from uap.universal import CraftContext, register_method
+from uap.methods.ascent import Ascent, AscentOptions, Objective
+from uap.methods.base import CraftContext, register_method
+from uap.options import require
 
-__all__ = ["sgd_uap_pass", "clamped_cross_entropy", "SGD_DEFAULTS"]
-
-SGD_DEFAULTS = {"batch_size": 32, "step_size": 0.1, "decay": 0.7, "beta": 10.0}
+__all__ = ["SGD", "SGDOptions", "clamped_cross_entropy"]
 
 
 def clamped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
@@ -44,25 +45,34 @@ def clamped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, beta: floa
     return ce.clamp(max=beta).mean()
 
 
-@register_method("sgd")
-def sgd_uap_pass(ctx: CraftContext) -> None:
-    """One pass of SGD-UAP (module docstring), untargeted or targeted."""
-    unknown = set(ctx.options) - set(SGD_DEFAULTS) - {"target"}
-    if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)} for method 'sgd'; known: {sorted(SGD_DEFAULTS) + ['target']}")
-    opts = {**SGD_DEFAULTS, **ctx.options}
-    beta = opts["beta"]
-    if not (isinstance(beta, (int, float)) and beta > 0):
-        raise ValueError(f"beta must be a number > 0 (math.inf disables the clamp), got {beta!r}")
-    target = target_of(ctx)
-    step = step_length(ctx, step_size=opts["step_size"], decay=opts["decay"])
+@dataclass(frozen=True)
+class SGDOptions(AscentOptions):
+    """:class:`~uap.methods.ascent.AscentOptions` plus ``beta``, the loss clamp."""
 
-    def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = logits_of(ctx.model, x_adv)
-        clean = ctx.clean[idx]
-        fooled = logits.detach().argmax(dim=1) != clean
-        if target is None:
-            return clamped_cross_entropy(logits, clean, beta), fooled
-        return -F.cross_entropy(logits, torch.full_like(clean, target)), fooled
+    beta: float = 10.0
 
-    projected_ascent_pass(ctx, objective, batch_size=opts["batch_size"], step=step)
+    def check(self) -> None:
+        super().check()
+        require(self.beta > 0, f"beta must be a number > 0 (math.inf disables the clamp), got {self.beta!r}")
+
+
+@register_method()
+class SGD(Ascent):
+    """SGD-UAP (module docstring), untargeted or targeted."""
+
+    name = "sgd"
+    Options = SGDOptions
+    supports_target = True
+
+    def objective(self, ctx: CraftContext) -> Objective:
+        model, target, beta = ctx.classifier, ctx.target, self.options.beta
+
+        def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = logits_of(model, x_adv)
+            clean = ctx.clean[idx]
+            fooled = logits.detach().argmax(dim=1) != clean
+            if target is None:
+                return clamped_cross_entropy(logits, clean, beta), fooled
+            return -F.cross_entropy(logits, torch.full_like(clean, target)), fooled
+
+        return objective
