@@ -1,0 +1,144 @@
+"""The method abstraction: typed options for every method, Method objects, plugins, targets."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import uap
+from tests.tiny_models import tiny_mlp
+from uap import deepfool, project_lp
+from uap.methods import Method, available_methods, get_method, make_method, register_method
+from uap.options import Options, require
+from uap.targeting import target_margin
+from uap.universal import visiting_order
+
+
+def _images(n: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+BUILT_IN = ["deepfool", "deepfool-batched", "deepfool-targeted", "sgd", "feature", "foolbox:L2DeepFoolAttack"]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_every_method_rejects_unknown_options_naming_the_known_ones(name):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\].*known: .*batch_size"):
+        make_method(name, {"bogus": 1})
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+@pytest.mark.parametrize("value", ["8", 2.5, True, None])
+def test_every_method_rejects_ill_typed_options(name, value):
+    with pytest.raises(ValueError, match="batch_size.*must be an integer"):
+        make_method(name, {"batch_size": value})
+
+
+def test_range_checks_and_well_typed_values():
+    assert make_method("sgd", {"step_size": 1}).options.step_size == 1  # an int is a number
+    with pytest.raises(ValueError, match="decay"):
+        make_method("sgd", {"decay": 0.0})
+    with pytest.raises(ValueError, match="chunk_size"):
+        make_method("deepfool", {"chunk_size": 0})
+    with pytest.raises(ValueError, match="step_size.*a number"):
+        make_method("feature", {"step_size": float("nan")})
+    assert make_method("deepfool-batched").options.batch_size == 32
+    assert make_method("foolbox:L2DeepFoolAttack", {"attack_options": {"steps": 5}}).options.attack_options == {"steps": 5}
+    with pytest.raises(ValueError, match="no attack"):
+        make_method("foolbox:NoSuchAttack")
+
+
+def test_deepfool_options_are_typed_and_only_for_methods_that_use_deepfool():
+    model, x = tiny_mlp(), _images(8)
+    with pytest.raises(ValueError, match="candidates.*an integer"):
+        uap.craft(model, x, eps=0.1, deepfool_options={"candidates": "3"})
+    with pytest.raises(ValueError, match="does not use DeepFool"):
+        uap.craft(model, x, eps=0.1, method="sgd", deepfool_options={"precision": "bf16"})
+    uap.craft(model, x, eps=0.1, method="sgd", max_passes=1, deepfool_options={"precision": "fp32"})  # defaults are fine
+
+
+def test_targets_are_checked_against_what_a_method_supports():
+    model, x = tiny_mlp(), _images(8)
+    with pytest.raises(ValueError, match="untargeted"):
+        uap.craft(model, x, eps=0.1, method="feature", target=1)
+    with pytest.raises(ValueError, match="needs a target"):
+        uap.craft(model, x, eps=0.1, method="deepfool-targeted")
+
+
+def test_a_method_object_and_a_plugin_class_with_typed_options():
+    @dataclass(frozen=True)
+    class ScaleOptions(Options):
+        scale: float = 0.5
+
+        def check(self) -> None:
+            require(0 < self.scale <= 1, "scale must be in (0, 1]")
+
+    @register_method()
+    class ConstantSign(Method):
+        """v = scale · ε · sign(mean image − 0.5), in one pass."""
+
+        name = "test-constant-sign"
+        Options = ScaleOptions
+
+        def run_pass(self, ctx):
+            ctx.v = ctx.project(self.options.scale * ctx.eps * (ctx.x.mean(0) - 0.5).sign())
+            ctx.visited = ctx.order.numel()
+
+    model, x = tiny_mlp(), _images()
+    by_name = uap.craft(model, x, eps=0.1, max_passes=1, method="test-constant-sign", method_options={"scale": 0.25})
+    by_object = uap.craft(model, x, eps=0.1, max_passes=1, method=ConstantSign({"scale": 0.25}))
+    assert torch.equal(by_name.v, by_object.v) and by_name.method == by_object.method == "test-constant-sign"
+    assert by_name.v.abs().max().item() == pytest.approx(0.025)
+    assert "test-constant-sign" in available_methods() and get_method("test-constant-sign") is ConstantSign
+    with pytest.raises(ValueError, match="scale"):
+        uap.craft(model, x, eps=0.1, method="test-constant-sign", method_options={"scale": 2.0})
+    with pytest.raises(ValueError, match="Method object itself"):
+        uap.craft(model, x, eps=0.1, method=ConstantSign(), method_options={"scale": 0.5})
+
+
+def test_a_function_plugin_takes_no_options_unless_it_declares_them():
+    @register_method("test-fn-noop")
+    def _noop(ctx):
+        ctx.visited = ctx.order.numel()
+
+    with pytest.raises(ValueError, match="known: none"):
+        uap.craft(tiny_mlp(), _images(8), eps=0.1, method="test-fn-noop", method_options={"x": 1})
+
+
+def _reference_targeted_algorithm1(model, x, *, eps, p, target, max_passes, seed, df):
+    """Targeted Algorithm 1 written plainly: one image at a time, the accept rule spelled out."""
+    def margin(xi, v):
+        with torch.no_grad():
+            return float(target_margin(model((xi + v).clamp(0, 1)), target)[0])
+
+    v = torch.zeros(x.shape[1:])
+    updates, calls = [], []
+    for k in range(1, max_passes + 1):
+        n_updates = n_calls = 0
+        for i in visiting_order(len(x), seed, k).tolist():
+            xi = x[i:i + 1]
+            if margin(xi, v) <= 0:
+                r, ok = deepfool(model, (xi + v).clamp(0, 1), target=target, **df)
+                n_calls += 1
+                candidate = project_lp(v + r[0], eps, p)
+                if bool(ok[0]) and margin(xi, candidate) > margin(xi, v):
+                    v, n_updates = candidate, n_updates + 1
+        updates.append(n_updates)
+        calls.append(n_calls)
+    return v, updates, calls
+
+
+@pytest.mark.parametrize("p,eps", [(math.inf, 0.05), (2.0, 0.8)])
+def test_targeted_algorithm1_matches_a_plain_loop_update_for_update(p, eps):
+    model, x = tiny_mlp(), _images()
+    df = {"max_iter": 3, "norm": 2}
+    pert = uap.craft(model, x, eps=eps, norm=p, delta=0.01, max_passes=2, seed=5, target=0,
+                     deepfool_options=df, method_options={"chunk_size": 4})
+    v_ref, updates, calls = _reference_targeted_algorithm1(model, x, eps=eps, p=p, target=0, max_passes=2,
+                                                          seed=5, df=df)
+    assert [r["updates"] for r in pert.history] == updates
+    assert [r["deepfool_calls"] for r in pert.history] == calls
+    assert sum(calls) > sum(updates) > 0  # some steps were rejected: the accept rule was exercised
+    torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
