@@ -107,7 +107,7 @@ def test_result_in_ball_and_history_complete(method, p, eps):
     assert pert.method == method and pert.eps == eps and pert.p == p
 
 
-def test_a_fresh_run_does_not_measure_v_zero_unless_clipping_matters(monkeypatch):
+def test_a_fresh_run_does_not_measure_v_zero(monkeypatch):
     import uap.universal as universal
 
     seen = []
@@ -121,9 +121,8 @@ def test_a_fresh_run_does_not_measure_v_zero_unless_clipping_matters(monkeypatch
     model, x = tiny_mlp(), _images()
     craft(model, x, eps=0.06, max_passes=1)
     assert seen and not any(seen)  # Err(X_0) = 0 for images in [0, 1]: known without a pass
-    seen.clear()
-    craft(model, 2 * x - 0.5, eps=0.06, max_passes=1)  # clip(x + 0) ≠ x: v = 0 must be measured
-    assert seen[0]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # images outside [0, 1] are refused, not clipped
+        craft(model, 2 * x - 0.5, eps=0.06, max_passes=1)
 
 
 def test_stop_rule_and_max_passes():

@@ -68,22 +68,15 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, rtol: float = 1e-
         if folded is None:
             return model
         with torch.no_grad():
-            want, got = _output(model, example), _output(folded, example)
+            want, got = model(example), folded(example)
+    if not (torch.is_tensor(want) and torch.is_tensor(got) and got.shape == want.shape and want.numel()):
+        return model  # outputs that cannot be compared: attack the model as it is
     scale = max(1.0, want.abs().max().item())
-    if got.shape != want.shape or not (got - want).abs().max().item() <= rtol * scale:
+    if not (got - want).abs().max().item() <= rtol * scale:
         warnings.warn("the batch-norm-folded copy of the model disagrees with the model; attacking the model "
                       "as it is", RuntimeWarning, stacklevel=2)
         return model
     return folded
-
-
-def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)``, which must be one tensor with a row per input (logits or features)."""
-    out = model(x)
-    if not torch.is_tensor(out) or out.dim() < 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(f"the model must return one tensor with a row per input (N={x.shape[0]}), got {shape}")
-    return out
 
 
 def _fold(model: nn.Module) -> nn.Module | None:

@@ -163,8 +163,8 @@ def craft(
         measured = resume.record if resume is not None else {}  # the record of the v we start from
         if key in measured:
             rate = measured[key]
-        elif resume is None and target is None and bool((x.min() >= 0) & (x.max() <= 1)):
-            rate = 0.0  # v = 0 leaves every image in [0, 1] as it is: no prediction changes
+        elif resume is None and target is None:
+            rate = 0.0  # v = 0 leaves every image (checked to be in [0, 1]) as it is: no prediction changes
         else:
             rate = stop_rate(v)
         best_pass = int(resume.extra.get("best_pass", len(history))) if resume is not None else 0

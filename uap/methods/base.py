@@ -224,7 +224,8 @@ class AttackedModels:
     def __call__(self, module: nn.Module, example: torch.Tensor) -> nn.Module:
         """``module`` as attacked: folded (checked on ``example[:8]``) or as it is."""
         if id(module) not in self._copies:
-            attacked = fold_batchnorm(module, example[:8]) if self.fold else module
+            foldable = self.fold and isinstance(module, nn.Module)
+            attacked = fold_batchnorm(module, example[:8]) if foldable else module
             self._copies[id(module)] = (module, attacked)
         return self._copies[id(module)][1]
 
@@ -232,4 +233,4 @@ class AttackedModels:
         """BatchNorm layers the run attacked folded (None if it attacked no module)."""
         if not self._copies:
             return None
-        return sum(count_batchnorm(m) - count_batchnorm(a) for m, a in self._copies.values())
+        return sum(count_batchnorm(m) - count_batchnorm(a) for m, a in self._copies.values() if isinstance(m, nn.Module))

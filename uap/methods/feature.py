@@ -28,27 +28,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from uap.baseline import random_perturbation
+from uap.forward import encoder_features, encoder_of
 from uap.methods.ascent import Ascent, AscentOptions, Objective
 from uap.methods.base import CraftContext, register_method
 from uap.options import require
 
-__all__ = ["Feature", "FeatureOptions", "embedding_distance", "encoder_of"]
+__all__ = ["Feature", "FeatureOptions", "embedding_distance"]
 
 _DISTANCES = ("cosine", "l2")
-
-
-def encoder_of(model: nn.Module) -> nn.Module:
-    """``model.encoder`` (images in [0, 1] → features); ``ValueError`` when there is none."""
-    encoder = getattr(model, "encoder", None)
-    if not isinstance(encoder, nn.Module) and not callable(encoder):
-        raise ValueError(
-            f"method 'feature' needs a target with an .encoder (images → features); "
-            f"{type(model).__name__} has none"
-        )
-    return encoder
 
 
 def embedding_distance(clean: torch.Tensor, perturbed: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
@@ -65,14 +54,6 @@ def embedding_distance(clean: torch.Tensor, perturbed: torch.Tensor, distance: s
     if distance == "l2":
         return (a - b).pow(2).sum(dim=1).mean() / a.pow(2).sum(dim=1).mean().clamp_min(1e-12)
     raise ValueError(f"unknown distance {distance!r}: use one of {', '.join(_DISTANCES)}")
-
-
-def _features(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = encoder(x)
-    if not torch.is_tensor(out) or out.dim() < 2 or out.shape[0] != x.shape[0]:
-        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
-        raise ValueError(f"model.encoder must return an N×D feature tensor, got {shape}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -97,7 +78,7 @@ class Feature(Ascent):
     Options = FeatureOptions
 
     def objective(self, ctx: CraftContext) -> Objective:
-        encoder = ctx.attacked(encoder_of(ctx.model), ctx.x)
+        encoder = ctx.attacked(encoder_of(ctx.model, required=True, needed_by="method 'feature'"), ctx.x)
         opts = self.options
         if not bool(ctx.v.any()):  # zero gradient at v = 0: start from random noise of size init·ε
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
@@ -106,7 +87,7 @@ class Feature(Ascent):
 
         def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
             with torch.no_grad():
-                clean = _features(encoder, ctx.x[idx])
-            return embedding_distance(clean, _features(encoder, x_adv), opts.distance), None
+                clean = encoder_features(encoder, ctx.x[idx])
+            return embedding_distance(clean, encoder_features(encoder, x_adv), opts.distance), None
 
         return objective
