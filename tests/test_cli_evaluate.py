@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,7 @@ def test_evaluate_saved_perturbations(transfer_run, folder, tmp_path, env):
         (["transfer", "--models", MODELS, "--eps", "0", "--out", "x"], "--eps"),
         (["transfer", "--models", MODELS, "--norm", "3", "--out", "x"], "--norm"),
         (["transfer", "--models", "nosuchpkg.mod:f", "--out", "x"], "cannot import"),
+        (["transfer", "--models", "no-such-zoo-model", "--out", "x"], "--models: unknown model 'no-such-zoo-model'"),
         (["evaluate", "does/not/exist", "--models", MODELS, "--out", "x"], "does/not/exist"),
     ],
 )
@@ -123,3 +125,12 @@ def test_models_all_means_every_zoo_model(monkeypatch):
         cli._model_specs("all")
     with pytest.raises(cli._UsageError, match="twice"):
         cli._model_specs("a,b,a")
+
+
+def test_library_errors_are_told_in_option_names():
+    with pytest.raises(cli._UsageError, match="^--mean and --std: give both mean and std"):
+        cli._resolve_target("tests.eval_models:linear_target", "--model", mean=[0.5])
+    with pytest.raises(cli._UsageError, match="^--weights: "):
+        cli._resolve_target("no-such-zoo-model", "--model", weights=Path("w.safetensors"))
+    with pytest.raises(cli._UsageError, match="^--model: cannot import"):
+        cli._resolve_target("nosuchpkg.mod:f", "--model")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.eval_models import DetachedEncoderTarget, EncoderTarget, LinearTarget, images
-from uap.evaluate import _Runner, clean_outputs, evaluate, perturbed_outputs
+from uap.evaluate import clean_outputs, evaluate, perturbed_outputs
+from uap.forward import Inference
 from uap.report import Report
 
 
@@ -128,7 +129,7 @@ def test_hook_and_direct_encoder_paths_agree(setup):
     v = torch.full((3, 8, 8), 0.1)
     for model in (EncoderTarget(seed=1), DetachedEncoderTarget(seed=2)):
         out = clean_outputs(model, x, batch_size=4)
-        pert, _ = perturbed_outputs(_Runner(model, "m", True), x, v, batch_size=4)
+        pert, _ = perturbed_outputs(Inference(model, embeddings=True), x, v, batch_size=4)
         with torch.no_grad():
             torch.testing.assert_close(out.embeddings, model.encoder(x))
             torch.testing.assert_close(out.predictions, model(x).argmax(1))

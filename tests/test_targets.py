@@ -1,12 +1,22 @@
-"""uap.targets.resolve_model: user factories, safe weight loading, normalisation wrapper."""
+"""uap.targets.resolve_model: user factories, safe weight loading, normalisation, model sources."""
 from __future__ import annotations
+
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from uap.targets import Normalized, load_state_dict_file, resolve_model
+from uap import targets
+from uap.targets import (ModelSource, ModelSpecError, Normalized, UnknownModelError, load_state_dict_file,
+                         register_model_source, resolve_model)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_linear() -> nn.Module:
@@ -49,7 +59,7 @@ def test_torch_state_dict_is_read_weights_only(tmp_path):
     ("no_such_module_xyz:f", {}, "cannot import"),
     ("tests.test_targets:missing", {}, "no attribute"),
     ("tests.test_targets:REPO_CONSTANT", {}, "nn.Module"),
-    ("tests.test_targets:tiny_linear", {"mean": [0.5]}, "both --mean and --std"),
+    ("tests.test_targets:tiny_linear", {"mean": [0.5]}, "both mean and std"),
     ("", {}, "empty"),
 ])
 def test_bad_specs(spec, kwargs, match):
@@ -66,3 +76,111 @@ def test_weights_that_do_not_fit(tmp_path):
 
 
 REPO_CONSTANT = 3
+
+
+# ---------------------------------------------------------------------------- model sources
+FAKE_SOURCE = ModelSource(load=lambda name: tiny_linear() if name == "lin" else None, names=lambda: ["lin"],
+                          help="lin only")
+
+
+@pytest.fixture()
+def registry(monkeypatch):
+    """A fresh registry that sees only the entry points given to it (none by default)."""
+    eps: list[importlib.metadata.EntryPoint] = []
+    monkeypatch.setattr(targets, "_REGISTRY", targets._Registry(lambda: eps))
+    return eps
+
+
+def test_a_registered_source_resolves_prefixed_and_bare_names(registry):
+    register_model_source("tiny", ModelSource(load=lambda n: tiny_linear() if n == "a" else None,
+                                              names=lambda: ["a"], bare=True))
+    register_model_source("other", ModelSource(load=lambda n: None))
+    model, model_id = resolve_model("tiny:a")
+    assert model_id == "tiny:a" and isinstance(model, nn.Module) and not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert isinstance(resolve_model("a")[0], nn.Module)  # bare: asked of the bare sources
+    assert targets.available_models() == {"tiny": ["a"], "other": []}
+    with pytest.raises(UnknownModelError, match="'tiny' has no model 'b': tiny has a"):
+        resolve_model("tiny:b")
+    with pytest.raises(UnknownModelError, match=r"unknown model 'zzz': tiny has a; or SOURCE:NAME with SOURCE one of "
+                                                r"tiny, other; or package.module:factory"):
+        resolve_model("zzz")
+    with pytest.raises(ValueError, match="already registered"):
+        register_model_source("tiny", ModelSource(load=lambda n: None))
+    with pytest.raises(ValueError, match="model source name"):
+        register_model_source("a.b", ModelSource(load=lambda n: None))  # dotted heads stay module:factory
+
+
+def test_sources_come_from_entry_points_loaded_only_when_needed(registry):
+    registry.append(importlib.metadata.EntryPoint("fake", "tests.test_targets:FAKE_SOURCE", targets.ENTRY_POINT_GROUP))
+    registry.append(importlib.metadata.EntryPoint("broken", "tests.test_targets:REPO_CONSTANT", targets.ENTRY_POINT_GROUP))
+    assert isinstance(resolve_model("fake:lin")[0], nn.Module)
+    assert "broken" not in targets._REGISTRY._sources  # not imported: no spec named it
+    with pytest.raises(UnknownModelError, match=r"has no model 'nope': fake has lin \(lin only\)"):
+        resolve_model("fake:nope")
+    with pytest.raises(TypeError, match="not a uap.targets.ModelSource"):
+        resolve_model("broken:x")
+    register_model_source("fake", ModelSource(load=lambda n: nn.Linear(2, 2)), replace=True)
+    assert isinstance(resolve_model("fake:anything")[0], nn.Linear)  # an explicit registration wins
+
+
+def test_no_source_installed_is_a_clear_error(registry):
+    with pytest.raises(UnknownModelError, match="no model source is installed.*'uap.models'"):
+        resolve_model("supervised")
+
+
+def test_messages_name_arguments_not_command_line_options(tmp_path):
+    cases = [
+        (dict(spec=""), ("spec",)), (dict(spec="tests.test_targets:tiny_linear", mean=[0.5]), ("mean", "std")),
+        (dict(spec="tests.test_targets:tiny_linear", mean=[0.5], std=[0.1, 0.2]), ("mean", "std")),
+        (dict(spec="tests.test_targets:tiny_linear", mean=[0.5], std=[0.0]), ("std",)),
+        (dict(spec="no-such-zoo-model", weights=tmp_path / "w.safetensors"), ("weights",)),
+        (dict(spec="no-such-zoo-model"), ("spec",)), (dict(spec="no_such_module_xyz:f"), ("spec",)),
+        (dict(spec=":f"), ("spec",)),
+    ]
+    for kwargs, arguments in cases:
+        with pytest.raises(ModelSpecError) as info:
+            resolve_model(**kwargs)
+        assert info.value.arguments == arguments, kwargs
+        assert "--" not in str(info.value), str(info.value)
+
+
+def test_the_installed_zoo_is_an_entry_point_source():
+    import models.zoo
+
+    assert targets.model_sources()["zoo"] is models.zoo.MODEL_SOURCE
+    names = models.zoo.available()
+    with pytest.raises(UnknownModelError, match="unknown model 'no-such-zoo-model': zoo has"
+                                                + (f".*{names[0]}" if names else " no models")):
+        resolve_model("no-such-zoo-model")
+    if "supervised" in names:
+        for spec in ("supervised", "zoo:supervised"):
+            model, model_id = resolve_model(spec)
+            assert model_id == spec and model.card["name"] == "supervised"
+
+
+def test_zoo_entries_resolve_by_path(tmp_path, monkeypatch):
+    import models.zoo
+    from models.probes import ProbedClassifier
+
+    def build(card: dict) -> nn.Module:
+        return ProbedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6)), nn.Linear(6, 3))
+
+    monkeypatch.setitem(models.zoo.BUILDERS, "test-resolve", build)
+    net = build({})
+    models.zoo.save_entry("mine", net, {"builder": "test-resolve"}, zoo_dir=tmp_path)
+    model, model_id = resolve_model(str(tmp_path / "mine.safetensors"))
+    x = torch.rand(2, 3, 4, 4)
+    assert model_id == str(tmp_path / "mine.safetensors") and torch.equal(model(x), net(x))
+
+
+def test_uap_never_imports_models():
+    code = ("import sys, uap\n"
+            "from uap.targets import resolve_model\n"
+            "resolve_model('tests.test_targets:tiny_linear', mean=[0.5] * 3, std=[0.25] * 3)\n"
+            "assert 'models' not in sys.modules, sorted(m for m in sys.modules if m.startswith('models'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    imports = [f"{p.relative_to(REPO)}: {line.strip()}" for p in (REPO / "uap").rglob("*.py")
+               for line in p.read_text().splitlines() if re.match(r"\s*(import|from)\s+models\b", line)]
+    assert imports == []

@@ -16,8 +16,8 @@ Names understood by :func:`load`:
   exist they are the splits; otherwise the images are divided into disjoint train/test parts
   by a stable hash of their relative path (80 % / 20 %).
 
-Decoded images are cached as ``uint8`` ``.npy`` files under the cache dir, so the second load
-of 50 000 JPEGs takes well under a second. Subsets (``n``) are class-balanced and
+Decoded images are cached as ``uint8`` ``.npz`` files under the cache dir, so a folder of
+images is decoded once, not on every load. Subsets (``n``) are class-balanced and
 deterministic for a seed; splits never share an image.
 """
 from __future__ import annotations
@@ -258,7 +258,7 @@ def _list_imagefolder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def _read_imagefolder_cached(folder: Path, prefix: str = ""):
-    """Decode every image under ``folder`` once; later calls read a uint8 ``.npy`` cache."""
+    """Decode every image under ``folder`` once; later calls read a uint8 ``.npz`` cache."""
     classes, items = _list_imagefolder(folder)
     listing = "\n".join(f"{rel}:{label}" for rel, label in items)
     stamp = hashlib.sha256(f"{folder.resolve()}\n{listing}".encode()).hexdigest()[:16]

@@ -17,16 +17,13 @@ and each model is scored on
 Cost: clean predictions come from the engine's shared cache
 (:func:`uap.metrics.clean_predictions`), so they are computed once per (model, image tensor)
 and reused for every perturbation — and across calls. Clean embeddings are computed once per
-model per call. Each (perturbation, model) pair then costs one batched forward pass. When a
-model's ``forward`` calls its own ``.encoder`` (a probe on top of an encoder), the perturbed
-embedding is captured with a forward hook during that same pass instead of running the
-encoder twice; this is checked against a direct ``model.encoder`` call on the first batch and
-abandoned for that model if the two differ.
+model per call. Each (perturbation, model) pair then costs one batched forward pass of
+:class:`uap.forward.Inference`, which also captures the perturbed embedding in that pass when
+the model's ``forward`` calls its own ``.encoder`` (a probe on top of an encoder).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
@@ -34,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uap.forward import eval_mode, logits_of, model_device
+from uap.forward import DEFAULT_BATCH_SIZE, Inference, Outputs, check_images, encoder_of
 from uap.metrics import clean_predictions
 from uap.report import Report
 
@@ -100,81 +97,18 @@ def as_named_models(models: Mapping[str, nn.Module] | Sequence[nn.Module]) -> di
     return {str(k): m for k, m in items}
 
 
-def _check_images(x: torch.Tensor, y: torch.Tensor | None) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be an N×C×H×W tensor of images, got {getattr(x, 'shape', type(x))}")
-    if len(x) == 0:
-        raise ValueError("x holds no images")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point in [0, 1], got dtype {x.dtype}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"x must be images in [0, 1] (normalisation lives inside the model), got range [{lo:.3g}, {hi:.3g}]")
-    if y is not None and (y.dim() != 1 or len(y) != len(x)):
-        raise ValueError(f"y must hold one label per image ({len(x)}), got shape {tuple(y.shape)}")
+def _check_labels(y: torch.Tensor | None, n: int) -> None:
+    if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or len(y) != n):
+        raise ValueError(f"y must hold one label per image ({n}), got shape {tuple(getattr(y, 'shape', ()))}")
 
 
 # ---------------------------------------------------------------------------- forward passes
-
-def _encoder_of(model: nn.Module) -> nn.Module | None:
-    enc = getattr(model, "encoder", None)
-    return enc if isinstance(enc, nn.Module) else None
-
-
-def _flat_features(out: Any, name: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"{name}.encoder returned {type(out).__name__}; expected a feature tensor")
-    return out.reshape(len(out), -1).float()
-
-
-class _Runner:
-    """Batched forward passes of one model returning (logits, embeddings or None)."""
-
-    def __init__(self, model: nn.Module, name: str, embeddings: bool):
-        self.model, self.name = model, name
-        self.encoder = _encoder_of(model) if embeddings else None
-        self.device = model_device(model)
-        self.use_hook: bool | None = None  # decided on the first batch
-
-    @torch.no_grad()
-    def __call__(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        xb = xb.to(self.device)
-        if self.encoder is None:
-            return logits_of(self.model, xb).float(), None
-        if self.use_hook is False:
-            return logits_of(self.model, xb).float(), _flat_features(self.encoder(xb), self.name)
-        captured: list[torch.Tensor] = []
-        handle = self.encoder.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            logits = logits_of(self.model, xb).float()
-        finally:
-            handle.remove()
-        hooked = _flat_features(captured[0], self.name) if len(captured) == 1 else None
-        if self.use_hook is None:  # first batch: trust the hook only if it equals a direct call
-            direct = _flat_features(self.encoder(xb), self.name)
-            self.use_hook = hooked is not None and hooked.shape == direct.shape and torch.allclose(
-                hooked, direct, rtol=1e-4, atol=1e-5)
-            return logits, direct
-        return logits, hooked if self.use_hook else _flat_features(self.encoder(xb), self.name)
-
-
-def _batches(n: int, batch_size: int) -> list[slice]:
-    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
-
-
-@dataclass
-class Outputs:
-    """A model's predicted labels (N,) and, for encoders, embeddings (N×D), both on CPU."""
-
-    predictions: torch.Tensor
-    embeddings: torch.Tensor | None
-
 
 def clean_outputs(
     model: nn.Module,
     x: torch.Tensor,
     *,
-    batch_size: int = 250,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     embeddings: bool = True,
     name: str = "model",
 ) -> Outputs:
@@ -186,27 +120,18 @@ def clean_outputs(
     The embeddings take one batched pass of ``model.encoder``.
     """
     preds = clean_predictions(model, x, batch_size=batch_size)
-    encoder = _encoder_of(model) if embeddings else None
-    if encoder is None:
+    if not embeddings or encoder_of(model) is None:
         return Outputs(preds, None)
-    device = model_device(model)
-    with torch.no_grad(), eval_mode(model):
-        emb = [_flat_features(encoder(x[s].to(device)), name).cpu() for s in _batches(len(x), batch_size)]
-    return Outputs(preds, torch.cat(emb))
+    return Outputs(preds, Inference(model, embeddings=True, name=name).embeddings(x, batch_size=batch_size))
 
 
-def perturbed_outputs(run: _Runner, x: torch.Tensor, v: torch.Tensor, batch_size: int) -> tuple[Outputs, int]:
-    """Labels (and embeddings) on ``clip(x + v, 0, 1)`` in one batched pass, and the number of classes."""
-    preds, embs, num_classes = [], [], 0
-    vd = v.to(dtype=x.dtype).unsqueeze(0)
-    with eval_mode(run.model):
-        for s in _batches(len(x), batch_size):
-            logits, emb = run((x[s] + vd).clamp_(0.0, 1.0))
-            num_classes = logits.shape[1]
-            preds.append(logits.argmax(dim=1).cpu())
-            if emb is not None:
-                embs.append(emb.cpu())
-    return Outputs(torch.cat(preds), torch.cat(embs) if embs else None), num_classes
+def perturbed_outputs(run: Inference, x: torch.Tensor, v: torch.Tensor,
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[Outputs, int]:
+    """Labels (and embeddings) on ``clip(x + v, 0, 1)`` in one batched pass of ``run``, and the
+    number of classes. ``run`` is the model's :class:`~uap.forward.Inference`, kept across
+    perturbations so its checks (encoder hook, memory layout) are made once per model."""
+    out = run(x, v, batch_size=batch_size)
+    return out, out.num_classes
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -217,7 +142,7 @@ def evaluate(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     *,
-    batch_size: int = 250,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     embeddings: bool = True,
     classes: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
@@ -243,7 +168,8 @@ def evaluate(
     """
     perts = as_named_perturbations(perturbations)
     named_models = as_named_models(models)
-    _check_images(x, y)
+    check_images(x)
+    _check_labels(y, len(x))
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     for name, v in perts.items():
@@ -269,7 +195,7 @@ def evaluate(
         advance(f"{mname}: clean")
         if y_cpu is not None:
             clean_acc[j] = (clean.predictions == y_cpu).double().mean().item()
-        run = _Runner(model, mname, embeddings)
+        run = Inference(model, embeddings=embeddings, name=mname)
         for i, (pname, v) in enumerate(perts.items()):
             out, num_classes = perturbed_outputs(run, x, v, batch_size)
             pred = out.predictions

@@ -6,8 +6,12 @@ methods, DeepFool) goes through here, so they agree on what a target is and how 
 - a target is an ``nn.Module`` taking images in [0, 1] (N×C×H×W) and returning N×C logits
   (:func:`logits_of` checks that), run in eval mode (:func:`eval_mode`) on the device of its
   parameters (:func:`model_device`);
-- image batches are validated once (:func:`check_images`) and run ``DEFAULT_BATCH_SIZE`` at a
-  time (:func:`batches`);
+- image batches are validated once (:func:`check_images`: shape, dtype, finite values in
+  [0, 1]) and run ``DEFAULT_BATCH_SIZE`` at a time (:func:`batches`);
+- :class:`Inference` is the gradient-free pass every measurement uses: predicted labels of
+  ``x`` or of ``clip(x + v, 0, 1)``, and, for a model with an ``.encoder``
+  (:func:`encoder_of`), its embeddings, captured by a forward hook in the same pass when the
+  model's ``forward`` calls its own encoder;
 - on the CPU, oneDNN's convolutions run faster on batches in channels-last memory layout, so
   :class:`BatchLayout` uses it for batches of more than one image (a single image stays
   contiguous: PyTorch's native kernels are as fast at that size). The layout changes only how
@@ -18,15 +22,22 @@ methods, DeepFool) goes through here, so they agree on what a target is and how 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "BatchLayout", "logits_of", "model_device", "eval_mode", "check_images",
-    "check_perturbation", "batches",
+    "DEFAULT_BATCH_SIZE", "BatchLayout", "Inference", "Outputs", "logits_of", "model_device", "eval_mode",
+    "check_images", "check_perturbation", "batches", "encoder_of", "encoder_features",
 ]
+
+T = TypeVar("T")
+
+#: Slack of the [0, 1] range check: float rounding of an image computed in float32.
+_RANGE_TOLERANCE = 1e-6
 
 #: Images per forward pass wherever the caller does not choose.
 DEFAULT_BATCH_SIZE = 256
@@ -60,19 +71,34 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        model.train(modes[0][1])  # what earlier versions did (and what a custom train() may rely on) …
+        model.train(modes[0][1])  # the model's own train() first: a custom override may rely on being called …
         for m, training in modes:  # … then each submodule's own flag, e.g. a frozen part stays in eval
             m.training = training
 
 
 def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
-    """Validate an image batch: a non-empty floating ``N×C×H×W`` tensor."""
+    """Validate an image batch: a non-empty floating ``N×C×H×W`` tensor of finite values in [0, 1].
+
+    Targets take raw images and normalise inside (see :class:`uap.targets.Normalized`), and
+    ``clip(x + v, 0, 1)`` only means something for images in [0, 1], so normalised or 0–255
+    images are refused here rather than giving quietly wrong numbers; so are NaNs, which would
+    otherwise turn into arbitrary labels. The value check is a single ``aminmax`` reduction
+    (NaN propagates into both ends), one pass over the tensor: cheap next to running a model
+    over the same images.
+    """
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of images in [0, 1]")
     if x.dim() != 4:
         raise ValueError(f"{name} must have shape N×C×H×W, got {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name} is empty: need at least one image")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: need at least one image, got shape {tuple(x.shape)}")
+    lo, hi = (float(t) for t in torch.stack(torch.aminmax(x)).tolist())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} has NaN or infinite values: images must be finite, in [0, 1]")
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        hint = "; divide 0–255 images by 255" if lo >= -_RANGE_TOLERANCE and hi > 2 else ""
+        raise ValueError(f"{name} must be images in [0, 1] (normalisation lives inside the model), "
+                         f"got values in [{lo:.4g}, {hi:.4g}]{hint}")
     return x
 
 
@@ -128,12 +154,18 @@ class BatchLayout:
         ``autocast`` (e.g. ``torch.bfloat16``) the forward pass runs under autocast to that
         type; ``x_used`` stays in its own dtype, so its gradient does too.
         """
+        return self.apply(lambda xu: _run(model, xu, track, autocast), x)
+
+    def apply(self, fn: Callable[[torch.Tensor], T], x: torch.Tensor) -> T:
+        """``fn(x)`` with ``x`` in the chosen layout; a ``RuntimeError`` in channels-last
+        switches this instance to contiguous and runs ``fn`` again (``fn`` must not have
+        effects that a second call would repeat)."""
         if self.channels_last and x.dim() == 4 and x.shape[0] > 1:
             try:
-                return _run(model, x.contiguous(memory_format=torch.channels_last), track, autocast)
+                return fn(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError:
                 self.channels_last = False
-        return _run(model, x.contiguous(), track, autocast)
+        return fn(x.contiguous())
 
 
 def _run(model: nn.Module, x: torch.Tensor, track: bool,
@@ -144,3 +176,148 @@ def _run(model: nn.Module, x: torch.Tensor, track: bool,
     cast = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     with torch.set_grad_enabled(track), cast:
         return x, logits_of(model, x)
+
+
+# ---------------------------------------------------------------------------- encoders
+
+def encoder_of(model: nn.Module, *, required: bool = False, needed_by: str = "embeddings") -> Any:
+    """The model's ``.encoder`` (images in [0, 1] → features), or ``None`` when it has none.
+
+    An encoder is ``model.encoder``, an ``nn.Module`` or any callable (the zoo's classifiers,
+    probes and CLIP's zero-shot head expose one). With ``required`` a missing encoder is a
+    ``ValueError`` that starts with ``needed_by`` (e.g. ``"method 'feature'"``).
+    """
+    encoder = getattr(model, "encoder", None)
+    if callable(encoder):
+        return encoder
+    if required:
+        raise ValueError(f"{needed_by} needs a target with an .encoder (images in [0, 1] → features); "
+                         f"{type(model).__name__} has none")
+    return None
+
+
+def encoder_features(encoder: Callable[[torch.Tensor], Any], x: torch.Tensor, name: str = "model") -> torch.Tensor:
+    """``encoder(x)``, checked to be a tensor with one row per image (``N×D`` or ``N×…``).
+
+    Runs under whatever autograd mode the caller chose (a crafting objective differentiates
+    through it) and returns the features as the encoder gave them, not flattened or cast.
+    """
+    out = encoder(x)
+    if not _is_features(out, x.shape[0]):
+        shape = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ValueError(f"{name}.encoder must return an N×D feature tensor (N={x.shape[0]} images), got {shape}")
+    return out
+
+
+def _is_features(out: Any, n: int) -> bool:
+    return torch.is_tensor(out) and out.dim() >= 2 and out.shape[0] == n
+
+
+def _flat(features: torch.Tensor) -> torch.Tensor:
+    return features.reshape(features.shape[0], -1).float()
+
+
+# ---------------------------------------------------------------------------- inference
+
+@dataclass(frozen=True)
+class Outputs:
+    """One model's outputs on a set of images, on the CPU.
+
+    ``predictions`` (N,) int64 labels; ``embeddings`` (N×D float32, flattened) for a model with
+    an encoder when they were asked for, else ``None``; ``num_classes`` the width of the
+    logits when this came from a forward pass (``None`` when the labels came from elsewhere,
+    such as the clean-prediction cache).
+    """
+
+    predictions: torch.Tensor
+    embeddings: torch.Tensor | None = None
+    num_classes: int | None = None
+
+
+class Inference:
+    """Gradient-free batched passes of one model: the path every measurement takes.
+
+    ``Inference(model, embeddings=True)(x, v)`` runs ``model`` on ``clip(x + v, 0, 1)`` (or on
+    ``x`` without ``v``) ``batch_size`` images at a time, in eval mode (modes restored after),
+    without autograd, on the model's device, in :class:`BatchLayout`'s layout, and returns
+    :class:`Outputs` on the CPU.
+
+    With ``embeddings`` and a model that has an encoder (:func:`encoder_of`), the embeddings
+    come from the same pass: a forward hook on the encoder captures its output while the model
+    runs, so a probe on top of an encoder does not run the encoder twice. The hook is trusted
+    only after the first batch showed it equal to a direct ``encoder(x)`` call (a model may
+    call its encoder on transformed input, or not at all); otherwise, and for encoders that
+    are not modules, the encoder is called directly. One instance serves one model and keeps
+    that finding, and the layout's, across calls.
+    """
+
+    def __init__(self, model: nn.Module, *, embeddings: bool = False, name: str = "model") -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{name} is a {type(model).__name__}, expected an nn.Module (a target classifier)")
+        self.model, self.name = model, name
+        self.encoder = encoder_of(model) if embeddings else None
+        self.device = model_device(model)
+        self.layout = BatchLayout(self.device)
+        #: None: not decided yet (first batch); True: the hook's capture is used; False: direct calls.
+        self.use_hook: bool | None = None if isinstance(self.encoder, nn.Module) else False
+
+    def __call__(self, x: torch.Tensor, v: torch.Tensor | None = None, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> Outputs:
+        """Labels (and embeddings, when asked for and available) on ``clip(x + v, 0, 1)`` or ``x``."""
+        check_images(x)
+        if v is not None:
+            v = check_perturbation(v, x).to(device=self.device, dtype=x.dtype)
+        preds, embs, num_classes = [], [], 0
+        with self._running():
+            for xb in batches(x, batch_size):
+                xb = xb.to(self.device)
+                if v is not None:
+                    xb = (xb + v).clamp_(0.0, 1.0)
+                logits, emb = self.layout.apply(self._step, xb)
+                num_classes = logits.shape[1]
+                preds.append(logits.argmax(dim=1).cpu())
+                if emb is not None:
+                    embs.append(emb.cpu())
+        return Outputs(torch.cat(preds), torch.cat(embs) if embs else None, num_classes)
+
+    def embeddings(self, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor | None:
+        """Encoder features of ``x`` alone (N×D float32, CPU), without running the classifier;
+        ``None`` for a model without an encoder (or an instance made without ``embeddings``)."""
+        check_images(x)
+        if self.encoder is None:
+            return None
+        with self._running():
+            return torch.cat([self.layout.apply(self._direct, xb.to(self.device)).cpu()
+                              for xb in batches(x, batch_size)])
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(eval_mode(self.model))
+            if isinstance(self.encoder, nn.Module):  # an encoder kept outside the model's own modules
+                stack.enter_context(eval_mode(self.encoder))
+            yield
+
+    def _direct(self, xb: torch.Tensor) -> torch.Tensor:
+        return _flat(encoder_features(self.encoder, xb, self.name))
+
+    def _step(self, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of one batch and, with an encoder, its flattened embeddings."""
+        if self.encoder is None:
+            return logits_of(self.model, xb), None
+        if self.use_hook is False:
+            return logits_of(self.model, xb), self._direct(xb)
+        captured: list[Any] = []
+        handle = self.encoder.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            logits = logits_of(self.model, xb)
+        finally:
+            handle.remove()
+        hooked = _flat(captured[0]) if len(captured) == 1 and _is_features(captured[0], len(xb)) else None
+        if self.use_hook is None:  # first batch: trust the hook only if it equals a direct call
+            direct = self._direct(xb)
+            self.use_hook = hooked is not None and hooked.shape == direct.shape and torch.allclose(
+                hooked, direct, rtol=1e-4, atol=1e-5)
+            return logits, direct
+        return logits, hooked if hooked is not None else self._direct(xb)

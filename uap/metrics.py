@@ -16,18 +16,17 @@ bumps ``tensor._version``), so training the model or editing the data in place i
 it, and entries die with the model (weak references). Other modules (``uap.evaluate``)
 should call :func:`clean_predictions` rather than re-running the model.
 
-Every function here batches (``batch_size`` images per forward pass), runs without autograd,
-moves batches to the model's device, and checks that the model returns ``N×C`` logits.
+Every function here runs the model through :class:`uap.forward.Inference` (``batch_size``
+images per forward pass, eval mode, no autograd, the model's device, ``N×C`` logits checked).
 """
 from __future__ import annotations
 
 import weakref
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from uap.forward import DEFAULT_BATCH_SIZE, BatchLayout, batches, check_images, check_perturbation, eval_mode, model_device
+from uap.forward import DEFAULT_BATCH_SIZE, Inference, check_images, check_perturbation
 
 __all__ = [
     "CleanPredictions",
@@ -38,7 +37,6 @@ __all__ = [
     "dominant_label",
 ]
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     x: torch.Tensor,
@@ -47,19 +45,7 @@ def predict(
     batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> torch.Tensor:
     """Predicted labels ``k̂(clip(x + v, 0, 1))`` (or ``k̂(x)`` without ``v``), int64 on CPU."""
-    check_images(x)
-    device = model_device(model)
-    if v is not None:
-        v = check_perturbation(v, x).to(device=device, dtype=x.dtype)
-    out = []
-    layout = BatchLayout(device)
-    with eval_mode(model):
-        for xb in batches(x, batch_size):
-            xb = xb.to(device)
-            if v is not None:
-                xb = (xb + v).clamp_(0.0, 1.0)
-            out.append(layout.logits(model, xb)[1].argmax(dim=1).cpu())
-    return torch.cat(out)
+    return Inference(model)(x, v, batch_size=batch_size).predictions
 
 
 class CleanPredictions:

@@ -10,7 +10,9 @@ written atomically (temporary file, then ``os.replace``).
 - :func:`plot_perturbations` — each perturbation rescaled from ``[-‖v‖∞, ‖v‖∞]`` to ``[0, 1]``
   (grey = 0) so its structure is visible; a perturbation of 8/255 is invisible at scale 1.
 - :func:`plot_examples` — a few images clean and with each perturbation, captioned with the
-  label a model gives them (red when the perturbation changed that model's decision).
+  label a model gives them (red when the perturbation changed that model's decision); the
+  labels come from the engine's forward path (:class:`uap.forward.Inference`), the same one
+  the reported numbers come from.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from uap.atomic import atomic_write
+from uap.forward import Inference, check_images
 from uap.report import Report
 
 __all__ = ["plot_heatmap", "heatmap_figure", "plot_perturbations", "plot_examples", "write_figures", "amplify", "save_figure"]
@@ -140,12 +143,6 @@ def plot_perturbations(
 
 # ---------------------------------------------------------------------------- examples
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    return model(x.to(device)).argmax(dim=1).cpu()
-
-
 def _label(k: int, classes: Sequence[str] | None) -> str:
     return classes[k] if classes is not None and 0 <= k < len(classes) else str(k)
 
@@ -172,8 +169,7 @@ def plot_examples(
         classes: class names for the captions.
         k: number of example images (rows).
     """
-    if x.dim() != 4 or len(x) == 0:
-        raise ValueError(f"x must be a non-empty N×C×H×W batch, got {tuple(x.shape)}")
+    check_images(x)
     missing = [p for p in perturbations if p not in labelled_by]
     if missing:
         raise ValueError(f"no model to label perturbation(s) {missing}")
@@ -183,19 +179,21 @@ def plot_examples(
     names = list(perturbations)
     cols = 1 + len(names)
     fig = Figure(figsize=(1.7 * cols, 1.9 * len(idx) + 0.6))
-    clean_pred_cache: dict[str, torch.Tensor] = {}
+    runs: dict[str, tuple[Inference, torch.Tensor]] = {}  # model name → (its pass, clean labels)
     for c, name in enumerate(names, start=1):
         mname, model = labelled_by[name]
-        if mname not in clean_pred_cache:
-            clean_pred_cache[mname] = _predict(model, xs)
+        if mname not in runs:
+            run = Inference(model, name=mname)
+            runs[mname] = run, run(xs).predictions
+        run, clean = runs[mname]
         v = perturbations[name]
         v = (v.v if hasattr(v, "v") else v).detach().float().cpu()
+        pred = run(xs, v).predictions
         xp = (xs + v.unsqueeze(0)).clamp(0, 1)
-        pred = _predict(model, xp)
         for r in range(len(idx)):
             ax = fig.add_subplot(len(idx), cols, r * cols + c + 1)
             ax.imshow(_hwc(xp[r]), interpolation="nearest")
-            before, after = int(clean_pred_cache[mname][r]), int(pred[r])
+            before, after = int(clean[r]), int(pred[r])
             caption = f"{mname}: {_label(after, classes)}" if before == after else \
                 f"{mname}: {_label(before, classes)}→\n{_label(after, classes)}"
             ax.set_title(caption, fontsize=7, color="red" if before != after else "black")

@@ -1,26 +1,157 @@
-"""Resolve a ``--model`` argument into a classifier the engine can attack.
+"""Resolve a model spec into a classifier the engine can attack.
 
 A *target* is an ``nn.Module`` taking images in ``[0, 1]`` (N×3×H×W) and returning logits
-(N×C); normalisation lives inside it. Three spellings are accepted, the same in
-``uap craft`` and ``uap evaluate``:
+(N×C); normalisation lives inside it. :func:`resolve_model` accepts three spellings:
 
-- a zoo name (``supervised``, ``simclr`` …) or a path to a zoo-style checkpoint —
-  delegated to :func:`models.load`;
 - ``package.module:factory`` — a user's own model: ``factory()`` builds the module, weights
   come from ``weights`` (safetensors, or a state dict read with
   ``torch.load(..., weights_only=True)``, which cannot run code), and ``mean``/``std`` wrap it
-  in a normalisation layer when it expects normalised input.
+  in a normalisation layer (:class:`Normalized`) when it expects normalised input;
+- ``SOURCE:NAME`` — model ``NAME`` of the *model source* ``SOURCE`` (e.g. ``zoo:supervised``;
+  adapters such as ``torchvision:resnet18``, ``timm:NAME`` or ``hub:DIR:ENTRY`` plug in the
+  same way);
+- a bare name or a path (``supervised``, ``supervised@knn``, ``runs/x/NAME.safetensors``) —
+  asked of every source that answers bare specs (:attr:`ModelSource.bare`), in order.
+
+Model sources are how the engine finds models without importing the packages that define
+them: ``uap`` never imports the repo's ``models`` package (``models`` imports ``uap``). A
+source is a :class:`ModelSource`, published either as an entry point of the group
+``"uap.models"`` (the entry point's name is the source's name; the object is loaded only when
+a spec needs it)::
+
+    [project.entry-points."uap.models"]
+    zoo = "models.zoo:MODEL_SOURCE"
+
+or registered at run time with :func:`register_model_source`. A source name has no dots, so
+``package.module:factory`` is never taken for one; a source named like a top-level module
+does take over ``thatmodule:…`` specs.
+
+Errors are :class:`ModelSpecError` (a ``ValueError``) whose ``arguments`` name the parameters
+of :func:`resolve_model` at fault, so a front end can point at its own option names.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Normalized", "resolve_model", "load_state_dict_file"]
+__all__ = [
+    "ENTRY_POINT_GROUP", "ModelSource", "ModelSpecError", "UnknownModelError", "Normalized",
+    "register_model_source", "model_sources", "available_models", "resolve_model", "load_state_dict_file",
+]
+
+#: Entry-point group in which installed packages publish their :class:`ModelSource`.
+ENTRY_POINT_GROUP = "uap.models"
+
+_SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_LISTED = 12  # names per source shown in an "unknown model" message
+
+
+class ModelSpecError(ValueError):
+    """A model spec, or an argument that goes with it, cannot be used.
+
+    ``arguments`` names the parameters of :func:`resolve_model` the message is about
+    (``"spec"``, ``"weights"``, ``"mean"``, ``"std"``).
+    """
+
+    def __init__(self, message: str, *arguments: str) -> None:
+        super().__init__(message)
+        self.arguments: tuple[str, ...] = arguments or ("spec",)
+
+
+class UnknownModelError(ModelSpecError):
+    """No model source has the named model; the message lists what they have."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where named models come from (the repo's zoo, a torchvision or timm adapter …).
+
+    Attributes:
+        load: ``load(name) -> nn.Module`` — the classifier (images in [0, 1] → logits), or
+            ``None`` when the source has no model of that name. For ``SOURCE:NAME`` it gets
+            ``NAME``; for a bare spec, the whole spec.
+        names: ``names() -> list of str`` — the models it can load, for listings and error
+            messages (may be empty for an adapter over an open-ended hub).
+        bare: also ask this source about specs without a ``SOURCE:`` prefix.
+        help: one line on how its names are spelled, shown in error messages.
+    """
+
+    load: Callable[[str], nn.Module | None]
+    names: Callable[[], Sequence[str]] = tuple
+    bare: bool = False
+    help: str = ""
+
+
+def _installed_entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+class _Registry:
+    """Model sources by name: installed entry points (each loaded on first use), then registrations."""
+
+    def __init__(self, discover: Callable[[], Iterable[importlib.metadata.EntryPoint]] = _installed_entry_points):
+        self._discover = discover
+        self._sources: dict[str, ModelSource] = {}
+        self._entry_points: dict[str, importlib.metadata.EntryPoint] | None = None
+
+    def entry_points(self) -> dict[str, importlib.metadata.EntryPoint]:
+        if self._entry_points is None:  # read once: metadata only, nothing is imported
+            self._entry_points = {ep.name: ep for ep in self._discover()}
+        return self._entry_points
+
+    def register(self, name: str, source: ModelSource, replace: bool) -> None:
+        if not isinstance(name, str) or not _SOURCE_NAME.fullmatch(name):
+            raise ValueError(f"a model source name is a letter then letters, digits, '_' or '-', got {name!r}")
+        if not isinstance(source, ModelSource):
+            raise TypeError(f"model source {name!r} must be a ModelSource, got {type(source).__name__}")
+        if not replace and name in self.names():
+            raise ValueError(f"a model source named {name!r} is already registered (pass replace=True)")
+        self._sources[name] = source
+
+    def names(self) -> list[str]:
+        return list(self.entry_points()) + [n for n in self._sources if n not in self.entry_points()]
+
+    def get(self, name: str) -> ModelSource | None:
+        if name in self._sources:
+            return self._sources[name]
+        ep = self.entry_points().get(name)
+        if ep is None:
+            return None
+        source = ep.load()
+        if not isinstance(source, ModelSource):
+            raise TypeError(f"entry point {name} = {ep.value!r} in group {ENTRY_POINT_GROUP!r} "
+                            f"gives a {type(source).__name__}, not a uap.targets.ModelSource")
+        self._sources[name] = source
+        return source
+
+
+_REGISTRY = _Registry()
+
+
+def register_model_source(name: str, source: ModelSource, *, replace: bool = False) -> None:
+    """Make ``name:NAME`` specs (and, with ``source.bare``, bare names) resolve through ``source``.
+
+    A registration takes precedence over an installed entry point of the same name when
+    ``replace`` is set; without it, a taken name is a ``ValueError``.
+    """
+    _REGISTRY.register(name, source, replace)
+
+
+def model_sources() -> dict[str, ModelSource]:
+    """Every known model source by name, in resolution order (imports the entry points' modules)."""
+    return {name: source for name in _REGISTRY.names() if (source := _REGISTRY.get(name)) is not None}
+
+
+def available_models() -> dict[str, list[str]]:
+    """``{source name: the models it lists}`` for every model source."""
+    return {name: list(source.names()) for name, source in model_sources().items()}
 
 
 class Normalized(nn.Module):
@@ -29,9 +160,9 @@ class Normalized(nn.Module):
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         if len(mean) != len(std):
-            raise ValueError(f"--mean has {len(mean)} values but --std has {len(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError("--std values must be > 0")
+            raise ModelSpecError(f"mean has {len(mean)} values but std has {len(std)}", "mean", "std")
+        if any(not s > 0 for s in std):
+            raise ModelSpecError("std values must be > 0", "std")
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -66,15 +197,22 @@ def resolve_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> tuple[nn.Module, str]:
-    """Return ``(model, model_id)`` for a zoo name, checkpoint path or ``module:factory``.
+    """Return ``(model, model_id)`` for a ``module:factory``, ``SOURCE:NAME``, bare name or path.
 
-    The model is put in eval mode with gradients of its parameters disabled (the engine only
-    needs gradients with respect to the input).
+    ``weights`` only goes with ``module:factory`` (a source's models carry their own);
+    ``mean`` and ``std`` go together. The model is put in eval mode with gradients of its
+    parameters disabled (the engine only needs gradients with respect to the input).
+    ``model_id`` is the spec as given.
     """
-    if not spec:
-        raise ValueError("--model is empty: give a zoo name (see `uap models`) or package.module:factory")
-    is_factory = ":" in spec and not Path(spec).exists() and not spec[1:3] == ":\\"
-    if is_factory:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelSpecError("the model spec is empty: give a model name, SOURCE:NAME or package.module:factory")
+    if (mean is None) != (std is None):
+        raise ModelSpecError("give both mean and std, or neither", "mean", "std")
+    source_name, factory = _kind(spec)
+    if weights is not None and not factory:
+        raise ModelSpecError(f"weights go with a package.module:factory model; {spec!r} comes with its own",
+                             "weights")
+    if factory:
         model = _build_factory(spec)
         if weights is not None:
             state = load_state_dict_file(weights)
@@ -82,35 +220,72 @@ def resolve_model(
                 model.load_state_dict(state)
             except RuntimeError as e:
                 first = str(e).strip().splitlines()[0]
-                raise ValueError(f"weights in {weights} do not fit {spec}: {first}") from None
-        model_id = spec
+                raise ModelSpecError(f"weights in {weights} do not fit {spec}: {first}", "weights") from None
     else:
-        if weights is not None:
-            raise ValueError("--weights is only used with --model package.module:factory")
-        import models
-
-        model = models.load(spec)
-        model_id = spec
-    if (mean is None) != (std is None):
-        raise ValueError("give both --mean and --std, or neither")
+        model = _from_sources(spec, source_name)
     if mean is not None:
         model = Normalized(model, mean, std)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, model_id
+    return model, spec
+
+
+def _kind(spec: str) -> tuple[str | None, bool]:
+    """``(source name or None, is a module:factory spec)``."""
+    head, sep, _ = spec.partition(":")
+    if not sep or Path(spec).exists() or spec[1:3] == ":\\":  # a bare name, or a path (Windows drives too)
+        return None, False
+    if _SOURCE_NAME.fullmatch(head) and head in _REGISTRY.names():
+        return head, False
+    return None, True
+
+
+def _from_sources(spec: str, source_name: str | None) -> nn.Module:
+    if source_name is not None:
+        source = _REGISTRY.get(source_name)
+        name = spec.partition(":")[2]
+        model = source.load(name) if name else None
+        if model is None:
+            raise UnknownModelError(f"model source {source_name!r} has no model {name!r}: "
+                                    f"{_listing(source_name, source)}")
+        return _checked(model, spec)
+    bare = {n: s for n, s in model_sources().items() if s.bare}
+    for source in bare.values():
+        model = source.load(spec)
+        if model is not None:
+            return _checked(model, spec)
+    listing = "; ".join(_listing(n, s) for n, s in bare.items()) or (
+        f"no model source is installed (packages publish them under the entry-point group {ENTRY_POINT_GROUP!r})")
+    prefixed = ", ".join(_REGISTRY.names())
+    raise UnknownModelError(f"unknown model {spec!r}: {listing}"
+                            + (f"; or SOURCE:NAME with SOURCE one of {prefixed}" if prefixed else "")
+                            + "; or package.module:factory for a model of your own")
+
+
+def _listing(name: str, source: ModelSource) -> str:
+    names = list(source.names())
+    shown = ", ".join(names[:_LISTED]) + (f" … ({len(names)} in all)" if len(names) > _LISTED else "")
+    text = f"{name} has {shown}" if names else f"{name} lists no models"
+    return text + (f" ({source.help})" if source.help else "")
+
+
+def _checked(model: object, spec: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"{spec} did not give an nn.Module (got {type(model).__name__})")
+    return model
 
 
 def _build_factory(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelSpecError(f"{spec!r} is not package.module:factory (both parts are needed)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} for --model {spec}: {e}") from None
+        raise ModelSpecError(f"cannot import {module_name!r} for {spec}: {e}") from None
     factory = getattr(module, attr, None)
     if factory is None:
-        raise ValueError(f"{module_name} has no attribute {attr!r} (--model {spec})")
+        raise ModelSpecError(f"{module_name} has no attribute {attr!r} ({spec})")
     model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"--model {spec} did not give an nn.Module (got {type(model).__name__})")
-    return model
+    return _checked(model, spec)
