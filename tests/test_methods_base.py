@@ -54,8 +54,10 @@ def test_deepfool_options_are_typed_and_only_for_methods_that_use_deepfool():
     model, x = tiny_mlp(), _images(8)
     with pytest.raises(ValueError, match="candidates.*an integer"):
         uap.craft(model, x, eps=0.1, deepfool_options={"candidates": "3"})
-    with pytest.raises(ValueError, match="does not use DeepFool"):
+    with pytest.raises(ValueError, match=r"does not use the DeepFool setting\(s\) \['precision'\]"):
         uap.craft(model, x, eps=0.1, method="sgd", deepfool_options={"precision": "bf16"})
+    with pytest.raises(ValueError, match="precision"):
+        uap.craft(model, x, eps=0.1, method="foolbox:L2DeepFoolAttack", deepfool_options={"precision": "bf16"})
     uap.craft(model, x, eps=0.1, method="sgd", max_passes=1, deepfool_options={"precision": "fp32"})  # defaults are fine
 
 

@@ -127,8 +127,9 @@ def craft(
     check_images(x, "x (the crafting set)")
     pass_method = methods.make_method(method, method_options)
     df = DeepFoolOptions.parse(deepfool_options, owner="DeepFool options (deepfool_options)")
-    if df.changed() and not pass_method.uses_deepfool:
-        raise ValueError(f"method {pass_method.name!r} does not use DeepFool; drop deepfool_options {df.changed()}")
+    unused = sorted(set(df.changed()) - pass_method.deepfool_settings)
+    if unused:
+        raise ValueError(f"method {pass_method.name!r} does not use the DeepFool setting(s) {unused}; drop them")
     if target is not None and not pass_method.supports_target:
         raise ValueError(f"method {pass_method.name!r} is untargeted; give no target or use a method that takes one")
     if target is None and pass_method.requires_target:

@@ -9,7 +9,8 @@ the callback, resuming — and hands each pass to a :class:`Method`. A method is
   ill-typed options are a ``ValueError`` naming the known ones;
 - ``supports_target`` / ``requires_target`` — whether it can craft (or only crafts) targeted
   UAPs, with the target class in ``ctx.target``;
-- ``uses_deepfool`` — whether it reads the run's DeepFool settings (``ctx.deepfool``);
+- ``deepfool_settings`` — which of the run's DeepFool settings (``ctx.deepfool``) it reads;
+  :func:`uap.craft` refuses the others rather than ignore them;
 - ``run_pass(ctx)`` — one pass over ``ctx.order``: visit images, update ``ctx.v`` (keeping it
   in the ball with ``ctx.project``), count the work in ``ctx``.
 
@@ -57,7 +58,7 @@ class Method:
     Options: ClassVar[type[Options]] = NoOptions
     supports_target: ClassVar[bool] = False
     requires_target: ClassVar[bool] = False
-    uses_deepfool: ClassVar[bool] = False
+    deepfool_settings: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: Mapping[str, Any] | Options | None = None, *, name: str | None = None) -> None:
         self.name = name or type(self).name

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from uap.deepfool import deepfool
+from uap.deepfool import DeepFoolOptions, deepfool
 from uap.methods.algorithm1 import Algorithm1, Algorithm1Options, InnerStep, StepResult, _Lookahead
 from uap.methods.base import CraftContext, register_method
 from uap.targeting import target_margin
@@ -70,7 +70,7 @@ class DeepFool(Algorithm1):
 
     name = "deepfool"
     supports_target = True
-    uses_deepfool = True
+    deepfool_settings = frozenset(DeepFoolOptions.__dataclass_fields__)
 
     def inner_step(self, ctx: CraftContext) -> InnerStep:
         return DeepFoolStep(ctx)

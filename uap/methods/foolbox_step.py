@@ -113,7 +113,9 @@ class FoolboxMethod(Algorithm1):
     name = "foolbox"
     Options = FoolboxOptions
     supports_target = True
-    uses_deepfool = True  # Foolbox's DeepFool attacks default to the run's DeepFool settings
+    # Foolbox's DeepFool attacks take their steps, candidates and overshoot from the run's
+    # DeepFool settings; the geometry is the attack's own (L2… or Linf…), gradients are fp32.
+    deepfool_settings = frozenset({"norm", "max_iter", "candidates", "overshoot"})
 
     def __init__(self, options=None, *, name: str | None = None) -> None:
         super().__init__(options, name=name)

@@ -1,0 +1,24 @@
+"""The examples in docs/architecture.md run as written (in a fresh interpreter, in order)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
+
+
+def test_architecture_examples_run():
+    blocks = python_blocks(ROOT / "docs" / "architecture.md")
+    assert len(blocks) == 3  # a new method, its use, a new target model
+    method_lines = blocks[0].strip().splitlines()
+    assert len(method_lines) <= 20, len(method_lines)
+    done = subprocess.run([sys.executable, "-c", "\n".join(blocks) + "\nprint('examples ran')"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "examples ran" in done.stdout
