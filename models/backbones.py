@@ -216,9 +216,15 @@ BACKBONES = {"resnet18": resnet18_cifar, "vit_small": vit_small_cifar}
 
 
 def build_backbone(name: str, width: int = 16) -> nn.Module:
-    """Build a backbone by name (``resnet18`` with ``width``, or ``vit_small``)."""
+    """Build a backbone by name (``resnet18`` with ``width``, or ``vit_small``).
+
+    The module records its arguments in ``.spec`` (``{"backbone": name, "width": width}``),
+    so a model that wraps it can write a card that rebuilds it."""
     if name == "resnet18":
-        return resnet18_cifar(width=width)
-    if name == "vit_small":
-        return vit_small_cifar()
-    raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        net: nn.Module = resnet18_cifar(width=width)
+    elif name == "vit_small":
+        net = vit_small_cifar()
+    else:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    net.spec = {"backbone": name, "width": width}
+    return net

@@ -85,14 +85,17 @@ class CLIP(nn.Module):
     """Image encoder + text transformer, each with a linear projection to the joint space,
     and a learnable logit scale. ``forward`` returns ``(logits_per_image, logits_per_text)``."""
 
-    def __init__(self, config: CLIPConfig, tokenizer: WordTokenizer):
+    def __init__(self, config: CLIPConfig, tokenizer: WordTokenizer, visual: nn.Module | None = None):
+        """``visual`` is the image encoder to use (default: a new one built from ``config``);
+        it must be what ``config.backbone`` and ``config.width`` describe, as the card
+        rebuilds it from them."""
         super().__init__()
         if tokenizer.context_length > config.context_length:
             raise ValueError(f"tokenizer context_length {tokenizer.context_length} exceeds the model's "
                              f"{config.context_length}")
         self.config = config
         self.tokenizer = tokenizer
-        self.visual = build_backbone(config.backbone, width=config.width)
+        self.visual = visual if visual is not None else build_backbone(config.backbone, width=config.width)
         self.image_projection = nn.Linear(self.visual.out_dim, config.embed_dim, bias=False)
         self.text = TextTransformer(len(tokenizer), config.context_length, config.text_width,
                                     config.text_layers, config.text_heads)

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.captions import TRAIN_TEMPLATES, image_attributes, make_captions
+from models.captions import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES, image_attributes, make_captions
+from models.clip import CLIP, zero_shot_classifier
 
-__all__ = ["predict_logits", "zero_shot_accuracy", "caption_set", "retrieval_recall_at_1"]
+__all__ = ["predict_logits", "zero_shot_accuracy", "caption_set", "retrieval_recall_at_1", "evaluate_clip"]
 
 
 @torch.no_grad()
@@ -66,3 +67,18 @@ def retrieval_recall_at_1(clip: nn.Module, x: torch.Tensor, captions: Sequence[s
     i2t = (text_ids[sim.argmax(1)] == text_ids).float().mean().item()
     t2i = (text_ids[sim.argmax(0)] == text_ids).float().mean().item()
     return {"image_to_text": i2t, "text_to_image": t2i}
+
+
+@torch.no_grad()
+def evaluate_clip(clip: CLIP, x: torch.Tensor, y: torch.Tensor, classes: Sequence[str],
+                  templates: Sequence[str] = HELD_OUT_TEMPLATES, retrieval_images: int = 1000,
+                  seed: int = 0) -> dict:
+    """Model-card metrics: zero-shot accuracy on ``(x, y)`` with ``templates`` and retrieval
+    recall@1 on the first ``retrieval_images`` of a seeded permutation with their captions."""
+    acc = zero_shot_accuracy(zero_shot_classifier(clip, classes, templates), x, y)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:retrieval_images]
+    recall = retrieval_recall_at_1(clip, x[idx], caption_set(x[idx], y[idx], classes, seed))
+    return {"zero_shot_accuracy": acc, "retrieval_images": len(idx),
+            "retrieval_captions": f"one caption per image from the training templates (seed {seed}); a hit is a "
+                                  "retrieved item whose caption text equals the query pair's",
+            "image_to_text_recall@1": recall["image_to_text"], "text_to_image_recall@1": recall["text_to_image"]}

@@ -6,11 +6,11 @@ Self-distillation without labels: a student (backbone + DINO head) sees all mult
 The student matches the teacher's centred and sharpened distribution on every *other* view
 (:class:`models.losses.DINOLoss`); centring + low teacher temperature prevent collapse.
 
-Defaults are the zoo's CIFAR-10 setting, chosen for a short (28-epoch) CPU budget rather than
-the paper's ImageNet schedule: AdamW lr 2e-3, 4 096 prototypes, 2 local crops, teacher
-momentum 0.96 → 1 and a fixed teacher temperature of 0.04. The paper's values (lr 5e-4,
-momentum 0.996, teacher temperature warmed from 0.04 to 0.07) learned more slowly at that
-budget (README, "Zoo"); pass them as hyper-parameters to reproduce the paper.
+Defaults are set for short CIFAR-10 schedules rather than the paper's long ImageNet one:
+AdamW lr 2e-3, 4 096 prototypes, 2 local crops, teacher momentum 0.96 → 1 and a fixed
+teacher temperature of 0.04, because the paper's values (lr 5e-4, momentum 0.996, teacher
+temperature warmed from 0.04 to 0.07) learn more slowly on a short schedule; pass them as
+hyper-parameters to reproduce the paper.
 """
 from __future__ import annotations
 

@@ -1,9 +1,18 @@
 """The interface every training method implements, so one loop (``models.train``) runs them all.
 
 A method is an ``nn.Module`` that owns its backbone (``.backbone``, the encoder that ships)
-plus whatever else the paper needs (heads, momentum encoder, queue, centre). The loop only
-calls :meth:`Method.training_step` and :meth:`Method.after_step`; augmentations happen inside
-the method because each paper defines its own views.
+plus whatever else the paper needs (heads, momentum encoder, queue, centre, a text tower).
+The loop calls, in this order:
+
+- :meth:`Method.param_groups` once, to build the optimiser;
+- :meth:`Method.prepare_data` once per call of the loop (fresh run or resume), with the
+  training images, to set aside what the method validates on;
+- :meth:`Method.training_step` and :meth:`Method.after_step` for every batch;
+- :meth:`Method.on_epoch_end` after every epoch; its metrics join the epoch's record.
+
+Augmentations happen inside the method because each paper defines its own views. Whatever a
+method draws at random comes from torch's global generators, which the loop checkpoints, so
+a resumed run draws exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -18,13 +27,17 @@ __all__ = ["Method"]
 class Method(nn.Module):
     """Base class. Subclasses set ``name``, ``defaults`` (optimiser and schedule defaults:
     ``lr`` for a batch of 256, ``weight_decay``, ``optimizer``, ``warmup_epochs``) and
-    implement :meth:`training_step`."""
+    implement :meth:`training_step`. Their ``__init__`` keyword arguments (after
+    ``backbone``) are the method's hyper-parameters (``-H key=value`` on the CLI)."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
     #: Under torch.distributed, BatchNorm becomes SyncBatchNorm (SimCLR's global BN) unless a
     #: method keeps per-device statistics on purpose (MoCo's shuffling BN).
     global_batchnorm: ClassVar[bool] = True
+    #: The :mod:`models.zoo` builder of the classifier this method ships: ``"probed"`` (encoder
+    #: + linear head) or ``"clip"`` (zero-shot head from text prompts).
+    zoo_builder: ClassVar[str] = "probed"
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
@@ -38,6 +51,20 @@ class Method(nn.Module):
         """Method-specific hyper-parameters (recorded in checkpoints and model cards)."""
         return dict(self._hparams)
 
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups: ``weight_decay`` on weight matrices and kernels, none on
+        biases and normalisation parameters (1-D tensors), as in SimCLR/BYOL/DINO. A group may
+        carry any per-group optimiser option (e.g. AdamW's ``betas``)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+    def prepare_data(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training images (in [0, 1]) and labels the loop should train on, given all of
+        them. The default trains on everything; a method that validates on held-out training
+        images keeps them here. Must be deterministic: it runs again on resume."""
+        return x, y
+
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         """Loss for one batch of raw training images ``x`` in [0, 1] (labels ``y`` are only
         used by the supervised baseline)."""
@@ -45,3 +72,8 @@ class Method(nn.Module):
 
     def after_step(self, step: int, max_steps: int) -> None:
         """Called after each optimiser step (EMA updates of teachers / momentum encoders)."""
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """Metrics of the finished epoch ``epoch`` (1-based) for its record in the run's
+        history, e.g. a validation score. The loop puts the method back in train mode after."""
+        return {}

@@ -1,25 +1,34 @@
-"""One training loop for every method: per-step schedules, rich progress, kNN monitor,
-per-epoch atomic checkpoints and exact resume.
+"""The one training loop for every method (supervised, SimCLR, MoCo, BYOL, DINO, CLIP):
+per-step schedules, rich progress, kNN monitor, per-epoch atomic checkpoints and exact resume.
 
 The loop keeps the whole training split in memory as a float tensor and draws each epoch's
 order from a generator seeded by ``(seed, epoch)``, so a resumed run sees the same batches as
 an uninterrupted one. Learning rate (and each method's own schedules) are pure functions of
-the global step, so nothing but weights, optimiser buffers and the step counter needs saving.
+the global step, and methods draw their randomness from torch's global generators, whose
+state is saved; so weights, optimiser buffers, RNG states and the step counter are all a
+resume needs. What differs between methods goes through the hooks of
+:class:`models.method.Method` (parameter groups, held-out data, per-epoch metrics).
+
+Resume rule, the same for every method: the configuration must match the checkpoint's, except
+that ``epochs`` may change while the run is still in warm-up (the steps done so far are then
+exactly those of a fresh run with the new length).
 
 Checkpoint layout (``out_dir``): ``last.ckpt.safetensors`` holds the method's state
-(``model.*``), the optimiser's tensors (``optim.*``) and the RNG state; ``last.json`` holds
-the config, step, epoch, wall time and loss/kNN history. Both are written to a temporary file
-and renamed, so a crash never leaves a half-written checkpoint.
+(``model.*``), the optimiser's tensors (``optim.*``) and the RNG states; ``last.json`` holds
+the config, step, epoch, wall time, history (loss, kNN and the method's metrics per epoch)
+and, for a run stopped inside an epoch (``max_steps``), that epoch's losses so far. Both are
+written with :func:`uap.atomic.atomic_write`, so a crash never leaves a half-written file.
 """
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,10 +39,11 @@ from models.method import Method
 from models.precision import autocast, check_precision
 from models.probes import knn_accuracy
 from models.schedules import warmup_cosine_schedule
+from uap.atomic import atomic_write
 
 __all__ = [
-    "TrainConfig", "METHODS", "method_class", "build_method", "build_optimizer", "optimisation_step", "train",
-    "sync_batchnorm_if_distributed",
+    "TrainConfig", "METHODS", "method_class", "check_hparams", "build_method", "build_optimizer",
+    "optimisation_step", "train", "sync_batchnorm_if_distributed",
     "save_checkpoint", "load_checkpoint", "CKPT_NAME", "STATE_NAME",
 ]
 
@@ -47,6 +57,7 @@ METHODS = {
     "moco": "models.moco:MoCo",
     "byol": "models.byol:BYOL",
     "dino": "models.dino:DINO",
+    "clip": "models.clip_method:CLIPMethod",
 }
 
 
@@ -56,6 +67,29 @@ def method_class(name: str) -> type[Method]:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     module, _, cls = METHODS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def check_hparams(name: str, hparams: dict[str, Any]) -> None:
+    """``ValueError`` unless every key of ``hparams`` is a hyper-parameter of method ``name``
+    (a keyword argument of its ``__init__``) with a value of its default's type."""
+    params = inspect.signature(method_class(name).__init__).parameters.values()
+    known = {p.name: p.default for p in params if p.name not in ("self", "backbone")
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(hparams) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {name} hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for key, value in hparams.items():
+        default = known[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(f"{name} hyper-parameter {key} must be {type(default).__name__}, got {value!r}")
 
 
 @dataclass
@@ -85,6 +119,7 @@ class TrainConfig:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
+        check_hparams(self.method, self.hparams)
         d = method_class(self.method).defaults
         out = TrainConfig(**{**asdict(self), "hparams": dict(self.hparams)})
         for key in ("lr", "weight_decay", "optimizer", "warmup_epochs"):
@@ -103,15 +138,12 @@ def build_method(config: TrainConfig) -> Method:
     return method_class(config.method)(backbone, **config.hparams)
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (Nesterov, momentum 0.9), LARS or AdamW. Biases and normalisation parameters
-    (1-D tensors) are excluded from weight decay, as in SimCLR/BYOL/DINO."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
+def build_optimizer(method: Method, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov, momentum 0.9), LARS or AdamW over the method's parameter groups
+    (:meth:`Method.param_groups`: which parameters get ``weight_decay``)."""
+    groups = method.param_groups(weight_decay)
     if name == "lars":
-        return LARS(params, lr=lr, weight_decay=weight_decay)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return LARS(groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     if name == "adamw":
@@ -134,13 +166,6 @@ def sync_batchnorm_if_distributed(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Atomically write weights + optimiser tensors (safetensors) and ``state`` (JSON)."""
     from safetensors.torch import save_file
@@ -154,8 +179,8 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()  # GPU augmentations draw from here
     meta = {**state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
-    _atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, p))
-    _atomic_write(out_dir / STATE_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, str(p)))
+    atomic_write(out_dir / STATE_NAME, json.dumps(meta, indent=2))
 
 
 def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
@@ -228,13 +253,15 @@ def train(
     """Train ``config.method`` and return ``(method, state)``; checkpoints every epoch.
 
     ``data`` (images in [0, 1], labels) defaults to the CIFAR-10 training split (``n_train``
-    images). ``monitor_data`` (bank x, bank y, query x, query y) is used for the periodic kNN
-    monitor (default: 5 000 training and 2 000 test images). ``max_steps`` stops early (tests).
+    images); the method may hold some of it out (:meth:`Method.prepare_data`). ``monitor_data``
+    (bank x, bank y, query x, query y) is used for the periodic kNN monitor (default: 5 000
+    training and 2 000 test images). ``max_steps`` stops once the global step reaches it,
+    also inside an epoch (the checkpoint then records where, and ``resume`` continues there).
     ``command`` (the command line that started the run) is recorded in the checkpoint state.
     ``device`` runs the networks, the data and the augmentations there (e.g. ``"cuda"``); it
     is not part of the configuration, so a run may resume on another device (augmentations
     drawn on a GPU then differ from a CPU run's).
-    With ``resume``, continues from ``out_dir``'s checkpoint; its config must match.
+    With ``resume``, continues from ``out_dir``'s checkpoint under the resume rule above.
     """
     config = config.resolved()
     device = torch.device(device)
@@ -250,8 +277,6 @@ def train(
         x, y, _ = load("cifar10", "train", n=config.n_train, seed=config.seed)
     else:
         x, y = data
-    if len(x) < config.batch_size:
-        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(x)} training images")
     if monitor_data is None and config.knn_every > 0:
         from uap.data import load
 
@@ -264,7 +289,10 @@ def train(
         monitor_data = tuple(t.to(device) for t in monitor_data)
     method = sync_batchnorm_if_distributed(build_method(config)).to(device)
     if config.backbone == "resnet18":
-        method = method.to(memory_format=torch.channels_last)  # ~35 % faster convolutions on CPU
+        method = method.to(memory_format=torch.channels_last)  # the faster layout for CPU convolutions
+    x, y = method.prepare_data(x, y)
+    if len(x) < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} is larger than the {len(x)} training images")
     lr = config.lr * config.batch_size / 256
     optimizer = build_optimizer(method, config.optimizer, lr, config.weight_decay)
     steps_per_epoch = len(x) // config.batch_size
@@ -275,7 +303,7 @@ def train(
                              "images_per_s": None, "command": command}
     if resume:
         saved = load_checkpoint(out_dir, method, optimizer)
-        saved["config"].setdefault("precision", "fp32")  # runs from before the option existed
+        saved["config"].setdefault("precision", "fp32")  # a checkpoint without the field ran in fp32
         diff = sorted(k for k in state["config"] if saved["config"].get(k) != state["config"][k])
         # Changing the length of a run is exact while it is still in warm-up: the warm-up
         # lr and the data order do not depend on the total, so the steps done so far are
@@ -285,6 +313,8 @@ def train(
             raise ValueError(f"--resume with a different configuration ({', '.join(diff)}); "
                              f"use the original settings or a new output path")
         state.update({k: saved[k] for k in ("epoch", "step", "wall_s", "history", "images_per_s")})
+        if "partial_epoch" in saved:
+            state["partial_epoch"] = saved["partial_epoch"]
         state["command"] = command if retimed else (saved.get("command") or command)
         if retimed:
             _log(console, f"run length changed to {config.epochs} epochs during warm-up (step {saved['step']} "
@@ -302,8 +332,13 @@ def train(
         task = progress.add_task(config.method, total=total_steps, completed=state["step"], loss=float("nan"), ips=0.0)
         for epoch in range(state["epoch"], config.epochs):
             order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-            t0, losses = time.perf_counter(), []
-            for i in range(steps_per_epoch):
+            partial = state.pop("partial_epoch", None) or {"losses": [], "wall_s": 0.0}
+            losses, first = list(partial["losses"]), state["step"] - epoch * steps_per_epoch
+            if first != len(losses) or first >= steps_per_epoch:
+                raise ValueError(f"checkpoint in {out_dir} is inconsistent: step {state['step']} with "
+                                 f"{state['epoch']} finished epochs of {steps_per_epoch} steps")
+            t0 = time.perf_counter()
+            for i in range(first, steps_per_epoch):
                 step = state["step"]
                 for g in optimizer.param_groups:
                     g["lr"] = warmup_cosine_schedule(step, total_steps, warmup, lr)
@@ -311,26 +346,37 @@ def train(
                 loss = optimisation_step(method, optimizer, x[idx], y[idx], step, total_steps, config.precision)
                 state["step"] = step + 1
                 losses.append(loss.item())
-                ips = (i + 1) * config.batch_size / (time.perf_counter() - t0)
+                ips = (i + 1 - first) * config.batch_size / (time.perf_counter() - t0)
                 progress.update(task, advance=1, loss=losses[-1], ips=ips)
                 if not live and console is not None and (i + 1) % 50 == 0:
                     _log(console, f"  epoch {epoch + 1} step {i + 1}/{steps_per_epoch} loss {losses[-1]:.4f} {ips:.0f} img/s")
                 if max_steps is not None and state["step"] >= max_steps:
                     break
             dt = time.perf_counter() - t0
-            record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "images_per_s": len(losses) * config.batch_size / dt,
+            state["wall_s"] += dt
+            if len(losses) < steps_per_epoch:  # stopped by max_steps inside the epoch
+                state["partial_epoch"] = {"losses": losses, "wall_s": partial["wall_s"] + dt}
+                save_checkpoint(out_dir, method, optimizer, state)
+                _log(console, f"stopped at step {state['step']} ({len(losses)}/{steps_per_epoch} of epoch "
+                              f"{epoch + 1}); --resume continues from there")
+                break
+            record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
+                      "images_per_s": len(losses) * config.batch_size / (partial["wall_s"] + dt),
                       "lr": optimizer.param_groups[0]["lr"]}
+            metrics = method.on_epoch_end(epoch + 1)
+            record.update(metrics)
             last = epoch + 1 == config.epochs
             if monitor_data is not None and config.knn_every > 0 and ((epoch + 1) % config.knn_every == 0 or last):
                 record["knn_acc"] = knn_accuracy(method.backbone, *monitor_data)
-                method.train()
-            state["epoch"], state["wall_s"] = epoch + 1, state["wall_s"] + dt
+            method.train()
+            state["epoch"] = epoch + 1
             state["images_per_s"] = record["images_per_s"]
             state["history"].append(record)
             save_checkpoint(out_dir, method, optimizer, state)
+            shown = "".join(f"  {k} {v:.4f}" for k, v in metrics.items())
             knn = f"  kNN {record['knn_acc']:.3f}" if "knn_acc" in record else ""
             _log(console, f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4f}  "
-                          f"{record['images_per_s']:.0f} img/s  wall {state['wall_s'] / 60:.1f} min{knn}")
+                          f"{record['images_per_s']:.0f} img/s  wall {state['wall_s'] / 60:.1f} min{shown}{knn}")
             if max_steps is not None and state["step"] >= max_steps:
                 break
     method.eval()

@@ -17,6 +17,10 @@ Registering a new builder (e.g. CLIP) takes one line, without this module import
 :func:`save_entry` writes an entry and :func:`load` finds it. Builders are given as
 ``"module:function"`` strings and imported on first use, so the zoo never imports heavy or
 circular dependencies up front.
+
+The engine finds the zoo through :data:`MODEL_SOURCE`, published as the ``zoo`` entry point
+of the ``uap.models`` group (``pyproject.toml``): ``uap`` resolves ``supervised``,
+``supervised@knn``, ``zoo:NAME`` or an entry's path without importing this package.
 """
 from __future__ import annotations
 
@@ -30,8 +34,10 @@ from typing import Any, Callable
 from torch import nn
 
 from uap.atomic import atomic_write
+from uap.targets import ModelSource
 
-__all__ = ["ZOO_DIR", "register_builder", "available", "cards", "load", "load_card", "save_entry", "sha256_file"]
+__all__ = ["ZOO_DIR", "MODEL_SOURCE", "register_builder", "available", "cards", "load", "load_card", "resolve",
+           "save_entry", "sha256_file"]
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
@@ -94,7 +100,8 @@ def cards(zoo_dir: str | os.PathLike | None = None) -> dict[str, dict]:
     return {name: json.loads((d / f"{name}.json").read_text()) for name in available(d)}
 
 
-def _entry_paths(name_or_path: str | os.PathLike, zoo_dir: Path) -> tuple[Path, Path]:
+def _find_entry(name_or_path: str | os.PathLike, zoo_dir: Path) -> tuple[Path, Path] | None:
+    """``(weights, card)`` paths of a zoo name, an entry's file, or a folder holding one entry."""
     text = str(name_or_path)
     if text in available(zoo_dir):
         return zoo_dir / f"{text}.safetensors", zoo_dir / f"{text}.json"
@@ -104,6 +111,14 @@ def _entry_paths(name_or_path: str | os.PathLike, zoo_dir: Path) -> tuple[Path, 
     if p.is_dir() and len(available(p)) == 1:
         name = available(p)[0]
         return p / f"{name}.safetensors", p / f"{name}.json"
+    return None
+
+
+def _entry_paths(name_or_path: str | os.PathLike, zoo_dir: Path) -> tuple[Path, Path]:
+    found = _find_entry(name_or_path, zoo_dir)
+    if found is not None:
+        return found
+    text = str(name_or_path)
     names = ", ".join(available(zoo_dir)) or "(empty: train one with `uap train METHOD --zoo NAME`)"
     raise ValueError(f"unknown model {text!r}: not a zoo entry nor a NAME.safetensors/NAME.json path. Zoo: {names}")
 
@@ -118,7 +133,7 @@ def load_card(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None
 
 #: ``NAME@knn`` — the zoo entry's encoder with a weighted kNN head (k=200, T=0.1) instead of its
 #: linear probe; the feature bank is this many class-balanced CIFAR-10 training images (seed 0),
-#: built at load time (a few seconds).
+#: built at load time.
 KNN_BANK_SIZE = 10_000
 
 
@@ -126,7 +141,7 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
          verify: bool = True) -> nn.Module:
     """The classifier of a zoo entry, in eval mode: images in [0, 1] → logits, with ``.encoder``.
 
-    ``verify`` checks the weights file against the card's sha256 (a few ms for a few MB).
+    ``verify`` checks the weights file against the card's sha256.
     ``NAME@knn`` gives the same encoder with a kNN head (see :data:`KNN_BANK_SIZE`), so an
     attack can be measured on a second downstream head of one encoder.
     """
@@ -152,6 +167,18 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
     model.eval()
     model.card = card  # the metadata travels with the module
     return model
+
+
+def resolve(spec: str) -> nn.Module | None:
+    """The classifier for a zoo name, ``NAME@knn`` or an entry's path; ``None`` when the zoo
+    has no such entry (the engine then asks its other model sources)."""
+    base = spec[: -len("@knn")] if spec.endswith("@knn") else spec
+    return load(spec) if _find_entry(base, ZOO_DIR) is not None else None
+
+
+#: The zoo as a model source of the engine (:mod:`uap.targets`), published as an entry point.
+MODEL_SOURCE = ModelSource(load=resolve, names=available, bare=True,
+                           help="NAME or NAME@knn for its encoder with a kNN head, or a path to NAME.safetensors")
 
 
 def _load_knn(base: str, zoo_dir, verify: bool) -> nn.Module:

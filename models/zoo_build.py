@@ -1,16 +1,20 @@
-"""Turn a finished training run into a zoo entry: probe, measure, write weights + model card.
+"""Turn a finished training run into a zoo entry: measure, write weights + model card.
 
 The card is produced by code, never by hand. For a run folder written by
-:func:`models.train.train` this
+:func:`models.train.train` this rebuilds the method from the run's config, loads its last
+checkpoint and ships the classifier its :attr:`~models.method.Method.zoo_builder` names:
 
-1. rebuilds the method from the run's config and loads its last checkpoint;
-2. extracts frozen features of the full CIFAR-10 train (50 000) and test (10 000) splits;
-3. measures weighted kNN (k=200, T=0.1) and fits a linear probe (:mod:`models.probes`);
-4. measures the *random-init* backbone (same seed, same architecture) the same way — the
-   baseline an SSL method must beat;
-5. ships ``encoder + head``: the supervised baseline's own trained head, or the linear probe
-   for SSL methods, and records all numbers, the hyper-parameters, wall time, throughput and
-   the exact ``uap train`` command in the card (with the weights' sha256).
+- ``"probed"`` (supervised, SimCLR, MoCo, BYOL, DINO): frozen features of the full CIFAR-10
+  train and test splits give a weighted kNN (k=200, T=0.1) and a linear probe
+  (:mod:`models.probes`); the *random-init* backbone (same seed, same architecture) is
+  measured the same way — the baseline an SSL method must beat. The entry is ``encoder +
+  head``: the supervised baseline's own trained head, or the linear probe.
+- ``"clip"``: the zero-shot classifier (prompt ensemble of the held-out templates,
+  :func:`models.clip.zero_shot_classifier`), with zero-shot accuracy and retrieval recall@1
+  on the test split (:func:`models.clip_eval.evaluate_clip`).
+
+Either card also records the hyper-parameters, wall time, throughput, the history and the
+exact ``uap train`` command (and :func:`models.zoo.save_entry` adds the weights' sha256).
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from models.method import Method
 from models.probes import ProbedClassifier, accuracy, extract_features, knn_predict, train_linear_probe
 from models.train import STATE_NAME, TrainConfig, build_method, load_checkpoint
 from models.zoo import save_entry
@@ -32,6 +37,9 @@ from models.zoo import save_entry
 __all__ = ["build_zoo_entry", "probe_encoder"]
 
 NUM_CLASSES = 10
+
+#: ``(train x, train y, test x, test y)``
+Data = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def probe_encoder(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
@@ -48,12 +56,11 @@ def probe_encoder(encoder: nn.Module, train_x: torch.Tensor, train_y: torch.Tens
 
 
 def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir: str | os.PathLike | None = None,
-                    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                    probe_epochs: int = 100) -> dict[str, Any]:
-    """Probe the run in ``run_dir`` and write ``NAME.safetensors`` + ``NAME.json`` to the zoo.
+                    data: Data | None = None, probe_epochs: int = 100) -> dict[str, Any]:
+    """Measure the run in ``run_dir`` and write ``NAME.safetensors`` + ``NAME.json`` to the zoo.
 
-    ``data`` = (train x, train y, test x, test y) defaults to the full CIFAR-10 splits.
-    Returns the model card.
+    ``data`` = (train x, train y, test x, test y) defaults to the full CIFAR-10 splits (a CLIP
+    entry only reads the test split). ``probe_epochs`` is for probed entries. Returns the card.
     """
     run_dir = Path(run_dir)
     state_path = run_dir / STATE_NAME
@@ -69,21 +76,57 @@ def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir
             console.print(msg, highlight=False)
             console.file.flush()
 
-    if data is None:
-        from uap.data import load
-
-        train_x, train_y, _ = load("cifar10", "train")
-        test_x, test_y, _ = load("cifar10", "test")
-        data_desc = {"dataset": "cifar10", "train_images": len(train_x), "test_images": len(test_x),
-                     "source": "uap.data.load('cifar10') — CIFAR-10 JPEG ImageFolder under $UAP_DATA_DIR"}
-    else:
-        train_x, train_y, test_x, test_y = data
-        data_desc = {"dataset": "custom", "train_images": len(train_x), "test_images": len(test_x)}
     torch.set_num_threads(config.threads)
-
     method = build_method(config)
     load_checkpoint(run_dir, method)
     method.eval()
+    if method.zoo_builder not in _ENTRY_KINDS:
+        raise ValueError(f"method {config.method} ships a {method.zoo_builder!r} classifier, which the zoo "
+                         f"cannot build (known: {', '.join(_ENTRY_KINDS)})")
+    classifier, card = _ENTRY_KINDS[method.zoo_builder](method, config, data, say, probe_epochs)
+    card.update({
+        "epochs": config.epochs,
+        "hyperparameters": {**asdict(config), "method_hparams": method.hparams,
+                            "lr_effective": config.lr * config.batch_size / 256},
+        "wall_time_s": round(state["wall_s"], 1),
+        "train_images_per_s": state.get("images_per_s"),
+        "history": state["history"],
+        "train_command": state.get("command") or _reconstruct_command(config, run_dir, name),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+        "machine": f"{platform.machine()} CPU, {config.threads} torch threads (shared)",
+    })
+    return save_entry(name, classifier, card, zoo_dir=zoo_dir)
+
+
+def _backbone_name(config: TrainConfig) -> str:
+    return f"resnet18 (width {config.width})" if config.backbone == "resnet18" else config.backbone
+
+
+def _cifar10(splits: tuple[str, ...]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The full CIFAR-10 ``splits`` as ``[x, y, …]`` and the card's description of them."""
+    from uap.data import load
+
+    tensors, desc = [], {"dataset": "cifar10"}
+    for split in splits:
+        x, y, _ = load("cifar10", split)
+        tensors += [x, y]
+        desc[f"{split}_images"] = len(x)
+    desc["source"] = "uap.data.load('cifar10') — CIFAR-10 JPEG ImageFolder under $UAP_DATA_DIR"
+    return tensors, desc
+
+
+def _custom(data: Data, splits: tuple[str, ...]) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    tensors = {"train": list(data[:2]), "test": list(data[2:])}
+    return ([t for s in splits for t in tensors[s]],
+            {"dataset": "custom", **{f"{s}_images": len(tensors[s][0]) for s in splits}})
+
+
+def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: Callable[[str], None],
+                  probe_epochs: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Encoder + linear head, with kNN / linear-probe accuracies and the random-init baseline."""
+    (train_x, train_y, test_x, test_y), data_desc = (_custom(data, ("train", "test")) if data is not None
+                                                     else _cifar10(("train", "test")))
     encoder = method.backbone
     say(f"probing {config.method} encoder on {len(train_x)} train / {len(test_x)} test images …")
     probe, metrics = probe_encoder(encoder, train_x, train_y, test_x, test_y, probe_epochs=probe_epochs, seed=config.seed)
@@ -102,11 +145,12 @@ def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir
     classifier.eval()
     with torch.no_grad():
         shipped_acc = accuracy(torch.cat([classifier(test_x[i:i + 1000]) for i in range(0, len(test_x), 1000)]), test_y)
-
-    card: dict[str, Any] = {
+    say(f"accuracy {shipped_acc:.4f}, linear probe {metrics['linear_probe_acc']:.4f}, kNN {metrics['knn_acc']:.4f}; "
+        f"random init: linear {rand['linear_probe_acc']:.4f}, kNN {rand['knn_acc']:.4f}")
+    return classifier, {
         "builder": "probed",
         "method": config.method,
-        "backbone": config.backbone if config.backbone != "resnet18" else f"resnet18 (width {config.width})",
+        "backbone": _backbone_name(config),
         "architecture": {"backbone": config.backbone, "width": config.width, "num_classes": NUM_CLASSES,
                          "feature_dim": encoder.out_dim,
                          "parameters": sum(p.numel() for p in encoder.parameters())},
@@ -122,22 +166,41 @@ def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir
         "random_init_knn_acc": rand["knn_acc"],
         "linear_probe": {"optimizer": "AdamW", "epochs": probe_epochs, "lr": 1e-2, "weight_decay": 1e-4,
                          "batch_size": 1024, "augmentation": "none (frozen features of un-augmented images)"},
-        "epochs": config.epochs,
-        "hyperparameters": {**asdict(config), "method_hparams": method.hparams,
-                            "lr_effective": config.lr * config.batch_size / 256},
-        "wall_time_s": round(state["wall_s"], 1),
-        "train_images_per_s": state.get("images_per_s"),
-        "history": state["history"],
         "data": data_desc,
-        "train_command": state.get("command") or _reconstruct_command(config, run_dir, name),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "machine": f"{platform.machine()} CPU, {config.threads} torch threads (shared)",
     }
-    card = save_entry(name, classifier, card, zoo_dir=zoo_dir)
-    say(f"wrote zoo entry {name}: accuracy {shipped_acc:.4f}, linear probe {card['linear_probe_acc']:.4f}, "
-        f"kNN {metrics['knn_acc']:.4f}; random init: linear {rand['linear_probe_acc']:.4f}, kNN {rand['knn_acc']:.4f}")
-    return card
+
+
+def _zero_shot_entry(method: Method, config: TrainConfig, data: Data | None, say: Callable[[str], None],
+                     probe_epochs: int) -> tuple[nn.Module, dict[str, Any]]:
+    """CLIP's zero-shot classifier (held-out prompt templates) with its test-split metrics."""
+    from models.captions import HELD_OUT_TEMPLATES, TRAIN_TEMPLATES
+    from models.clip import clip_card, zero_shot_classifier
+    from models.clip_eval import evaluate_clip
+
+    (test_x, test_y), data_desc = _custom(data, ("test",)) if data is not None else _cifar10(("test",))
+    clip, classes = method.clip, method.classes
+    say(f"zero-shot evaluation of {config.method} on {len(test_x)} test images …")
+    metrics = evaluate_clip(clip, test_x, test_y, classes, HELD_OUT_TEMPLATES, seed=config.seed)
+    classifier = zero_shot_classifier(clip, classes, HELD_OUT_TEMPLATES).eval()
+    say(f"zero-shot accuracy {metrics['zero_shot_accuracy']:.4f}; retrieval R@1 "
+        f"i→t {metrics['image_to_text_recall@1']:.3f} t→i {metrics['text_to_image_recall@1']:.3f}")
+    return classifier, {
+        **clip_card(classifier),
+        "method": config.method,
+        "description": "CLIP (Radford et al. 2021) trained on CIFAR-10 with generated captions; "
+                       "logits are zero-shot (prompt ensemble of held-out templates)",
+        "backbone": _backbone_name(config),
+        "input": "images in [0, 1], N×3×32×32; CIFAR-10 normalisation is inside the model",
+        "zero_shot_acc": metrics["zero_shot_accuracy"],
+        "train_templates": list(TRAIN_TEMPLATES),
+        "metrics": {**metrics, "test_images": len(test_x), "split": "test",
+                    "note": "zero-shot uses held-out templates never seen in training"},
+        "data": data_desc,
+    }
+
+
+#: :attr:`Method.zoo_builder` → the function that makes the classifier and its card
+_ENTRY_KINDS = {"probed": _probed_entry, "clip": _zero_shot_entry}
 
 
 def _reconstruct_command(config: TrainConfig, run_dir: Path, name: str) -> str:
@@ -145,5 +208,9 @@ def _reconstruct_command(config: TrainConfig, run_dir: Path, name: str) -> str:
              f"--backbone {config.backbone}", f"--width {config.width}", f"--seed {config.seed}",
              f"--lr {config.lr}", f"--weight-decay {config.weight_decay}", f"--optimizer {config.optimizer}",
              f"--warmup-epochs {config.warmup_epochs}", f"--out {run_dir}", f"--zoo {name}"]
+    if config.n_train is not None:
+        parts.append(f"--n-train {config.n_train}")
+    if config.precision != "fp32":
+        parts.append(f"--precision {config.precision}")
     parts += [f"-H {k}={json.dumps(v)}" for k, v in config.hparams.items()]
     return " ".join(parts)

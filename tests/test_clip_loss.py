@@ -10,7 +10,7 @@ from models.clip_loss import clip_loss, info_nce, similarity_logits
 
 
 def _analytic_grad(n: torch.Tensor, d: torch.Tensor, tau: float) -> torch.Tensor:
-    """∂L₁/∂n_i written out term by term (the issue's formula), with explicit loops."""
+    """∂L₁/∂n_i written out term by term (the closed form), with explicit loops."""
     N = len(n)
     out = torch.zeros_like(n)
     for i in range(N):

@@ -34,12 +34,13 @@ def _eval_loss(method, x, y, seed=123):
     return loss
 
 
-HPARAMS = {"moco": {"queue_size": 256}, "dino": {"out_dim": 64, "n_local": 2, "warmup_teacher_steps": 0, "momentum": 1.0, "center_momentum": 1.0}}
+HPARAMS = {"moco": {"queue_size": 256}, "dino": {"out_dim": 64, "n_local": 2, "warmup_teacher_steps": 0, "momentum": 1.0, "center_momentum": 1.0},
+           "clip": {"embed_dim": 32, "text_width": 32, "text_layers": 1, "text_heads": 2, "val_size": 0}}
 
 
 @pytest.mark.parametrize("name,precision", [("supervised", "fp32"), ("simclr", "fp32"), ("moco", "fp32"),
-                                            ("byol", "fp32"), ("dino", "fp32"), ("simclr", "bf16"),
-                                            ("byol", "bf16")])
+                                            ("byol", "fp32"), ("dino", "fp32"), ("clip", "fp32"),
+                                            ("simclr", "bf16"), ("byol", "bf16"), ("clip", "bf16")])
 def test_a_few_steps_lower_the_loss(name, precision):
     torch.set_num_threads(2)
     x, y = _images(256)
@@ -106,9 +107,16 @@ def test_config_validation():
     assert TrainConfig(method="simclr", optimizer="lars").resolved().optimizer == "lars"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(method="simclr", precision="fp16").resolved()
+    with pytest.raises(ValueError, match="unknown simclr hyper-parameter.*known: temperature, proj_dim, hidden_dim"):
+        TrainConfig(method="simclr", hparams={"temp": 0.5}).resolved()
+    with pytest.raises(ValueError, match="temperature must be float"):
+        TrainConfig(method="simclr", hparams={"temperature": "hot"}).resolved()
+    with pytest.raises(ValueError, match="queue_size must be int"):
+        TrainConfig(method="moco", hparams={"queue_size": 256.5}).resolved()
+    assert TrainConfig(method="simclr", hparams={"temperature": 1}).resolved().hparams == {"temperature": 1}
 
 
-def test_resume_accepts_a_checkpoint_from_before_the_precision_option(tmp_path):
+def test_resume_reads_a_checkpoint_without_precision_as_fp32(tmp_path):
     x, y = _images(128)
     cfg = TrainConfig(method="supervised", width=4, epochs=2, batch_size=64, knn_every=0, threads=1)
     train(cfg, tmp_path, data=(x, y), max_steps=2)
