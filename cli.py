@@ -90,7 +90,6 @@ def _root(
 
 
 # ----------------------------------------------------------------------------- craft
-# (filled by the engine: issue 3)
 
 def _float_list(text: Optional[str], option: str) -> Optional[List[float]]:
     """``"0.49,0.48,0.45"`` → floats (None stays None)."""
@@ -168,9 +167,12 @@ def craft_cmd(
                                   "GPUs; the fooled/not-fooled decisions stay fp32)."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
                                    "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
+    fold_batchnorm: bool = typer.Option(True, "--fold-batchnorm/--no-fold-batchnorm",
+                                        help="Attack a copy of the model with batch norm folded into the layers "
+                                        "before it (the same function, faster to differentiate)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
-    force: bool = typer.Option(False, "--force", help="Recraft even if --out holds a finished run."),
+    force: bool = typer.Option(False, "--force", help="Start over: discard the finished run or the checkpoint in --out."),
 ) -> None:
     """Craft a universal perturbation (Algorithm 1 of Moosavi-Dezfooli et al., CVPR 2017).
 
@@ -181,11 +183,10 @@ def craft_cmd(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from uap.atomic import atomic_write
-    from uap.perturbation import Perturbation
     from uap.projection import norm_name
-    from uap.targets import resolve_model
-    from uap.universal import get_method
+    from uap.deepfool import DeepFoolOptions
+    from uap.methods import make_method
+    from uap.runs import RunFolder, craft_run
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
     if n_images <= 0:
@@ -196,14 +197,6 @@ def craft_cmd(
         raise _UsageError(f"--delta must be in (0, 1), got {delta}")
     if max_passes < 1:
         raise _UsageError(f"--max-passes must be ≥ 1, got {max_passes}")
-    get_method(method)  # unknown method: fail before loading anything
-    from uap.deepfool import PRECISIONS
-
-    if precision not in PRECISIONS:
-        raise _UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "fp32" and (method not in ("deepfool", "deepfool-batched") or target_class is not None):
-        raise _UsageError(f"--precision {precision} applies to untargeted DeepFool's gradients: use it with --method "
-                          f"deepfool or deepfool-batched and no --target")
     method_options: dict = {} if batch_size is None else {"batch_size": batch_size}
     for item in method_option:
         key, sep, raw = item.partition("=")
@@ -213,95 +206,66 @@ def craft_cmd(
             method_options[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
             method_options[key.strip()] = raw  # a bare string, e.g. distance=l2
+    crafting = make_method(method, method_options)  # unknown method or options: fail before loading anything
+    DeepFoolOptions.parse({"precision": precision}, owner="--precision")
+    if precision != "fp32" and "precision" not in crafting.deepfool_settings:
+        raise _UsageError(f"--precision {precision} sets the arithmetic of DeepFool's gradients; --method {method} "
+                          "does not use DeepFool")
     mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
     torch_device = _torch_device(device)
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
         out = Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
-    settings = {
+    settings = {  # what the command line said; the run's record adds every uap.craft argument and fingerprints
         "model": model, "weights": str(weights) if weights else None, "mean": mean_v, "std": std_v,
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
         "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
-        "target": target_class, "method_options": method_options,
-        **({"keep_best": True} if keep_best else {}),  # absent when off: older runs keep matching
-        **({"precision": precision} if precision != "fp32" else {}),  # likewise
+        "target": target_class, "method_options": method_options, "keep_best": keep_best, "precision": precision,
     }
-    summary_path, ckpt_path = out / "summary.json", out / "checkpoint.safetensors"
-    if summary_path.is_file() and not force:
-        previous = json.loads(summary_path.read_text())
-        if previous.get("settings") == settings:
-            console.print(f"[green]{out} already holds a finished run with these settings[/] (--force recrafts it)")
-            console.print(_craft_table(previous))
-            return
-        raise _UsageError(f"{out} holds a finished run with different settings; choose another --out or pass --force")
-
-    previous_run = None
-    if resume and ckpt_path.is_file():
-        previous_run = Perturbation.load(ckpt_path)
-        if previous_run.extra.get("settings") != settings:
-            raise _UsageError(f"{ckpt_path} was written with different settings; cannot --resume")
-        console.print(f"resuming after pass {previous_run.passes} from {ckpt_path}")
-
-    target, model_id = resolve_model(model, weights, mean_v, std_v)
-    target = target.to(torch_device)
-    x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root)
-    held = uap.data.load(data, "test", n=heldout, seed=seed, root=data_root)[:2] if heldout else None
-    data_desc = f"{data}:train:n={n_images}:seed={seed}"
-
-    meta = dict(model=model_id, data=data_desc, eps=eps_value, norm=norm_name(p), delta=delta, method=method, seed=seed)
-    history: list = list(previous_run.history) if previous_run is not None else []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("fooled {task.fields[fooled]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("pass 1", total=n_images, fooled="–")
+    progress = Progress(*columns, console=console, transient=False)  # shown once crafting starts
+    task = progress.add_task("pass 1", total=n_images, fooled="–")
 
-        def on_event(event: dict) -> None:
-            if event["event"] == "progress":
-                seen = event["visited"]
-                rate = f"{100 * event['fooled_seen'] / seen:.1f} %" if seen else "–"
-                progress.update(task, description=f"pass {event['pass']}/{max_passes}", completed=seen,
-                                total=event["total"], fooled=rate)
-                return
-            record = {k: val for k, val in event.items() if k not in ("event", "v")}
-            history.append(record)
-            held_text = "" if record["heldout_fooling_rate"] is None else f", held-out {100 * record['heldout_fooling_rate']:.1f} %"
-            progress.console.print(f"pass {record['pass']}: fooling rate {100 * record['fooling_rate']:.1f} %{held_text}, "
-                                   f"‖v‖∞ {record['norm_inf']:.4f}, {record['seconds']:.1f} s")
-            Perturbation(v=event["v"], history=list(history), seconds=sum(r["seconds"] for r in history),
-                         extra={"settings": settings}, **meta).save(ckpt_path)
+    def on_event(event: dict) -> None:
+        kind = event["event"]
+        if kind == "reused":
+            console.print(f"[green]{out} already holds a finished run with these settings[/] (--force recrafts it)")
+        elif kind == "start":
+            if event["resumed_passes"]:
+                console.print(f"resuming after pass {event['resumed_passes']} from {event['checkpoint']}")
+            progress.start()
+        elif kind == "progress":
+            seen = event["visited"]
+            rate = f"{100 * event['fooled_seen'] / seen:.1f} %" if seen else "–"
+            progress.update(task, description=f"pass {event['pass']}/{max_passes}", completed=seen,
+                            total=event["total"], fooled=rate)
+        elif kind == "pass":
+            held_text = "" if event["heldout_fooling_rate"] is None else f", held-out {100 * event['heldout_fooling_rate']:.1f} %"
+            progress.console.print(f"pass {event['pass']}: fooling rate {100 * event['fooling_rate']:.1f} %{held_text}, "
+                                   f"‖v‖∞ {event['norm_inf']:.4f}, {event['seconds']:.1f} s")
 
-        pert = uap.craft(target, x, eps=eps_value, norm=p, delta=delta, max_passes=max_passes, method=method,
-                         seed=seed, heldout=held, callback=on_event, resume=previous_run, model_id=model_id,
-                         data=data_desc, method_options=method_options, target=target_class, keep_best=keep_best,
-                         deepfool_options={"precision": precision})
-    pert.extra["settings"] = settings
-    pert.save(out / "perturbation.safetensors")
-    pert.to_png(out / "perturbation.png")
-    kept = pert.record  # the pass that produced v: the last one, or the best with --keep-best
-    summary = {
-        "model": model_id, "data": data_desc, "n_images": n_images, "heldout": heldout,
-        "eps": eps_value, "norm": norm_name(p), "delta": delta, "method": method, "seed": seed,
-        "passes": pert.passes, "seconds": pert.seconds, "best_pass": pert.extra.get("best_pass"),
-        "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate,
-        "heldout_accuracy": kept.get("heldout_accuracy"),
-        "target": target_class,
-        "targeted_success_rate": kept.get("targeted_success_rate"),
-        "heldout_targeted_success_rate": kept.get("heldout_targeted_success_rate"),
-        "clean_heldout_accuracy": pert.extra.get("clean_heldout_accuracy"),
-        "norm_2": pert.norms()["norm_2"], "norm_inf": pert.norms()["norm_inf"],
-        "deepfool_calls": sum(r["deepfool_calls"] for r in pert.history),
-        "perturbation": "perturbation.safetensors", "version": uap.__version__,
-        "settings": settings, "history": pert.history,
-    }
-    atomic_write(summary_path, (json.dumps(summary, indent=2) + "\n").encode())
-    ckpt_path.unlink(missing_ok=True)
-    ckpt_path.with_suffix(".json").unlink(missing_ok=True)
-    console.print(_craft_table(summary))
-    console.print(f"wrote {out}/perturbation.safetensors, perturbation.json, perturbation.png, summary.json")
+    run = RunFolder(out)
+    with run.lock():  # a bad --out, or a run another process is writing: one line, before loading anything
+        target, model_id = _resolve_target(model, "--model", weights, mean_v, std_v)
+        target = target.to(torch_device)
+        x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root)
+        held = uap.data.load(data, "test", n=heldout, seed=seed, root=data_root)[:2] if heldout else None
+        try:
+            result = craft_run(run, target, x, settings=settings, heldout=held, resume=resume, force=force,
+                               callback=on_event, eps=eps_value, norm=p, delta=delta, max_passes=max_passes,
+                               method=method, seed=seed, model_id=model_id,
+                               data=f"{data}:train:n={n_images}:seed={seed}", method_options=method_options,
+                               target=target_class, keep_best=keep_best, deepfool_options={"precision": precision},
+                               fold_batchnorm=fold_batchnorm)
+        finally:
+            progress.stop()
+    console.print(_craft_table(result.summary))
+    if not result.reused:
+        console.print(f"wrote {out}/perturbation.safetensors, perturbation.json, perturbation.png, summary.json")
 
 
 # ----------------------------------------------------------------------------- evaluate / transfer
-# (filled by evaluation: issue 6)
 
 def _model_specs(text: str) -> list[str]:
     """``--models``: comma-separated zoo names / paths / ``module:factory``; ``all`` = the zoo."""
@@ -319,20 +283,25 @@ def _model_specs(text: str) -> list[str]:
     return specs
 
 
-def _load_models(specs: list[str], device: str = "cpu") -> dict:
-    import torch
+def _resolve_target(spec: str, option: str, weights: Optional[Path] = None, mean: Optional[List[float]] = None,
+                    std: Optional[List[float]] = None):
+    """:func:`uap.targets.resolve_model`, its errors told in terms of this command's options."""
+    from uap.targets import ModelSpecError, resolve_model
 
-    from uap.targets import resolve_model
-
+    flags = {"spec": option, "weights": "--weights", "mean": "--mean", "std": "--std"}
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise _UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UsageError("--device cuda: no CUDA device is available here")
+        return resolve_model(spec, weights, mean, std)
+    except ModelSpecError as e:
+        named = " and ".join(flags.get(a, a) for a in e.arguments)
+        raise _UsageError(f"{named}: {e}") from None
+
+
+def _load_models(specs: list[str], device: str = "cpu") -> dict:
+    """``{column name: model on device}`` for the ``--models`` specs."""
+    dev = _torch_device(device)
     loaded = {}
     for spec in specs:
-        model, model_id = resolve_model(spec)
+        model, model_id = _resolve_target(spec, "--models")
         model = model.to(dev)
         name = _short_name(model_id)
         loaded[name if name not in loaded else model_id] = model
@@ -391,7 +360,7 @@ def evaluate_cmd(
     split: str = typer.Option("test", "--split", help="Split the held-out images come from."),
     n_images: int = typer.Option(2000, "--n-images", help="Held-out images (class-balanced subset)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image subset."),
-    batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass."),
+    batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for results.json, results.csv and figures."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
@@ -503,7 +472,6 @@ def transfer_cmd(
 
 
 # ----------------------------------------------------------------------------- train / models
-# (filled by the model zoo: issue 4)
 
 
 @app.command("train")
@@ -520,16 +488,18 @@ def train_cmd(
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Linear lr warm-up."),
     seed: int = typer.Option(0, help="Seed for initialisation, data order and augmentations."),
     knn_every: int = typer.Option(5, "--knn-every", help="kNN monitor every N epochs (0: off)."),
-    n_train: Optional[int] = typer.Option(None, "--n-train", help="Use a class-balanced subset of the training set."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Use a class-balanced subset of the training set "
+                                          "(images a method holds out, e.g. clip's val_size, included)."),
     threads: int = typer.Option(2, help="torch CPU threads."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast for the networks, float32 losses; "
-                                                "~2x faster on CPUs with AVX-512 BF16)."),
+                                                "faster on CPUs with native bfloat16)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: per-epoch checkpoint + state JSON."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same settings)."),
-    zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, probe and write models/zoo/NAME.{safetensors,json}."),
-    hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (networks, data and augmentations; "
-                               "not for clip yet)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (same settings; --epochs may "
+                                "change during warm-up)."),
+    zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, measure and write models/zoo/NAME.{safetensors,json}."),
+    hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable), "
+                                     "e.g. clip: embed_dim, text_width, text_layers, text_heads, word_dropout, val_size."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (networks, data and augmentations)."),
 ) -> None:
     """Train a target model on CIFAR-10 (checkpoint every epoch; --resume continues).
 
@@ -552,14 +522,6 @@ def train_cmd(
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
     torch_device = _torch_device(device)
-    if method == "clip":
-        if torch_device.type != "cpu":
-            raise _UsageError("--device: clip trains on the CPU only for now")
-        _train_clip(out, epochs=epochs, batch_size=batch_size, backbone=backbone, width=width, seed=seed,
-                    resume=resume, n_train=n_train, threads=threads, precision=precision, command=command, zoo=zoo,
-                    hparams=hparams,
-                    overrides=dict(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs))
-        return
     config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,
@@ -570,29 +532,10 @@ def train_cmd(
         from models.zoo_build import build_zoo_entry
 
         card = build_zoo_entry(out, zoo, console=console)
-        console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
-
-
-def _train_clip(out: Path, *, zoo: Optional[str], hparams: dict, overrides: dict, **kwargs) -> None:
-    """``uap train clip``: CLIP-style training (models.clip_train); -H sets embed_dim, text_width …"""
-    import inspect
-
-    from models.clip_train import train_clip
-
-    known = set(inspect.signature(train_clip).parameters)
-    unknown = sorted(set(hparams) - known)
-    if unknown:
-        raise _UsageError(f"unknown CLIP hyper-parameter(s) {unknown}; known: embed_dim, text_width, text_layers, "
-                          "text_heads, word_dropout, val_size")
-    extra = {k: v for k, v in overrides.items() if v is not None}
-    path = train_clip(out, log=console.print, **kwargs, **extra, **hparams)
-    console.print(f"checkpoint: {path}")
-    if zoo:
-        import models.zoo as zoo_registry
-
-        card = zoo_registry.load_card(path)
-        zoo_registry.save_entry(zoo, zoo_registry.load(path), card)
-        console.print(f"zoo entry {zoo}: zero-shot accuracy {card.get('zero_shot_acc', float('nan')):.4f}")
+        if card["builder"] == "clip":
+            console.print(f"zoo entry {zoo}: zero-shot accuracy {card['zero_shot_acc']:.4f}")
+        else:
+            console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
 
 
 @app.command("models")

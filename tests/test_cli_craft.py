@@ -37,8 +37,8 @@ def finished(tmp_path_factory, data_root):
 def test_writes_artefacts_and_summary(finished):
     out, result = finished
     names = {p.name for p in out.iterdir()}
-    assert {"perturbation.safetensors", "perturbation.json", "perturbation.png", "summary.json"} <= names
-    assert "checkpoint.safetensors" not in names  # removed once the run finished
+    assert names == {"perturbation.safetensors", "perturbation.json", "perturbation.png", "summary.json",
+                     "perturbation.settings.json"}  # the checkpoint and the lock are gone once the run finished
     summary = json.loads((out / "summary.json").read_text())
     for key in ("model", "eps", "norm", "method", "passes", "seconds", "fooling_rate", "heldout_fooling_rate"):
         assert key in summary, key
@@ -60,6 +60,88 @@ def test_different_settings_refuse_to_overwrite(finished, data_root):
     out, _ = finished
     result = _craft("--eps", "4/255", "--out", str(out), "--data-root", str(data_root))
     assert result.exit_code == 2 and "different settings" in _stderr(result)
+    assert len([line for line in _stderr(result).splitlines() if line.strip()]) == 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_needs_resume_and_continues(tmp_path, data_root, monkeypatch):
+    import uap.universal
+
+    out = tmp_path / "run"
+    args = ("--eps", "8/255", "--max-passes", "3", "--delta", "0.001", "--out", str(out), "--data-root", str(data_root))
+    real_craft = uap.universal.craft
+
+    def craft_then_crash(*a, callback, **kw):
+        def stop_after_pass_1(event):
+            answer = callback(event)
+            if event["event"] == "pass":
+                raise _Interrupt
+            return answer
+
+        return real_craft(*a, callback=stop_after_pass_1, **kw)
+
+    monkeypatch.setattr(uap.universal, "craft", craft_then_crash)
+    crashed = _craft(*args)
+    assert isinstance(crashed.exception, _Interrupt)
+    monkeypatch.undo()
+    assert (out / "perturbation.partial.safetensors").is_file() and not (out / "summary.json").exists()
+
+    refused = _craft(*args)  # the checkpoint is not silently thrown away
+    err = _stderr(refused)
+    assert refused.exit_code == 2 and "--resume" in err and "--force" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+    resumed = _craft(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after pass 1 from" in resumed.output and "pass 2:" in resumed.output
+    assert "pass 1:" not in resumed.output
+    summary = json.loads((out / "summary.json").read_text())
+    straight = _craft(*args[:-4], "--out", str(tmp_path / "straight"), "--data-root", str(data_root))
+    assert straight.exit_code == 0, straight.output
+    reference = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["passes"] == reference["passes"] == 3
+    assert [r["fooling_rate"] for r in summary["history"]] == [r["fooling_rate"] for r in reference["history"]]
+    assert torch.equal(Perturbation.load(out / "perturbation.safetensors").v,
+                       Perturbation.load(tmp_path / "straight" / "perturbation.safetensors").v)
+
+
+def test_bad_out_fails_before_loading_anything(tmp_path, monkeypatch):
+    import uap.data
+    import uap.targets
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded a model or data before checking --out")
+
+    monkeypatch.setattr(uap.targets, "resolve_model", must_not_run)
+    monkeypatch.setattr(uap.data, "load", must_not_run)
+    (tmp_path / "file").write_text("not a folder")
+    result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(tmp_path / "file" / "run")])
+    err = _stderr(result)
+    assert result.exit_code == 2, result.output
+    assert "cannot use" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
+
+
+def test_a_run_being_written_is_one_line_exit_2(tmp_path, monkeypatch):
+    import os
+
+    import uap.data
+    from uap.runs import RunFolder
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded data although the run is locked")
+
+    monkeypatch.setattr(uap.data, "load", must_not_run)
+    out = tmp_path / "run"
+    with RunFolder(out).lock():  # as another process writing it would
+        result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(out)])
+    err = _stderr(result)
+    assert result.exit_code == 2, result.output
+    assert "in use" in err and f"pid {os.getpid()}" in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1
 
 
 def test_keep_best_is_recorded_and_consistent(tmp_path, data_root):
@@ -88,7 +170,7 @@ def test_bf16_precision_is_recorded_and_runs(tmp_path, data_root):
 
 def test_batchnorm_folding_is_recorded_and_can_be_turned_off(tmp_path, data_root):
     folded = []
-    for option in ([], ["--method-option", "fold_batchnorm=false"]):
+    for option in ([], ["--no-fold-batchnorm"]):
         out = tmp_path / f"run{len(folded)}"
         result = CliRunner().invoke(app, ["craft", "--model", "tests.tiny_models:bn_net", *SMALL, "--eps", "8/255",
                                           "--method", "deepfool-batched", *option, "--out", str(out),
@@ -120,8 +202,9 @@ def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     (["--delta", "1.5"], "--delta"), (["--method", "nope"], "unknown method"), (["--n-images", "0"], "--n-images"),
     (["--model", "no_such_module:factory"], "cannot import"), (["--mean", "0.5"], "--mean and --std"),
     (["--precision", "fp16"], "--precision"), (["--precision", "bf16", "--method", "sgd"], "--precision"),
-    (["--precision", "bf16", "--target", "3"], "--precision"),
-    (["--method-option", "fold_batchnorm=maybe"], "fold_batchnorm"),
+    (["--precision", "bf16", "--method", "feature"], "--precision"),
+    (["--method-option", "fold_batchnorm=false"], "unknown option"), (["--method-option", "batch_size=8.5"], "batch_size"),
+    (["--method", "feature", "--target", "3"], "untargeted"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(tmp_path / "o"), *args])

@@ -141,8 +141,9 @@ def test_resume_reuses_saved_perturbations(setup, tmp_path, monkeypatch):
     (tmp_path / "perturbations" / "probe.settings.json").unlink()
     partial = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **{**SETTINGS, "eps": EPS / 2})
     assert partial.reused == ["lin"]
-    settings = json.loads((tmp_path / "perturbations" / "lin.settings.json").read_text())
-    assert settings["eps"] == EPS / 2 and len(settings["craft_set_sha256"]) == 64
+    record = json.loads((tmp_path / "perturbations" / "lin.settings.json").read_text())
+    assert record["craft"]["eps"] == EPS / 2 and len(record["craft_set_sha256"]) == 64
+    assert record["settings"] == {"source": "lin"} and len(record["model_sha256"]) == 64
 
 
 def test_interrupted_crafting_resumes_from_the_last_pass(setup, tmp_path):
@@ -163,7 +164,7 @@ def test_interrupted_crafting_resumes_from_the_last_pass(setup, tmp_path):
     with pytest.raises(Interrupt):
         transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, callback=stop_after_first_pass, **settings)
     folder = tmp_path / "perturbations"
-    assert (folder / "probe.partial.settings.json").is_file() and not (folder / "probe.settings.json").exists()
+    assert (folder / "probe.partial.safetensors").is_file() and not (folder / "probe.settings.json").exists()
 
     events = []
     resumed = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path,
@@ -178,10 +179,22 @@ def test_interrupted_crafting_resumes_from_the_last_pass(setup, tmp_path):
     assert resumed.report.fooling_rate.tolist() == straight.report.fooling_rate.tolist()
 
 
+def test_a_source_another_process_is_writing_is_a_clear_error(setup, tmp_path):
+    from uap.runs import RunFolder, RunLocked
+
+    models, x_craft, x_eval, y_eval = setup
+    with RunFolder(tmp_path / "perturbations", "probe").lock():  # as another process crafting it would
+        with pytest.raises(RunLocked, match=r"perturbations is in use.*'probe'"):
+            transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **SETTINGS)
+    assert (tmp_path / "perturbations" / "lin.settings.json").is_file(), "sources before it are kept"
+    again = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=tmp_path, **SETTINGS)
+    assert again.reused == ["lin"]
+
+
 def test_fingerprints_cover_every_state_tensor():
     from torch import nn
 
-    from uap.transfer import model_fingerprint, tensor_fingerprint
+    from uap.runs import model_fingerprint, tensor_fingerprint
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # has a 0-dim int64 buffer
     before = model_fingerprint(net)

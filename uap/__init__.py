@@ -9,6 +9,7 @@ The public API; see README.md for a tour.
 - :func:`project_lp` — exact Euclidean projection onto ℓ1 / ℓ2 / ℓ∞ balls;
 - :func:`fooling_rate`, :func:`accuracy`, :func:`targeted_success_rate` … — metrics;
 - :func:`evaluate`, :func:`transfer_matrix` — every perturbation on every model;
+- :func:`craft_run` — :func:`craft` in a resumable, locked run folder (what ``uap craft`` does);
 - :class:`Perturbation` and :class:`Report` — the artefacts (safetensors + JSON).
 
 Internals stay reachable by their module path (``uap.methods``, ``uap.metrics.CleanPredictions``,
@@ -28,6 +29,7 @@ from uap.metrics import accuracy, clean_predictions, dominant_label, fooling_rat
 from uap.perturbation import Perturbation
 from uap.projection import lp_norm, project_lp
 from uap.report import Report
+from uap.runs import craft_run
 from uap.targeting import targeted_success_rate
 from uap.transfer import Transfer, transfer_matrix
 from uap.universal import craft
@@ -37,6 +39,7 @@ __all__ = [
     "data",
     # crafting
     "craft",
+    "craft_run",
     "deepfool",
     "fold_batchnorm",
     "project_lp",

@@ -11,21 +11,21 @@ A last row, ``random``, applies random noise of the same ℓp norm (see
 :mod:`uap.baseline`): the gap between a UAP's row and the random row is what its universal
 *structure* buys, beyond its size.
 
-Resuming: with ``out_dir``, every crafted perturbation is saved under
-``out_dir/perturbations/<source>.{safetensors,json}`` followed by a
-``<source>.settings.json`` that records exactly what it was crafted with — budget, stop rule,
-method, seed, a SHA-256 of the crafting images and of the source model's weights. A later run
-with the same ``out_dir`` loads every perturbation whose settings match and crafts only the
-rest. While a perturbation is being crafted, it is also checkpointed after every pass as
-``<source>.partial.*`` and a re-run continues from the last finished pass
-(``uap.craft(resume=...)``, whose visiting order depends only on the seed and the pass
-number), so an interruption loses at most one pass. The settings file is written last (and
-atomically), so a crash mid-save is seen as "not crafted".
+Resuming: with ``out_dir``, each source's crafting is a run in
+``out_dir/perturbations/`` named after the source (:class:`uap.runs.RunFolder`):
+``<source>.{safetensors,json}`` is the perturbation and ``<source>.settings.json``, written
+last, records exactly what it was crafted with — the budget, stop rule, method, seed and
+every other :func:`uap.craft` argument, and SHA-256 fingerprints of the crafting images,
+the held-out images and the source model's weights. A later run with the same ``out_dir``
+reuses every perturbation whose record matches and crafts the rest, replacing what no
+longer matches. While a perturbation is being crafted it is checkpointed after every pass
+(``<source>.partial.*``) and a re-run continues from the last finished pass, exactly
+(visiting orders depend only on the seed and the pass number), so an interruption loses at
+most one pass. Each source's run is locked while it is written: a second process that
+tries to write it gets :class:`uap.runs.RunLocked`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -40,10 +40,10 @@ from uap.baseline import random_perturbation
 from uap.evaluate import as_named_models, evaluate
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
-from uap.atomic import atomic_write
 from uap.report import Report
+from uap.runs import RunFolder
 
-__all__ = ["transfer_matrix", "Transfer", "RANDOM_ROW", "model_fingerprint", "tensor_fingerprint"]
+__all__ = ["transfer_matrix", "Transfer", "RANDOM_ROW"]
 
 #: Name of the random-noise baseline row.
 RANDOM_ROW = "random"
@@ -52,9 +52,10 @@ RANDOM_ROW = "random"
 _SET_HERE = {"eps", "norm", "delta", "max_passes", "method", "seed", "heldout", "callback", "resume",
              "model_id", "data"}
 
-#: ``callback(event, info)``: ``"craft"`` (a source model starts; info: model, index, total),
-#: ``"craft_step"`` (the engine's per-pass history dict, plus model), ``"reused"`` and
-#: ``"saved"`` (model, path), ``"evaluate"`` (done, total, desc).
+#: ``callback(event, info)``: ``"craft"`` (crafting on a source model starts; info: model,
+#: index, total, resumed_passes), ``"craft_step"`` (the engine's event dict, ``"progress"``
+#: or ``"pass"``, plus model), ``"reused"`` and ``"saved"`` (model, index, total, path: the
+#: stem of the perturbation's files), ``"evaluate"`` (done, total, desc).
 EventFn = Callable[[str, dict], None]
 
 
@@ -73,87 +74,6 @@ class Transfer:
     perturbations: dict[str, torch.Tensor]
     crafted: dict[str, Perturbation] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
-
-
-def tensor_fingerprint(x: torch.Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes (identifies a crafting set)."""
-    t = x.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, shapes, bytes): changes when it is retrained."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor_fingerprint(t).encode())
-    return h.hexdigest()
-
-
-def _settings(source: str, model_id: str, model: nn.Module, x_craft_sha: str, n_craft: int,
-              eps: float, norm: float, delta: float, max_passes: int, method: str, seed: int,
-              craft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "source": source,
-        "model_id": model_id,
-        "model_sha256": model_fingerprint(model),
-        "eps": float(eps),
-        "norm": norm_name(norm),
-        "delta": float(delta),
-        "max_passes": int(max_passes),
-        "method": method,
-        "seed": int(seed),
-        "n_craft": int(n_craft),
-        "craft_set_sha256": x_craft_sha,
-        "craft_kwargs": json.loads(json.dumps(dict(craft_kwargs), default=str)),
-    }
-
-
-def _try_reuse(stem: Path, settings: dict[str, Any]) -> Perturbation | None:
-    """The perturbation saved at ``stem`` if its settings equal ``settings``, else None."""
-    settings_path = stem.with_name(stem.name + ".settings.json")
-    if not settings_path.is_file():
-        return None
-    try:
-        saved = json.loads(settings_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if saved != settings:
-        return None
-    try:
-        return Perturbation.load(stem)
-    except (OSError, ValueError, KeyError):
-        return None  # damaged files: craft again
-
-
-def _partial_stem(stem: Path) -> Path:
-    return stem.with_name(stem.name + ".partial")
-
-
-def _save_partial(stem: Path, settings: dict[str, Any], v: torch.Tensor, history: list[dict],
-                  model_id: str, n_craft: int) -> None:
-    """Checkpoint an unfinished crafting run after a pass (for ``craft(resume=...)``)."""
-    pert = Perturbation(v=v.detach().cpu().float(), model=model_id, data=f"{n_craft} crafting images",
-                        eps=settings["eps"], norm=settings["norm"], delta=settings["delta"],
-                        method=settings["method"], seed=settings["seed"], history=[dict(h) for h in history],
-                        seconds=sum(float(h.get("seconds", 0.0)) for h in history))
-    _save(pert, _partial_stem(stem), settings)
-
-
-def _remove(stem: Path) -> None:
-    for suffix in (".settings.json", ".safetensors", ".json"):
-        stem.with_name(stem.name + suffix).unlink(missing_ok=True)
-
-
-def _save(pert: Perturbation, stem: Path, settings: dict[str, Any]) -> None:
-    """Save the perturbation, then (atomically) the settings file that marks it complete."""
-    settings_path = stem.with_name(stem.name + ".settings.json")
-    settings_path.unlink(missing_ok=True)  # invalidate first: a crash mid-save must not look complete
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    pert.save(stem)
-    atomic_write(settings_path, json.dumps(settings, indent=2) + "\n")
 
 
 def transfer_matrix(
@@ -188,8 +108,9 @@ def transfer_matrix(
         eps, norm, delta, max_passes, method, seed: passed to :func:`uap.craft` for every
             source — the same budget, stop rule and seed for all rows.
         sources: which models to craft on (default: all of ``models``).
-        model_ids: ``{name: id}`` recorded in the resume settings (e.g. zoo name or path).
-        out_dir: where crafted perturbations are saved and, on a re-run, reused.
+        model_ids: ``{name: id}`` stored as each perturbation's model (e.g. zoo name or path).
+        out_dir: where crafted perturbations are saved and, on a re-run, reused or continued
+            (see the module docstring).
         random_baseline: add the ``random`` row (random noise with the same ℓp norm as the
             crafted UAPs: the largest of their norms, i.e. ε when they saturate the budget).
         batch_size, embeddings, classes: passed to :func:`uap.evaluate`.
@@ -220,27 +141,35 @@ def transfer_matrix(
         raise ValueError(f"craft_kwargs cannot set {clash}: transfer_matrix sets them for every source")
     model_ids = dict(model_ids or {})
     emit = callback or (lambda _event, _info: None)
-    stem_dir = Path(out_dir) / "perturbations" if out_dir is not None else None
-    craft_sha = tensor_fingerprint(x_craft)
-    if stem_dir is not None:
-        bad = [s for s in sources if not s or "/" in s or "\\" in s or s.startswith(".")]
-        if bad:
-            raise ValueError(f"model name(s) {bad} cannot name files under {stem_dir}; rename them")
+    runs = ({s: RunFolder(Path(out_dir) / "perturbations", s) for s in sources}  # bad names fail before crafting
+            if out_dir is not None else {})
+    heldout = x_eval if y_eval is None else (x_eval, y_eval)
 
     crafted: dict[str, Perturbation] = {}
     reused: list[str] = []
     for k, source in enumerate(sources):
-        settings = _settings(source, model_ids.get(source, source), named[source], craft_sha, len(x_craft),
-                             eps, p, delta, max_passes, method, seed, craft_kwargs)
-        stem = stem_dir / source if stem_dir is not None else None
-        saved = _try_reuse(stem, settings) if stem is not None else None
-        if saved is not None:
-            crafted[source] = saved
-            reused.append(source)
-            emit("reused", {"model": source, "path": str(stem), "index": k, "total": len(sources)})
-            continue
-        crafted[source] = _craft_one(named[source], x_craft, x_eval, y_eval, settings, stem, craft_kwargs,
-                                     emit, index=k, total=len(sources))
+        position = {"model": source, "index": k, "total": len(sources)}
+        args = dict(eps=eps, norm=p, delta=delta, max_passes=max_passes, method=method, seed=seed,
+                    model_id=model_ids.get(source, source), data=f"{len(x_craft)} crafting images", **craft_kwargs)
+
+        def on_event(event: dict, position: dict = position) -> None:
+            kind, source = event.get("event"), position["model"]
+            if kind == "start":
+                emit("craft", {**position, "resumed_passes": event["resumed_passes"]})
+            elif kind in ("reused", "saved"):
+                emit(kind, {**position, "path": str(runs[source].folder / source)})
+            else:  # the engine's "progress" and "pass" events
+                emit("craft_step", {**event, "model": source})
+
+        if out_dir is not None:  # reuse, continue or craft the run <source> in out_dir/perturbations/
+            run = runs[source].craft(named[source], x_craft, settings={"source": source}, heldout=heldout,
+                                     callback=on_event, resume=True, replace=True, **args)
+            crafted[source] = run.perturbation
+            if run.reused:
+                reused.append(source)
+        else:
+            on_event({"event": "start", "resumed_passes": 0})
+            crafted[source] = universal.craft(named[source], x_craft, heldout=heldout, callback=on_event, **args)
 
     perturbations: dict[str, torch.Tensor] = {s: _vector(crafted[s]) for s in sources}
     meta: dict[str, Any] = {
@@ -260,36 +189,6 @@ def transfer_matrix(
     report = evaluate(perturbations, named, x_eval, y_eval, batch_size=batch_size, embeddings=embeddings,
                       classes=classes, progress=on_eval, meta=meta)
     return Transfer(report=report, perturbations=perturbations, crafted=crafted, reused=reused)
-
-
-def _craft_one(model: nn.Module, x_craft: torch.Tensor, x_eval: torch.Tensor, y_eval: torch.Tensor | None,
-               settings: dict[str, Any], stem: Path | None, craft_kwargs: dict[str, Any], emit: EventFn,
-               *, index: int, total: int) -> Perturbation:
-    """Craft one source's UAP with :func:`uap.craft`, continuing from a checkpoint under ``stem``
-    if there is one, checkpointing after every pass, and saving the result."""
-    source = settings["source"]
-    partial = _try_reuse(_partial_stem(stem), settings) if stem is not None else None
-    emit("craft", {"model": source, "index": index, "total": total,
-                   "resumed_passes": partial.passes if partial is not None else 0})
-    history: list[dict] = [dict(h) for h in partial.history] if partial is not None else []
-
-    def on_step(entry: dict) -> None:
-        if entry.get("event") == "pass" and stem is not None:
-            history.append({k: v for k, v in entry.items() if k not in ("event", "v")})
-            _save_partial(stem, settings, entry["v"], history, settings["model_id"], len(x_craft))
-        emit("craft_step", {**entry, "model": source})
-
-    pert = universal.craft(
-        model, x_craft, eps=settings["eps"], norm=settings["norm"], delta=settings["delta"],
-        max_passes=settings["max_passes"], method=settings["method"], seed=settings["seed"],
-        heldout=x_eval if y_eval is None else (x_eval, y_eval), callback=on_step, resume=partial,
-        model_id=settings["model_id"], data=f"{len(x_craft)} crafting images", **craft_kwargs,
-    )
-    if stem is not None:
-        _save(pert, stem, settings)
-        _remove(_partial_stem(stem))
-        emit("saved", {"model": source, "path": str(stem)})
-    return pert
 
 
 def _vector(pert: Any) -> torch.Tensor:
