@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -51,8 +52,8 @@ class Options:
         if isinstance(values, cls):
             return values
         values = dict(values or {})
-        hints = typing.get_type_hints(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
+        hints = _field_types(cls)
+        known = list(hints)
         where = f" for {owner}" if owner else ""
         unknown = sorted(set(values) - set(known))
         if unknown:
@@ -76,6 +77,14 @@ class Options:
         """The options whose value differs from the default."""
         default = type(self)()
         return {k: v for k, v in self.to_dict().items() if getattr(default, k) != v}
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    """``{field name: resolved annotation}`` of an options dataclass, in field order (cached:
+    options are parsed once per DeepFool call)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -49,7 +49,7 @@ are removed only once the new run has finished its first pass, so a run that fai
 start (a bad argument, a model that does not fit the images) costs nothing.
 
 Resuming is exact: pass ``k`` visits the images in an order that depends only on the seed
-and ``k`` (:func:`uap.visiting_order`), and the checkpoint holds ``v`` and the history after
+and ``k`` (:func:`uap.universal.visiting_order`), and the checkpoint holds ``v`` and the history after
 the last finished pass, from which ``uap.craft(resume=...)`` continues.
 
 Every artefact is written through :func:`uap.atomic.atomic_write`. A checkpoint's JSON sidecar
