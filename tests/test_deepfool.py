@@ -323,3 +323,23 @@ def test_models_that_reject_channels_last_input_still_work():
         assert bool(ok.all())
         with pytest.raises(RuntimeError):  # the premise: this model cannot take the layout
             model(x.contiguous(memory_format=torch.channels_last))
+
+
+def test_gradient_passes_are_split_to_the_budget_with_the_same_result(cnn, test_images, monkeypatch):
+    import sys
+
+    deepfool_module = sys.modules["uap.deepfool"]  # the module (the package's attribute is the function)
+    r_whole, ok_whole = deepfool(cnn, test_images[:12], gradients="loop")
+    sizes = []
+    real = deepfool_module._linearise
+
+    def recording(model, xa, *args):
+        sizes.append(xa.shape[0])
+        return real(model, xa, *args)
+
+    monkeypatch.setattr(deepfool_module, "_linearise", recording)
+    monkeypatch.setattr(deepfool_module, "GRADIENT_BUDGET", 5 * test_images[0].numel())  # five images per pass
+    r_split, ok_split = deepfool(cnn, test_images[:12], gradients="loop")
+    assert max(sizes) == 5 and sizes[:3] == [5, 5, 2]  # the first step's 12 rows in three passes
+    assert torch.equal(ok_split, ok_whole)
+    torch.testing.assert_close(r_split, r_whole, rtol=1e-4, atol=1e-6)

@@ -207,7 +207,7 @@ def deepfool(
             zc = z[keep].gather(1, cls)
             diffs = zc[:, 1:] - zc[:, :1]  # f_k = z_k − z_k̂ (fp32), negative while not fooled
             state = vmap_state if gradients == "batched" else {"ok": False}  # "loop"/"replicated": no vmap
-            grads = _linearise(model, xa[keep].detach(), cls, layout, gradients, state, autocast)
+            grads = _chunked_linearise(model, xa[keep].detach(), cls, layout, gradients, state, autocast)
             flat = grads.flatten(2)
             dual = flat.norm(dim=2) if p == 2.0 else flat.abs().sum(dim=2)  # ‖w_k‖₂ or ‖w_k‖₁
             dist = diffs.abs() / (dual + _TINY)
@@ -283,6 +283,24 @@ def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torc
                           RuntimeWarning, stacklevel=3)
     grads = [torch.autograd.grad(diffs[:, j].sum(), xa, retain_graph=j < kk - 1)[0] for j in range(kk)]
     return torch.stack(grads, dim=1)
+
+
+#: At most this many input elements go through one gradient pass (copies of ``"replicated"``
+#: rows counted), so memory stays bounded at any image size: at 32×32 no DeepFool step comes
+#: near it, at 224×224 a step's rows are split into passes of a few images each.
+GRADIENT_BUDGET = 2 ** 21
+
+
+def _chunked_linearise(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor, layout: BatchLayout, gradients: str,
+                       state: dict, autocast: torch.dtype | None) -> torch.Tensor:
+    """:func:`_linearise` over the rows in chunks of at most :data:`GRADIENT_BUDGET` input elements
+    (the same gradients: each row's gradient depends on that row only)."""
+    copies = cls.shape[1] - 1 if gradients == "replicated" else 1
+    rows = max(1, GRADIENT_BUDGET // (copies * xa[0].numel()))
+    if xa.shape[0] <= rows:
+        return _linearise(model, xa, cls, layout, gradients, state, autocast)
+    return torch.cat([_linearise(model, xa[i:i + rows], cls[i:i + rows], layout, gradients, state, autocast)
+                      for i in range(0, xa.shape[0], rows)])
 
 
 def _linearise(model: nn.Module, xa: torch.Tensor, cls: torch.Tensor, layout: BatchLayout, gradients: str,
