@@ -12,6 +12,8 @@ methods, DeepFool) goes through here, so they agree on what a target is and how 
   ``x`` or of ``clip(x + v, 0, 1)``, and, for a model with an ``.encoder``
   (:func:`encoder_of`), its embeddings, captured by a forward hook in the same pass when the
   model's ``forward`` calls its own encoder;
+- under ``torch.distributed`` (:mod:`uap.distributed`) each rank runs its share of the images
+  and every rank gets all outputs, in order, so every metric is the one-process metric;
 - on the CPU, oneDNN's convolutions run faster on batches in channels-last memory layout, so
   :class:`BatchLayout` uses it for batches of more than one image (a single image stays
   contiguous: PyTorch's native kernels are as fast at that size). The layout changes only how
@@ -28,6 +30,8 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch import nn
+
+from uap.distributed import gather_rows, is_distributed, shard, world
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "BatchLayout", "Inference", "Outputs", "logits_of", "model_device", "eval_mode",
@@ -267,9 +271,10 @@ class Inference:
         check_images(x)
         if v is not None:
             v = check_perturbation(v, x).to(device=self.device, dtype=x.dtype)
+        n, sharded = x.shape[0], is_distributed() and x.shape[0] >= world()[1]
         preds, embs, num_classes = [], [], 0
         with self._running():
-            for xb in batches(x, batch_size):
+            for xb in batches(x[shard(n)] if sharded else x, batch_size):  # under torch.distributed: this rank's share
                 xb = xb.to(self.device)
                 if v is not None:
                     xb = (xb + v).clamp_(0.0, 1.0)
@@ -278,7 +283,11 @@ class Inference:
                 preds.append(logits.argmax(dim=1).cpu())
                 if emb is not None:
                     embs.append(emb.cpu())
-        return Outputs(torch.cat(preds), torch.cat(embs) if embs else None, num_classes)
+        predictions, embeddings = torch.cat(preds), torch.cat(embs) if embs else None
+        if sharded:  # every rank gets every image's outputs, in order
+            predictions = gather_rows(predictions, n)
+            embeddings = None if embeddings is None else gather_rows(embeddings, n)
+        return Outputs(predictions, embeddings, num_classes)
 
     def embeddings(self, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor | None:
         """Encoder features of ``x`` alone (N×D float32, CPU), without running the classifier;
@@ -286,9 +295,11 @@ class Inference:
         check_images(x)
         if self.encoder is None:
             return None
+        n, sharded = x.shape[0], is_distributed() and x.shape[0] >= world()[1]
         with self._running():
-            return torch.cat([self.layout.apply(self._direct, xb.to(self.device)).cpu()
-                              for xb in batches(x, batch_size)])
+            features = torch.cat([self.layout.apply(self._direct, xb.to(self.device)).cpu()
+                                  for xb in batches(x[shard(n)] if sharded else x, batch_size)])
+        return gather_rows(features, n) if sharded else features
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:

@@ -22,6 +22,11 @@ With ``batch_size > 1`` the step runs on every image of a minibatch that needs a
 one call, and the successful steps are folded in one after another (``v ← P(v + Δv_j)``):
 every Δv_j of a minibatch was computed at the ``v`` of the minibatch's start, and an image
 that an earlier update of its minibatch already fooled still contributes its Δv.
+
+Under ``torch.distributed``: the minibatch mode splits each minibatch's images that need an
+update over the ranks, gathers their Δv in minibatch order and folds them in on every rank, so
+every rank holds the one-process ``v``. Algorithm 1 itself (``batch_size=1``) is sequential
+by definition: rank 0 runs the pass and broadcasts ``v`` (and the pass's counts) to the others.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import ClassVar
 
 import torch
 
+from uap.distributed import broadcast, gather_rows, is_distributed, is_main, shard, world
 from uap.methods.base import CraftContext, Method
 from uap.options import Options, require
 
@@ -107,10 +113,16 @@ def algorithm1_pass(ctx: CraftContext, step: InnerStep, options: Algorithm1Optio
     Counts the work in ``ctx``: ``visited``, ``fooled_seen`` (visited images that needed no
     update), ``deepfool_calls`` (images given to ``step``) and ``updates``.
     """
-    if options.batch_size == 1:
-        _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size)
-    else:
+    if options.batch_size > 1:
         _minibatch_pass(ctx, step, options.batch_size)
+    elif not is_distributed():
+        _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size)
+    else:  # Algorithm 1 is sequential: rank 0 runs the pass, every rank gets its v and counts
+        if is_main():
+            _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size)
+        ctx.v = broadcast(ctx.v)
+        counts = broadcast(torch.tensor([ctx.visited, ctx.fooled_seen, ctx.deepfool_calls, ctx.updates]))
+        ctx.visited, ctx.fooled_seen, ctx.deepfool_calls, ctx.updates = (int(c) for c in counts)
 
 
 def _chunk_after_update(advanced: int) -> int:
@@ -157,7 +169,7 @@ def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int) -> None
         need = step.needs_update(ctx, idx, z)
         sel = idx[need]
         if sel.numel():
-            res = step(ctx, sel, z[need], None)
+            res = _spread(ctx, step, sel, z[need])
             ctx.deepfool_calls += sel.numel()
             for j in torch.nonzero(res.ok).flatten().tolist():
                 candidate = ctx.project(ctx.v + res.r[j])
@@ -167,6 +179,16 @@ def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int) -> None
         ctx.visited += idx.numel()
         ctx.fooled_seen += int((~need).sum())
         ctx.progress()
+
+
+def _spread(ctx: CraftContext, step: InnerStep, sel: torch.Tensor, logits: torch.Tensor) -> StepResult:
+    """``step`` on the images ``sel``; under ``torch.distributed`` each rank steps on its share
+    and the results are gathered in order, so every rank folds in the same updates."""
+    if not is_distributed() or sel.numel() < world()[1]:
+        return step(ctx, sel, logits, None)
+    part = shard(sel.numel())
+    res = step(ctx, sel[part], logits[part], None)
+    return StepResult(gather_rows(res.r, sel.numel()), gather_rows(res.ok.to(torch.uint8), sel.numel()).bool())
 
 
 class _Lookahead:

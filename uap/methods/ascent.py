@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from uap.distributed import all_sum, is_distributed, shard, world
 from uap.methods.base import CraftContext, Method
 from uap.options import Options, require
 
@@ -91,18 +92,29 @@ def projected_ascent_pass(
     """One pass of minibatch projected steepest ascent on ``ctx.v``.
 
     ``objective(x_adv, idx)`` receives the perturbed images ``clip(x[idx] + v, 0, 1)`` (with
-    the graph to ``v``) and returns ``(J, fooled)`` — the scalar to maximise and an optional
-    bool mask of fooled images (counted in ``ctx.fooled_seen``). Each minibatch is one update.
+    the graph to ``v``) and returns ``(J, fooled)`` — the scalar to maximise, a mean over the
+    images, and an optional bool mask of fooled images (counted in ``ctx.fooled_seen``). Each
+    minibatch is one update.
+
+    Under ``torch.distributed`` each minibatch is split over the ranks; each rank takes the
+    gradient of the mean over its share, the ranks sum those raw gradients weighted by their
+    share's size and divide by the minibatch size (the gradient of the whole minibatch's
+    mean), and every rank then takes the same step and projection, so all hold the same
+    ``v``. ``batch_size`` is the global minibatch, whatever the number of ranks.
     """
+    distributed = is_distributed()
     for idx in ctx.order.split(batch_size):
+        mine = idx[shard(idx.numel())] if distributed and idx.numel() >= world()[1] else idx
         v = ctx.v.detach().requires_grad_(True)
         with torch.enable_grad():
-            x_adv = (ctx.x[idx] + v).clamp(0.0, 1.0)
-            value, fooled = objective(x_adv, idx)
+            x_adv = (ctx.x[mine] + v).clamp(0.0, 1.0)
+            value, fooled = objective(x_adv, mine)
             (g,) = torch.autograd.grad(value, v)
+        if mine is not idx:  # the mean gradient of the whole minibatch, from every rank's share
+            g = all_sum(g * mine.numel()) / idx.numel()
         ctx.v = ctx.project(v.detach() + step * ascent_direction(g, ctx.p))
         ctx.visited += idx.numel()
         ctx.updates += 1
         if fooled is not None:
-            ctx.fooled_seen += int(fooled.sum())
+            ctx.fooled_seen += int(all_sum(fooled.sum()) if mine is not idx else fooled.sum())
         ctx.progress()

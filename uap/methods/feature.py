@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from uap.baseline import random_perturbation
+from uap.distributed import is_distributed
 from uap.forward import encoder_features, encoder_of
 from uap.methods.ascent import Ascent, AscentOptions, Objective
 from uap.methods.base import CraftContext, register_method
@@ -80,6 +81,9 @@ class Feature(Ascent):
     def objective(self, ctx: CraftContext) -> Objective:
         encoder = ctx.attacked(encoder_of(ctx.model, required=True, needed_by="method 'feature'"), ctx.x)
         opts = self.options
+        if opts.distance == "l2" and is_distributed():
+            raise ValueError("distance 'l2' is normalised by the whole minibatch's feature energy, which one rank's "
+                             "share does not have; use distance 'cosine' under torch.distributed")
         if not bool(ctx.v.any()):  # zero gradient at v = 0: start from random noise of size init·ε
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
             noise = random_perturbation(tuple(ctx.v.shape), opts.init * ctx.eps, ctx.p, seed=seed, dtype=ctx.v.dtype)

@@ -1,0 +1,84 @@
+"""Two gloo processes give the one-process result: crafting (sgd, deepfool-batched, Algorithm 1)
+and evaluation, under a process group the caller initialised."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import uap
+from tests.tiny_models import tiny_mlp
+
+RUNS = {
+    "sgd": dict(method="sgd", eps=0.06, norm=math.inf, max_passes=2, method_options={"batch_size": 10}),
+    "sgd-l2": dict(method="sgd", eps=1.0, norm=2, max_passes=2, method_options={"batch_size": 7}),
+    "deepfool-batched": dict(method="deepfool-batched", eps=0.06, norm=math.inf, max_passes=2,
+                             method_options={"batch_size": 9}, deepfool_options={"max_iter": 5}),
+    "deepfool": dict(method="deepfool", eps=0.06, norm=math.inf, max_passes=2, deepfool_options={"max_iter": 5}),
+}
+
+
+def _images(n: int = 40, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _results() -> dict:
+    model, x, held = tiny_mlp(), _images(), _images(30, seed=2)
+    out = {}
+    for name, kw in RUNS.items():
+        pert = uap.craft(model, x, delta=0.01, seed=4, heldout=held, **kw)
+        out[name] = (pert.v, [{k: r[k] for k in ("fooling_rate", "heldout_fooling_rate", "updates", "visited",
+                                                 "deepfool_calls")} for r in pert.history])
+    v = out["sgd"][0]
+    out["evaluate"] = uap.evaluate({"v": v}, {"m": model}, held, torch.arange(30) % 5).fooling_rate.tolist()
+    out["predict"] = uap.predict(model, held, v)
+    return out
+
+
+def _worker(rank: int, size: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        out = _results()
+        if rank == 0:
+            torch.save(out, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dist") / "rank0.pt")
+    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    torch.set_num_threads(1)
+    return _results()
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_ranks_craft_the_one_process_v(two_ranks, one_process, name):
+    v2, h2 = two_ranks[name]
+    v1, h1 = one_process[name]
+    assert h2 == h1  # same fooling rates (counted exactly), updates, visits and DeepFool calls
+    torch.testing.assert_close(v2, v1, rtol=0, atol=1e-6)
+
+
+def test_two_ranks_evaluate_to_the_count(two_ranks, one_process):
+    assert two_ranks["evaluate"] == one_process["evaluate"]
+    assert torch.equal(two_ranks["predict"], one_process["predict"])

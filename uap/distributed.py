@@ -1,0 +1,108 @@
+"""Data parallelism over ``torch.distributed``: the process group, shards, and the collectives.
+
+Every library call gives the one-process result under an initialised process group (launched
+by ``torchrun``, gloo on CPU, NCCL on CUDA): work is split over the ranks, the pieces are
+combined with collectives, and every rank ends with the same numbers. Without a process group
+(or with one rank) every function here is the identity, so single-process code paths are the
+ones that always ran.
+
+- :func:`shard` gives this rank its contiguous share of ``range(n)``;
+- :func:`gather_rows` puts the ranks' shares back together in order (a variable-length
+  all-gather);
+- :func:`all_sum` sums a tensor over the ranks; :func:`broadcast` copies rank 0's tensor;
+- :func:`process_group` initialises the group from torchrun's environment (and tears it down),
+  for the command line; :func:`is_main` says whether this process should print and write.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["world", "is_distributed", "is_main", "shard", "gather_rows", "all_sum", "broadcast", "process_group"]
+
+#: How long a collective may wait for the other ranks before the job fails (a rank that
+#: raised never joins, so the others must not hang).
+TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("UAP_DIST_TIMEOUT", "120")))
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_distributed() -> bool:
+    """Whether more than one process takes part."""
+    return world()[1] > 1
+
+
+def is_main() -> bool:
+    """Whether this process is rank 0 (the one that prints and writes)."""
+    return world()[0] == 0
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of ``range(n)``: ranks get ⌊n/W⌋ or ⌈n/W⌉ items, in rank order."""
+    rank, size = world()
+    return slice(rank * n // size, (rank + 1) * n // size)
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """The ranks' :func:`shard` s of an ``n``-row tensor, concatenated in rank order (on every rank)."""
+    rank, size = world()
+    if size == 1:
+        return local
+    bounds = [(r * n // size, (r + 1) * n // size) for r in range(size)]
+    longest = max(b - a for a, b in bounds)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(pieces, padded.contiguous())
+    return torch.cat([piece[:b - a] for piece, (a, b) in zip(pieces, bounds)])
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (a new tensor; ``t`` itself without a process group)."""
+    if not is_distributed():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (``t`` itself without a process group)."""
+    if not is_distributed():
+        return t
+    out = t.detach().clone().contiguous()
+    dist.broadcast(out, src=0)
+    return out
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | None = None) -> Iterator[bool]:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1),
+    for the block, and leave it afterwards, also on error. Yields whether the run is distributed.
+
+    The backend follows the device: NCCL for CUDA, gloo otherwise. Every rank seeds alike, so
+    the ranks draw the same subsets and visiting orders. A group the caller initialised is used
+    as it is and left alone.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield is_distributed()
+        return
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        yield True
+    finally:
+        dist.destroy_process_group()
