@@ -6,13 +6,17 @@ stderr and exit code 2 — never a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import uap
 
@@ -246,7 +250,10 @@ def craft_cmd(
                                    f"‖v‖∞ {event['norm_inf']:.4f}, {event['seconds']:.1f} s")
 
     run = RunFolder(out)
-    with run.lock():  # a bad --out, or a run another process is writing: one line, before loading anything
+    from uap.distributed import is_main
+
+    # A bad --out, or a run another process is writing: one line, before loading anything (rank 0 writes).
+    with run.lock() if is_main() else contextlib.nullcontext():
         target, model_id = _resolve_target(model, "--model", weights, mean_v, std_v)
         target = target.to(torch_device)
         x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root)
@@ -342,11 +349,15 @@ def _print_report(report, title: str, caption: str = "") -> None:
 
 
 def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) -> None:
+    from uap import distributed
     from uap.plots import write_figures
 
-    report.save_json(out / "results.json")
-    report.save_csv(out / "results.csv")
-    figures = write_figures(out, report, perturbations, loaded, x, y=y)
+    if not distributed.is_main():
+        return  # rank 0 writes the results, by itself
+    with distributed.alone():
+        report.save_json(out / "results.json")
+        report.save_csv(out / "results.csv")
+        figures = write_figures(out, report, perturbations, loaded, x, y=y)
     names = ", ".join(p.name for p in figures.values())
     console.print(f"wrote {out}/results.json, results.csv, {names}")
 
@@ -563,9 +574,51 @@ def models_cmd() -> None:
     console.print(table)
 
 
+def _argv_device() -> str:
+    """The ``--device`` the command line names (for the process group's backend), else ``cpu``."""
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--device="):
+            return arg.partition("=")[2]
+    return "cpu"
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. Under ``torchrun`` (``WORLD_SIZE`` > 1) every command runs in
+    the process group torchrun describes (gloo on CPU, NCCL with ``--device cuda``): the ranks
+    share the work, and only rank 0 prints and writes. A rank whose peer failed stops with one
+    line instead of a traceback."""
+    import torch
+
+    from uap import distributed
+
+    device = torch.device("cuda" if _argv_device().startswith("cuda") else "cpu")
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched:  # torchrun stops the other ranks with SIGTERM when one fails: unwind, release locks
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with distributed.process_group(device):
+            if not distributed.is_main():
+                console.quiet = True
+            app()
+    except (RuntimeError, _Terminated) as e:  # a peer is gone (and printed its own error)
+        if not launched:
+            raise
+        reason = "stopped by the launcher" if isinstance(e, _Terminated) else (
+            str(e).strip().splitlines() or ["a collective operation failed"])[0]
+        err_console.print(f"[bold red]error:[/] rank {os.environ.get('RANK', '?')} stopped: another rank failed "
+                          f"({escape(reason)})", highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (torchrun ends the remaining ranks this way when one fails)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 if __name__ == "__main__":

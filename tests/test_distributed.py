@@ -82,3 +82,51 @@ def test_two_ranks_craft_the_one_process_v(two_ranks, one_process, name):
 def test_two_ranks_evaluate_to_the_count(two_ranks, one_process):
     assert two_ranks["evaluate"] == one_process["evaluate"]
     assert torch.equal(two_ranks["predict"], one_process["predict"])
+
+
+def _torchrun(args: list[str], data_root, timeout: float = 120):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "UAP_DIST_TIMEOUT": "30"}
+    uap_script = shutil.which("uap") or pytest.skip("the uap console script is not installed")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "--no-python", uap_script, *args, "--data-root", str(data_root)]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+CRAFT = ["craft", "--model", "tests.tiny_models:tiny_cnn", "--n-images", "20", "--heldout", "20",
+         "--max-passes", "2", "--method", "sgd", "--batch-size", "7"]
+
+
+def test_uap_craft_under_torchrun_writes_the_one_process_result_once(tmp_path, data_root):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    done = _torchrun([*CRAFT, "--out", str(tmp_path / "two")], data_root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fooling rate (held-out)") == 1  # only rank 0 prints
+    single = CliRunner().invoke(app, [*CRAFT, "--out", str(tmp_path / "one"), "--data-root", str(data_root)])
+    assert single.exit_code == 0, single.output
+    two = uap.Perturbation.load(tmp_path / "two" / "perturbation.safetensors")
+    one = uap.Perturbation.load(tmp_path / "one" / "perturbation.safetensors")
+    torch.testing.assert_close(two.v, one.v, rtol=0, atol=1e-6)
+    assert [r["fooling_rate"] for r in two.history] == [r["fooling_rate"] for r in one.history]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_a_failing_rank_ends_the_job_with_one_line_and_no_output(tmp_path, data_root):
+    out = tmp_path / "failed"
+    args = [*CRAFT, "--out", str(out)]
+    args[args.index("tests.tiny_models:tiny_cnn")] = "tests.tiny_models:tiny_cnn_failing_on_rank_1"
+    done = _torchrun(args, data_root)
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert any("refuses to build on rank 1" in line for line in ours), done.stderr[-3000:]
+    assert any("another rank failed" in line for line in ours), done.stderr[-3000:]
+    assert "Traceback (most recent call last):\n  File \"/work" not in done.stderr  # none of ours
+    assert not out.exists() or not any(out.iterdir())

@@ -159,3 +159,13 @@ class BNNet(nn.Module):
 def bn_net() -> nn.Module:
     """Factory for the CLI (``--model tests.tiny_models:bn_net``): :class:`BNNet` for 32×32 images, seeded."""
     return BNNet(size=32)
+
+
+def tiny_cnn_failing_on_rank_1() -> nn.Module:
+    """``tiny_cnn`` for every process but torchrun's rank 1, which refuses with a ValueError
+    (a rank that fails while the others go on, for the distributed command-line tests)."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ValueError("this factory refuses to build on rank 1")
+    return tiny_cnn()

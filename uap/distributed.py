@@ -9,7 +9,9 @@ ones that always ran.
 - :func:`shard` gives this rank its contiguous share of ``range(n)``;
 - :func:`gather_rows` puts the ranks' shares back together in order (a variable-length
   all-gather);
-- :func:`all_sum` sums a tensor over the ranks; :func:`broadcast` copies rank 0's tensor;
+- :func:`all_sum` sums a tensor over the ranks; :func:`broadcast` copies rank 0's tensor, and
+  :func:`broadcast_json` rank 0's JSON value (decisions such as "resume from this checkpoint");
+- :func:`alone` lets rank 0 compute by itself (figures, files) while the others skip that work;
 - :func:`process_group` initialises the group from torchrun's environment (and tears it down),
   for the command line; :func:`is_main` says whether this process should print and write.
 """
@@ -17,24 +19,43 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "is_distributed", "is_main", "shard", "gather_rows", "all_sum", "broadcast", "process_group"]
+__all__ = [
+    "world", "is_distributed", "is_main", "shard", "gather_rows", "all_sum", "broadcast", "broadcast_json",
+    "alone", "process_group",
+]
 
 #: How long a collective may wait for the other ranks before the job fails (a rank that
 #: raised never joins, so the others must not hang).
 TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("UAP_DIST_TIMEOUT", "120")))
 
 
+_alone = 0  # > 0 inside alone(): this process works by itself
+
+
 def world() -> tuple[int, int]:
-    """``(rank, world size)`` of this process; ``(0, 1)`` without a process group."""
-    if dist.is_available() and dist.is_initialized():
+    """``(rank, world size)`` of this process; ``(0, 1)`` without a process group (or inside :func:`alone`)."""
+    if dist.is_available() and dist.is_initialized() and not _alone:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Within the block this process computes by itself, as without a process group: for work
+    only rank 0 does (figures, files), which must not wait for ranks that are not there."""
+    global _alone
+    _alone += 1
+    try:
+        yield
+    finally:
+        _alone -= 1
 
 
 def is_distributed() -> bool:
@@ -53,6 +74,12 @@ def shard(n: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` on the device the backend communicates from (NCCL: the GPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return t.detach().to(device).clone().contiguous()
+
+
 def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     """The ranks' :func:`shard` s of an ``n``-row tensor, concatenated in rank order (on every rank)."""
     rank, size = world()
@@ -60,29 +87,39 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
         return local
     bounds = [(r * n // size, (r + 1) * n // size) for r in range(size)]
     longest = max(b - a for a, b in bounds)
-    padded = local.new_zeros((longest, *local.shape[1:]))
-    padded[:local.shape[0]] = local
+    padded = _wire(local.new_zeros((longest, *local.shape[1:])))
+    padded[:local.shape[0]] = local.to(padded.device)
     pieces = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(pieces, padded.contiguous())
-    return torch.cat([piece[:b - a] for piece, (a, b) in zip(pieces, bounds)])
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:b - a] for piece, (a, b) in zip(pieces, bounds)]).to(local.device)
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks (a new tensor; ``t`` itself without a process group)."""
     if not is_distributed():
         return t
-    out = t.detach().clone()
+    out = _wire(t)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(t.device)
 
 
 def broadcast(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's ``t`` on every rank (``t`` itself without a process group)."""
     if not is_distributed():
         return t
-    out = t.detach().clone().contiguous()
+    out = _wire(t)
     dist.broadcast(out, src=0)
-    return out
+    return out.to(t.device)
+
+
+def broadcast_json(value: Any) -> Any:
+    """Rank 0's JSON-serialisable ``value`` on every rank (sent as UTF-8 bytes, never pickled)."""
+    if not is_distributed():
+        return value
+    data = json.dumps(value).encode("utf-8") if is_main() else b""
+    length = int(broadcast(torch.tensor([len(data)], dtype=torch.int64)))
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_main() else torch.zeros(length, dtype=torch.uint8)
+    return json.loads(bytes(broadcast(payload).tolist()).decode("utf-8"))
 
 
 @contextlib.contextmanager

@@ -153,10 +153,17 @@ class Perturbation:
             meta = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"metadata of {path} is not valid JSON: {e}") from None
+        return cls.from_metadata(v, meta)
+
+    @classmethod
+    def from_metadata(cls, v: torch.Tensor, meta: dict[str, Any]) -> "Perturbation":
+        """The perturbation with tensor ``v`` and the fields of :meth:`metadata` (unknown keys, e.g.
+        from newer versions, are kept in ``extra``, not lost)."""
+        meta = dict(meta)
         meta.pop("shape", None)
         known = {k: meta.pop(k) for k in list(meta) if k in cls.__dataclass_fields__ and k != "v"}
         perturbation = cls(v=v, **known)
-        perturbation.extra.update(meta)  # unknown keys from newer versions are kept, not lost
+        perturbation.extra.update(meta)
         return perturbation
 
     def to_png(self, path: str | os.PathLike, *, scale: int = 8) -> Path:

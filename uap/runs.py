@@ -80,6 +80,7 @@ from torch import nn
 
 from uap import universal
 from uap.atomic import atomic_write
+from uap.distributed import broadcast, broadcast_json, is_distributed, is_main
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, norm_name
 
@@ -553,6 +554,22 @@ class RunFolder:
         self.checkpoint_path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ crafting
+    def _decide(self, record: Mapping[str, Any], x: torch.Tensor, *, resume: bool, force: bool,
+                replace: bool) -> tuple[str, Perturbation | None]:
+        """:meth:`prepare` on rank 0, its outcome shared with every rank under torch.distributed."""
+        if not is_distributed():
+            return self.prepare(record, resume=resume, force=force, replace=replace)
+        action, found, failure = "fresh", None, None
+        if is_main():
+            try:
+                action, found = self.prepare(record, resume=resume, force=force, replace=replace)
+            except Exception as e:  # every rank must hear of it, or the others wait for rank 0 forever
+                failure = e
+        shared = _share_decision(action, found, None if failure is None else str(failure), tuple(x.shape[1:]))
+        if failure is not None:
+            raise failure
+        return shared
+
     def craft(self, model: nn.Module, x: torch.Tensor, *, settings: Mapping[str, Any] | None = None,
               heldout: Any = None, callback: Callback | None = None, resume: bool = False, force: bool = False,
               replace: bool = False, artefacts: Artefacts | None = None, **craft_kwargs: Any) -> RunResult:
@@ -579,8 +596,9 @@ class RunFolder:
         args = craft_arguments(craft_kwargs)
         record = fingerprint(model, x, settings=settings, craft=args, heldout=heldout)
         emit = callback or (lambda _event: None)
-        with self.lock():
-            action, found = self.prepare(record, resume=resume, force=force, replace=replace)
+        main = is_main()  # under torch.distributed only rank 0 locks, decides and writes
+        with self.lock() if main else contextlib.nullcontext():
+            action, found = self._decide(record, x, resume=resume, force=force, replace=replace)
             if action == "reuse":
                 assert found is not None
                 emit({"event": "reused", "path": str(self.result_path), "passes": found.passes})
@@ -593,7 +611,7 @@ class RunFolder:
 
             def on_event(event: dict) -> Any:
                 nonlocal replacing
-                if event.get("event") == "pass":  # checkpoint first: the callback may stop or raise
+                if event.get("event") == "pass" and main:  # checkpoint first: the callback may stop or raise
                     if replacing:
                         self.discard()
                         replacing = False
@@ -606,9 +624,25 @@ class RunFolder:
                 return emit(event)
 
             pert = universal.craft(model, x, heldout=heldout, callback=on_event, resume=start, **args)
-            self.finish(pert, record, artefacts)
-            emit({"event": "saved", "path": str(self.result_path)})
+            if main:
+                self.finish(pert, record, artefacts)
+                emit({"event": "saved", "path": str(self.result_path)})
             return RunResult(pert, record, self, resumed_passes=len(start.history) if start is not None else 0)
+
+
+def _share_decision(action: str, found: Perturbation | None, error: str | None, shape: tuple[int, ...]
+                    ) -> tuple[str, Perturbation | None]:
+    """Rank 0's decision about a run (and the perturbation it starts from) on every rank."""
+    message = broadcast_json({"action": action, "error": error,
+                              "meta": found.metadata() if found is not None else None})
+    if message["error"] is not None:
+        if is_main():
+            return action, found  # rank 0 raises its own exception
+        raise RunError(message["error"])
+    if message["meta"] is None:
+        return message["action"], None
+    v = broadcast(found.v.float() if found is not None else torch.zeros(shape))
+    return message["action"], found if found is not None else Perturbation.from_metadata(v, message["meta"])
 
 
 def craft_run(out_dir: str | os.PathLike | RunFolder, model: nn.Module, x: torch.Tensor, *,

@@ -35,6 +35,7 @@ from torch import nn
 
 from uap import methods
 from uap.deepfool import DeepFoolOptions
+from uap.distributed import broadcast
 from uap.forward import DEFAULT_BATCH_SIZE, check_images, check_perturbation, eval_mode, logits_of, model_device
 from uap.methods.base import AttackedModels, Callback, CraftContext, Method
 from uap.metrics import accuracy, clean_predictions, fooling_rate
@@ -203,7 +204,8 @@ def craft(
             history.append(record)
             if rate > best_rate:
                 best_rate, best_pass, best_v = rate, k, v
-            if callback is not None and callback({"event": "pass", **record, "v": v.detach().cpu()}) is True:
+            stop = callback is not None and callback({"event": "pass", **record, "v": v.detach().cpu()}) is True
+            if bool(broadcast(torch.tensor(stop))):  # under torch.distributed rank 0's callback decides for all
                 break
     seconds = time.perf_counter() - started + (resume.seconds if resume is not None else 0.0)
     folded = attacked.folded_layers()
