@@ -46,9 +46,9 @@ def friendly_errors(fn: Callable) -> Callable:
         except (ValueError, FileNotFoundError, KeyError, _UsageError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             first, *rest = str(msg).strip().splitlines() or ["invalid input"]
-            err_console.print(f"[bold red]error:[/] {first}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(first)}", highlight=False, soft_wrap=True)
             for line in rest:  # e.g. the list of paths tried for a missing dataset
-                err_console.print(f"  {line.strip()}", highlight=False, soft_wrap=True)
+                err_console.print(f"  {escape(line.strip())}", highlight=False, soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
@@ -67,6 +67,16 @@ def parse_eps(text: str) -> float:
     if not value > 0:
         raise _UsageError(f"--eps must be > 0, got {text!r}")
     return value
+
+
+def _check_budget(eps: float, p: float) -> None:
+    """The library's budget check, before anything is loaded."""
+    from uap.projection import check_eps
+
+    try:
+        check_eps(eps, p)
+    except ValueError as e:
+        raise _UsageError(f"--eps: {e}") from None
 
 
 def parse_norm(text: str) -> float:
@@ -111,7 +121,9 @@ def _torch_device(text: str):
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise _UsageError(f"--device must be cpu, cuda or cuda:N, got {text!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise _UsageError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _UsageError(f"--device {text}: CUDA is not available on this machine")
     return device
@@ -193,6 +205,7 @@ def craft_cmd(
     from uap.runs import RunFolder, craft_run
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
+    _check_budget(eps_value, p)
     if n_images <= 0:
         raise _UsageError(f"--n-images must be > 0, got {n_images}")
     if heldout < 0:
@@ -439,6 +452,7 @@ def transfer_cmd(
     from uap.transfer import transfer_matrix
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
+    _check_budget(eps_value, p)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
     x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root)

@@ -205,6 +205,10 @@ def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     (["--precision", "bf16", "--method", "feature"], "--precision"),
     (["--method-option", "fold_batchnorm=false"], "unknown option"), (["--method-option", "batch_size=8.5"], "batch_size"),
     (["--method", "feature", "--target", "3"], "untargeted"),
+    (["--eps", "300/255"], "[0, 1] pixel scale"), (["--eps", "[/]"], "[/]"), (["--model", "[/x]"], "[/x]"),
+    (["--model", "[bold]x"], "[bold]x"), (["--device", "meta"], "--device"), (["--device", "[red]"], "[red]"),
+    (["--model", "torch.nn:Conv2d"], "without arguments"), (["--model", "os:getcwd"], "nn.Module"),
+    (["--mean", "0.5,0.5,0.5", "--std", "0.2,0.2"], "std has 2"),
 ])
 def test_bad_input_exits_2_with_one_line(args, match, tmp_path):
     result = CliRunner().invoke(app, ["craft", "--model", MODEL, *SMALL, "--out", str(tmp_path / "o"), *args])

@@ -48,14 +48,17 @@ def norm_name(p: float | int | str) -> str:
     return "inf" if math.isinf(p) else str(int(p))
 
 
-def check_eps(eps: float) -> float:
-    """Return ``eps`` as a float; it must be finite and > 0."""
+def check_eps(eps: float, p: float | int | str | None = None) -> float:
+    """Return ``eps`` as a float; it must be finite and > 0, and for the ℓ∞ ball (``p`` = inf)
+    at most 1: images live in [0, 1], so a larger ℓ∞ budget is a unit mistake (0–255)."""
     try:
         value = float(eps)
     except (TypeError, ValueError):
         raise ValueError(f"eps must be a number, got {eps!r}") from None
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if p is not None and math.isinf(check_norm(p)) and value > 1:
+        raise ValueError(f"an ℓ∞ eps is on the [0, 1] pixel scale (8/255 = 0.0314), got {value:.4g} > 1")
     return value
 
 

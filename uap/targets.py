@@ -32,6 +32,7 @@ of :func:`resolve_model` at fault, so a front end can point at its own option na
 from __future__ import annotations
 
 import importlib
+import inspect
 import importlib.metadata
 import re
 from dataclasses import dataclass
@@ -287,5 +288,15 @@ def _build_factory(spec: str) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None:
         raise ModelSpecError(f"{module_name} has no attribute {attr!r} ({spec})")
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
-    return _checked(model, spec)
+    if isinstance(factory, nn.Module):
+        return _checked(factory, spec)
+    if not callable(factory):
+        raise ModelSpecError(f"{spec} is a {type(factory).__name__}, neither an nn.Module nor a factory to call")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise ModelSpecError(f"{spec} cannot be called without arguments; name a factory that builds the model "
+                             "by itself (e.g. a function returning the configured module)") from None
+    except ValueError:  # a builtin without a signature: let the call decide
+        pass
+    return _checked(factory(), spec)

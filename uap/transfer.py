@@ -119,7 +119,7 @@ def transfer_matrix(
     """
     named = as_named_models(models)
     p = check_norm(norm)
-    eps = check_eps(eps)
+    eps = check_eps(eps, p)
     sources = list(named) if sources is None else [str(s) for s in sources]
     unknown = [s for s in sources if s not in named]
     if unknown:

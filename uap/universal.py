@@ -119,8 +119,8 @@ def craft(
         ``fooling_rate``, ``heldout_fooling_rate`` (None without ``heldout``), ``norm_2``,
         ``norm_inf``, ``visited``, ``deepfool_calls``, ``updates`` and ``seconds``.
     """
-    eps = check_eps(eps)
     p = check_norm(norm)
+    eps = check_eps(eps, p)
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {delta!r}")
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
