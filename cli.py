@@ -152,16 +152,44 @@ def _craft_table(summary: dict):
     return table
 
 
+_IMAGE_SIZE_HELP = ("imagefolder:PATH: centre-crop images of any size to N×N (default: the model's own preprocessing, "
+                    "if it has one, else the images as they are).")
+_RESIZE_HELP = "imagefolder:PATH: resize the shorter side to N before the crop (default ⌊image size / 0.875⌋)."
+
+
+def _preprocessing(data: str, image_size: Optional[int], resize: Optional[int], models: list):
+    """The resize + crop for ``--data``: ``--image-size``/``--resize`` when given, else, for an
+    imagefolder, the preprocessing of the first model that declares one (an adapter's weights
+    transforms), else None (the images as they are; cifar10 is always 32×32)."""
+    from uap.data import Preprocessing
+
+    explicit = Preprocessing.from_sizes(image_size, resize)
+    if explicit is not None or not data.startswith("imagefolder:"):
+        return explicit
+    declared = [p for m in models if (p := Preprocessing.of(m)) is not None]
+    if len(set(declared)) > 1:
+        console.print(f"[dim]the models preprocess differently; images are resized to {declared[0].resize} and "
+                      f"centre-cropped to {declared[0].crop} (the first model's; --image-size/--resize choose)[/]")
+    return declared[0] if declared else None
+
+
+def _preprocessing_settings(prep) -> Optional[dict]:
+    return None if prep is None else {"resize": prep.resize, "crop": prep.crop, "interpolation": prep.interpolation}
+
+
 @app.command("craft")
 @friendly_errors
 def craft_cmd(
-    model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, or package.module:factory."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory model "
-                                           "(safetensors, or a state dict read with weights_only=True)."),
+    model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, package.module:factory, "
+                              "torchvision:NAME[:WEIGHTS] or timm:NAME (see `uap models --external`)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory, torchvision:NAME or "
+                                           "timm:NAME model (safetensors, or a state dict read with weights_only=True)."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, e.g. 0.49,0.48,0.45."),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (with --mean)."),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
+    resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
     n_images: int = typer.Option(1000, "--n-images", help="Crafting images X (class-balanced, from the train split)."),
     heldout: int = typer.Option(2000, "--heldout", help="Held-out test images to measure after each pass (0: none)."),
     eps: str = typer.Option("8/255", "--eps", help="Radius ε of the ℓp ball; fractions like 8/255 are fine."),
@@ -238,6 +266,7 @@ def craft_cmd(
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
         "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
         "target": target_class, "method_options": method_options, "keep_best": keep_best, "precision": precision,
+        "image_size": image_size, "resize": resize,
     }
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("fooled {task.fields[fooled]}"), TimeElapsedColumn())
@@ -269,8 +298,11 @@ def craft_cmd(
     with run.lock() if is_main() else contextlib.nullcontext():
         target, model_id = _resolve_target(model, "--model", weights, mean_v, std_v)
         target = target.to(torch_device)
-        x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root)
-        held = uap.data.load(data, "test", n=heldout, seed=seed, root=data_root)[:2] if heldout else None
+        prep = _preprocessing(data, image_size, resize, [target])
+        settings["preprocessing"] = _preprocessing_settings(prep)
+        x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root, preprocessing=prep)
+        held = (uap.data.load(data, "test", n=heldout, seed=seed, root=data_root, preprocessing=prep)[:2]
+                if heldout else None)
         try:
             result = craft_run(run, target, x, settings=settings, heldout=held, resume=resume, force=force,
                                callback=on_event, eps=eps_value, norm=p, delta=delta, max_passes=max_passes,
@@ -288,7 +320,8 @@ def craft_cmd(
 # ----------------------------------------------------------------------------- evaluate / transfer
 
 def _model_specs(text: str) -> list[str]:
-    """``--models``: comma-separated zoo names / paths / ``module:factory``; ``all`` = the zoo."""
+    """``--models``: comma-separated zoo names / paths / ``module:factory`` / ``SOURCE:NAME``, each
+    optionally ``SPEC=WEIGHTS_FILE`` (e.g. ``torchvision:resnet18=r18.pth``); ``all`` = the zoo."""
     specs = [s.strip() for s in text.split(",") if s.strip()]
     if specs == ["all"]:
         import models
@@ -303,12 +336,25 @@ def _model_specs(text: str) -> list[str]:
     return specs
 
 
+def _split_weights(item: str) -> tuple[str, Optional[Path]]:
+    """``SPEC=WEIGHTS_FILE`` → ``(SPEC, Path)``; a plain spec → ``(spec, None)``."""
+    spec, sep, weights = item.rpartition("=")
+    if not sep:
+        return item, None
+    if not spec.strip() or not weights.strip():
+        raise _UsageError(f"--models: {item!r} is not SPEC=WEIGHTS_FILE")
+    return spec.strip(), Path(weights.strip())
+
+
 def _resolve_target(spec: str, option: str, weights: Optional[Path] = None, mean: Optional[List[float]] = None,
                     std: Optional[List[float]] = None):
     """:func:`uap.targets.resolve_model`, its errors told in terms of this command's options."""
+    from uap.adapters import register_adapters
     from uap.targets import ModelSpecError, resolve_model
 
-    flags = {"spec": option, "weights": "--weights", "mean": "--mean", "std": "--std"}
+    register_adapters()  # torchvision:/timm: even when the installed metadata predates their entry points
+    flags = {"spec": option, "weights": "--weights" if option == "--model" else f"{option} SPEC=WEIGHTS",
+             "mean": "--mean", "std": "--std"}
     try:
         return resolve_model(spec, weights, mean, std)
     except ModelSpecError as e:
@@ -320,8 +366,10 @@ def _load_models(specs: list[str], device: str = "cpu") -> dict:
     """``{column name: model on device}`` for the ``--models`` specs."""
     dev = _torch_device(device)
     loaded = {}
-    for spec in specs:
-        model, model_id = _resolve_target(spec, "--models")
+    for item in specs:
+        spec, weights = _split_weights(item)
+        model, _ = _resolve_target(spec, "--models", weights)
+        model_id = item  # the weights file is part of the model's identity (a transfer run reuses by it)
         model = model.to(dev)
         name = _short_name(model_id)
         loaded[name if name not in loaded else model_id] = model
@@ -329,7 +377,12 @@ def _load_models(specs: list[str], device: str = "cpu") -> dict:
 
 
 def _short_name(model_id: str) -> str:
-    """Column name for a model: ``supervised``; ``pkg.mod:factory`` → ``factory``; ``dir/x.safetensors`` → ``x``."""
+    """Column name for a model: ``supervised``; ``pkg.mod:factory`` → ``factory``; ``dir/x.safetensors`` → ``x``;
+    ``torchvision:resnet18=r18.pth`` → ``resnet18``; ``torchvision:resnet50:IMAGENET1K_V2`` → ``resnet50:IMAGENET1K_V2``."""
+    model_id = _split_weights(model_id)[0] if "=" in model_id else model_id
+    head = model_id.partition(":")[0]
+    if head in ("torchvision", "timm"):
+        return model_id.partition(":")[2]
     if ":" in model_id and not Path(model_id).exists():
         return model_id.rsplit(":", 1)[-1]
     return Path(model_id).name.split(".")[0] if ("/" in model_id or "." in Path(model_id).name) else model_id
@@ -379,7 +432,8 @@ def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) ->
 @friendly_errors
 def evaluate_cmd(
     perturbations: List[Path] = typer.Argument(..., help="Saved perturbations (the .safetensors/.json pair, or its stem)."),
-    models: str = typer.Option("all", "--models", help="Comma-separated zoo names or package.module:factory; 'all' = every zoo model."),
+    models: str = typer.Option("all", "--models", help="Comma-separated zoo names, package.module:factory or SOURCE:NAME, "
+                               "each optionally SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); 'all' = every zoo model."),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
     split: str = typer.Option("test", "--split", help="Split the held-out images come from."),
     n_images: int = typer.Option(2000, "--n-images", help="Held-out images (class-balanced subset)."),
@@ -387,6 +441,8 @@ def evaluate_cmd(
     batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for results.json, results.csv and figures."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
+    resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine.
@@ -409,7 +465,8 @@ def evaluate_cmd(
             key, k = f"{name}#{k}", k + 1
         loaded_perts[key] = pert.v
     loaded = _load_models(_model_specs(models), device)
-    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root)
+    prep = _preprocessing(data, image_size, resize, list(loaded.values()))
+    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root, preprocessing=prep)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
 
@@ -418,7 +475,8 @@ def evaluate_cmd(
 
         report = evaluate(loaded_perts, loaded, x, y, batch_size=batch_size, classes=classes, progress=progress,
                           meta={"command": "evaluate", "data": data, "split": split, "n_images": n_images,
-                                "seed": seed, "files": [str(p) for p in perturbations]})
+                                "seed": seed, "files": [str(p) for p in perturbations],
+                                "preprocessing": _preprocessing_settings(prep)})
     _print_report(report, "fooling rate (%)", f"{report.n_images} {data} {split} images; "
                   "fooling = prediction differs from the model's clean prediction; below: accuracy under v, "
                   "share of the most common perturbed label")
@@ -428,7 +486,8 @@ def evaluate_cmd(
 @app.command("transfer")
 @friendly_errors
 def transfer_cmd(
-    models: str = typer.Option("all", "--models", help="Comma-separated zoo names or package.module:factory; 'all' = every zoo model."),
+    models: str = typer.Option("all", "--models", help="Comma-separated zoo names, package.module:factory or SOURCE:NAME, "
+                               "each optionally SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); 'all' = every zoo model."),
     eps: str = typer.Option("8/255", "--eps", help="Budget ε, e.g. 8/255 or 10."),
     norm: str = typer.Option("inf", "--norm", help="inf, 2 or 1."),
     delta: float = typer.Option(0.2, "--delta", help="Stop when the crafting-set fooling rate reaches 1 − δ."),
@@ -441,6 +500,8 @@ def transfer_cmd(
     batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass when evaluating."),
     out: Path = typer.Option(Path("runs/transfer"), "--out", help="Folder for results, figures and crafted perturbations (reused on re-run)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
+    resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
 ) -> None:
     """Cross-model transfer matrix: one UAP per model, each applied to every model, plus a random-noise row.
@@ -455,8 +516,10 @@ def transfer_cmd(
     _check_budget(eps_value, p)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
-    x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root)
-    x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed, root=data_root)
+    prep = _preprocessing(data, image_size, resize, list(loaded.values()))
+    x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root, preprocessing=prep)
+    x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed, root=data_root,
+                                            preprocessing=prep)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console) as bar:
@@ -488,7 +551,8 @@ def transfer_cmd(
                                  max_passes=max_passes, method=method, seed=seed, out_dir=out,
                                  model_ids=dict(zip(loaded, specs)), batch_size=batch_size, classes=classes,
                                  callback=on_event)
-    result.report.meta.update(command="transfer", data=data, n_images=n_images, n_craft=n_craft)
+    result.report.meta.update(command="transfer", data=data, n_images=n_images, n_craft=n_craft,
+                              preprocessing=_preprocessing_settings(prep))
     caption = (f"rows: crafted on ({n_craft} {data} train images), columns: applied to "
                f"({result.report.n_images} held-out test images); ε={eps}, ℓ{'∞' if p == float('inf') else int(p)}; "
                "random = noise of the same norm")
@@ -565,12 +629,20 @@ def train_cmd(
 
 @app.command("models")
 @friendly_errors
-def models_cmd() -> None:
-    """List the model zoo (name, method, backbone, accuracies, size).
+def models_cmd(
+    external: bool = typer.Option(False, "--external", help="List the external model sources (torchvision, timm …): "
+                                  "the spellings they take and whether their library is installed."),
+) -> None:
+    """List the model zoo (name, method, backbone, accuracies, size), or the external model sources.
 
-    Example: uap models   (NAME@knn is any entry's encoder with a kNN head, e.g. --models supervised@knn)
+    Example: uap models   (NAME@knn is any entry's encoder with a kNN head, e.g. --models supervised@knn);
+    uap models --external
     """
     from rich.table import Table
+
+    if external:
+        _external_sources_table()
+        return
 
     import models as zoo_models
 
@@ -597,6 +669,28 @@ def _argv_device() -> str:
         if arg.startswith("--device="):
             return arg.partition("=")[2]
     return "cpu"
+
+
+def _external_sources_table() -> None:
+    import importlib.util
+
+    from rich.table import Table
+
+    from uap.adapters import register_adapters
+    from uap.targets import model_sources
+
+    register_adapters()
+    table = Table(title="external model sources")
+    for col in ("source", "spellings", "weights file", "library"):
+        table.add_column(col)
+    for name, source in model_sources().items():
+        if source.bare:  # the zoo (and any source answering bare names) is what plain `uap models` lists
+            continue
+        lib = source.library
+        status = "-" if not lib else (f"{lib}: installed" if importlib.util.find_spec(lib) is not None
+                                      else f"{lib}: [red]not installed[/] (pip install 'uap[hub]')")
+        table.add_row(name, source.help or f"{name}:NAME", "yes" if source.weights else "no", status)
+    console.print(table)
 
 
 def main() -> None:

@@ -13,11 +13,20 @@ Names understood by :func:`load`:
   If neither is found, torchvision's download is tried into the cache dir; when that fails
   (offline) a :class:`DataNotFoundError` names every path tried and how to set ``UAP_DATA_DIR``.
 - ``imagefolder:PATH`` — any folder of class sub-folders. If ``PATH/train`` and ``PATH/test``
-  exist they are the splits; otherwise the images are divided into disjoint train/test parts
-  by a stable hash of their relative path (80 % / 20 %).
+  exist they are the splits. Otherwise (a single-split folder such as ImageNet's ``val/``)
+  the images are divided into disjoint parts by a stable hash of their path relative to
+  ``PATH``: an image is in ``test`` when ``crc32(relative path) % 5 == 0`` (about 20 %) and
+  in ``train`` otherwise, so the crafting and the held-out images never overlap, whatever
+  ``n`` and ``seed``. Labels are the sorted sub-folder names (torchvision's ImageFolder rule,
+  which for WordNet-id folders is ImageNet's class order); class *names* are read from a
+  ``classes.tsv`` (``wnid<TAB>name`` per line) in ``PATH`` or one level above it, when there
+  is one, else they are the folder names. Images of one size load as they are; images of
+  any size need a :class:`Preprocessing` (shorter side resized, then a centre crop — the
+  computation of torchvision's ``weights.transforms()``).
 
 Decoded images are cached as ``uint8`` ``.npz`` files under the cache dir, so a folder of
-images is decoded once, not on every load. Subsets (``n``) are class-balanced and
+images is decoded once, not on every load; the cache is keyed on the folder, each file's
+name, label, size and modification time, and the preprocessing. Subsets (``n``) are class-balanced and
 deterministic for a seed; splits never share an image.
 """
 from __future__ import annotations
@@ -35,7 +44,8 @@ import torch
 
 from uap.atomic import atomic_write
 
-__all__ = ["DataNotFoundError", "Split", "load", "load_split", "cache_dir", "CIFAR10_CLASSES"]
+__all__ = ["DataNotFoundError", "Split", "Preprocessing", "load", "load_split", "cache_dir", "CIFAR10_CLASSES",
+           "CLASS_NAMES_FILE", "in_test_split"]
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -44,6 +54,9 @@ CIFAR10_CLASSES = (
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 _SPLITS = ("train", "test")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+#: file (``wnid<TAB>name`` lines) that names an imagefolder's classes, in the folder or one above
+CLASS_NAMES_FILE = "classes.tsv"
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -62,6 +75,68 @@ class Split:
     ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize the shorter side to ``resize`` pixels, then take the ``crop``×``crop`` centre.
+
+    This is the evaluation transform of torchvision's ImageNet weights (``weights.transforms()``
+    minus the normalisation, which lives inside the model) and of timm's (``resize`` =
+    ⌊crop / crop_pct⌋), computed the same way: torchvision's ``resize`` (antialiased) and
+    ``center_crop`` on the decoded PIL image, so the pixels match to the last bit.
+    """
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {self.interpolation!r}")
+
+    @classmethod
+    def of(cls, model: object) -> Preprocessing | None:
+        """The preprocessing a model declares as ``model.preprocessing`` (a dict with
+        ``resize``, ``crop`` and ``interpolation``, as :mod:`uap.adapters` targets have), or None."""
+        prep = getattr(model, "preprocessing", None)
+        if not isinstance(prep, dict):
+            return None
+        return cls(int(prep["resize"]), int(prep["crop"]), str(prep.get("interpolation", "bilinear")))
+
+    @classmethod
+    def from_sizes(cls, image_size: int | None, resize: int | None) -> Preprocessing | None:
+        """From ``--image-size`` (the crop) and ``--resize`` (the shorter side before it).
+
+        Only an image size: resize by ImageNet's 0.875 crop ratio (⌊size / 0.875⌋, 256 for
+        224). Only a resize: the crop is the whole shorter side. Neither: None.
+        """
+        if image_size is None and resize is None:
+            return None
+        if image_size is None:
+            image_size = resize
+        if resize is None:
+            resize = int(image_size / 0.875)
+        if resize < image_size:
+            raise ValueError(f"resize ({resize}) must be at least the image size ({image_size}): the crop is taken "
+                             "from the resized image")
+        return cls(int(resize), int(image_size))
+
+    def key(self) -> str:
+        """A stable text of the settings (part of the decoded-image cache's key)."""
+        return f"resize={self.resize},crop={self.crop},interpolation={self.interpolation}"
+
+    def apply(self, image):
+        """The resized, centre-cropped PIL image (torchvision's functional transforms)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        image = TF.resize(image, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        return TF.center_crop(image, [self.crop])
+
+
 def cache_dir() -> Path:
     """The user cache dir: ``$UAP_CACHE_DIR`` or ``$XDG_CACHE_HOME/uap`` or ``~/.cache/uap``."""
     if os.environ.get("UAP_CACHE_DIR"):
@@ -76,14 +151,16 @@ def load(
     n: int | None = None,
     seed: int = 0,
     root: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
     """Load ``split`` of dataset ``name`` as ``(x, y, classes)``.
 
     ``x`` is float32 in [0, 1] with shape N×3×H×W, ``y`` int64 labels, ``classes`` the class
     names in label order. ``n`` selects a deterministic class-balanced subset for ``seed``
-    (``None`` = the whole split).
+    (``None`` = the whole split). ``preprocessing`` resizes and centre-crops the images of an
+    ``imagefolder`` (any sizes); CIFAR-10 is always 32×32 and takes none.
     """
-    s = load_split(name, split, n=n, seed=seed, root=root)
+    s = load_split(name, split, n=n, seed=seed, root=root, preprocessing=preprocessing)
     return s.x, s.y, s.classes
 
 
@@ -93,16 +170,23 @@ def load_split(
     n: int | None = None,
     seed: int = 0,
     root: str | os.PathLike | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Split:
     """Like :func:`load` but returns a :class:`Split` that also carries per-image ids."""
     if split not in _SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if n is not None and n <= 0:
         raise ValueError(f"n must be a positive number of images, got {n}")
+    if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"preprocessing must be a uap.data.Preprocessing, got {type(preprocessing).__name__}")
     if name == "cifar10":
+        if preprocessing is not None:
+            raise ValueError("cifar10 images are 32×32 and take no resize or crop (--image-size/--resize are for "
+                             "imagefolder:PATH)")
         images, labels, classes, ids = _load_cifar10(split, root)
     elif name.startswith("imagefolder:"):
-        images, labels, classes, ids = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), split)
+        images, labels, classes, ids = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), split,
+                                                         preprocessing)
     else:
         raise ValueError(f"unknown dataset {name!r}: use 'cifar10' or 'imagefolder:PATH'")
     index = np.arange(len(labels)) if n is None else balanced_subset(labels, n, seed)
@@ -257,11 +341,20 @@ def _list_imagefolder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, items
 
 
-def _read_imagefolder_cached(folder: Path, prefix: str = ""):
-    """Decode every image under ``folder`` once; later calls read a uint8 ``.npz`` cache."""
+def _read_imagefolder_cached(folder: Path, prefix: str = "", preprocessing: Preprocessing | None = None):
+    """Decode every image under ``folder`` once; later calls read a uint8 ``.npz`` cache.
+
+    The cache's key covers the folder, every file's name, label, size and modification time,
+    and the preprocessing, so an edited, added or removed image, or other settings, decode anew.
+    """
     classes, items = _list_imagefolder(folder)
-    listing = "\n".join(f"{rel}:{label}" for rel, label in items)
-    stamp = hashlib.sha256(f"{folder.resolve()}\n{listing}".encode()).hexdigest()[:16]
+    lines = []
+    for rel, label in items:
+        st = (folder / rel).stat()
+        lines.append(f"{rel}:{label}:{st.st_size}:{st.st_mtime_ns}")
+    listing = "\n".join(lines)
+    settings = preprocessing.key() if preprocessing is not None else "as-is"
+    stamp = hashlib.sha256(f"{folder.resolve()}\n{settings}\n{listing}".encode()).hexdigest()[:16]
     cache = cache_dir() / "arrays" / f"{folder.name}-{stamp}.npz"
     ids = [f"{prefix}/{rel}" if prefix else rel for rel, _ in items]
     labels = np.array([label for _, label in items], dtype=np.int64)
@@ -273,22 +366,30 @@ def _read_imagefolder_cached(folder: Path, prefix: str = ""):
                 return images, labels, classes, ids
         except (OSError, ValueError, KeyError, zlib.error):
             pass  # a damaged cache is rebuilt below
-    images = _decode_all([folder / rel for rel, _ in items])
+    images = _decode_all([folder / rel for rel, _ in items], preprocessing)
     _atomic_save_npz(cache, images=images)
     return images, labels, classes, ids
 
 
-def _decode_all(paths: list[Path]) -> np.ndarray:
+def _decode(path: Path, preprocessing: Preprocessing | None) -> np.ndarray:
     from PIL import Image
 
-    first = np.asarray(Image.open(paths[0]).convert("RGB"))
+    with Image.open(path) as im:
+        image = im.convert("RGB")
+    if preprocessing is not None:
+        image = preprocessing.apply(image)
+    return np.asarray(image)
+
+
+def _decode_all(paths: list[Path], preprocessing: Preprocessing | None = None) -> np.ndarray:
+    first = _decode(paths[0], preprocessing)
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
     for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("RGB"))
+        arr = first if i == 0 else _decode(p, preprocessing)
         if arr.shape != first.shape:
             raise ValueError(f"{p} is {arr.shape[1]}×{arr.shape[0]}, others are {first.shape[1]}×{first.shape[0]}; "
-                             "resize the folder's images to one size")
+                             "images of different sizes need a resize and crop (--image-size N, or a model "
+                             "that declares its preprocessing)")
         out[i] = arr
     return out
 
@@ -306,15 +407,40 @@ def _npz_bytes(arrays: dict) -> bytes:
     return buf.getvalue()
 
 
-def _load_imagefolder(path: Path, split: str):
+def _class_names(path: Path, folders: list[str]) -> list[str]:
+    """Folder names mapped through ``classes.tsv`` in ``path`` or its parent (unlisted ones kept)."""
+    for candidate in (path / CLASS_NAMES_FILE, path.parent / CLASS_NAMES_FILE):
+        if candidate.is_file():
+            names = {}
+            for number, line in enumerate(candidate.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                key, sep, name = line.partition("\t")
+                if not sep or not name.strip():
+                    raise ValueError(f"{candidate}:{number} is not 'folder<TAB>name': {line!r}")
+                names[key.strip()] = name.strip()
+            return [names.get(f, f) for f in folders]
+    return folders
+
+
+def in_test_split(relative_path: str) -> bool:
+    """Whether a single-split folder's image (path relative to the folder) is held out:
+    ``crc32(path) % 5 == 0``, about one image in five, fixed for the file's name."""
+    return zlib.crc32(relative_path.encode()) % 5 == 0
+
+
+def _load_imagefolder(path: Path, split: str, preprocessing: Preprocessing | None = None):
     if not path.is_dir():
         raise DataNotFoundError(f"imagefolder path {path} does not exist")
     if (path / split).is_dir():
-        return _read_imagefolder_cached(path / split, prefix=split)
-    images, labels, classes, ids = _read_imagefolder_cached(path)
-    # No split folders: divide by a stable hash of the relative path, 80 % train / 20 % test.
-    in_test = np.array([zlib.crc32(i.encode()) % 5 == 0 for i in ids])
+        images, labels, classes, ids = _read_imagefolder_cached(path / split, prefix=split, preprocessing=preprocessing)
+        return images, labels, _class_names(path, classes), ids
+    images, labels, classes, ids = _read_imagefolder_cached(path, preprocessing=preprocessing)
+    in_test = np.array([in_test_split(i) for i in ids])
     keep = ~in_test if split == "train" else in_test
     idx = np.flatnonzero(keep)
-    return images[idx], labels[idx], classes, [ids[i] for i in idx]
+    if not len(idx):
+        raise DataNotFoundError(f"{path} has no split folders and none of its {len(ids)} images falls in the {split} "
+                                "part (an image is held out when crc32 of its relative path is divisible by 5)")
+    return images[idx], labels[idx], _class_names(path, classes), [ids[i] for i in idx]
 

@@ -7,9 +7,9 @@ A *target* is an ``nn.Module`` taking images in ``[0, 1]`` (N×3×H×W) and retu
   come from ``weights`` (safetensors, or a state dict read with
   ``torch.load(..., weights_only=True)``, which cannot run code), and ``mean``/``std`` wrap it
   in a normalisation layer (:class:`Normalized`) when it expects normalised input;
-- ``SOURCE:NAME`` — model ``NAME`` of the *model source* ``SOURCE`` (e.g. ``zoo:supervised``;
-  adapters such as ``torchvision:resnet18``, ``timm:NAME`` or ``hub:DIR:ENTRY`` plug in the
-  same way);
+- ``SOURCE:NAME`` — model ``NAME`` of the *model source* ``SOURCE`` (e.g. ``zoo:supervised``,
+  or the adapters of :mod:`uap.adapters`: ``torchvision:resnet18``, ``timm:vit_tiny_patch16_224``);
+  a source that declares :attr:`ModelSource.weights` also takes a ``weights`` file;
 - a bare name or a path (``supervised``, ``supervised@knn``, ``runs/x/NAME.safetensors``) —
   asked of every source that answers bare specs (:attr:`ModelSource.bare`), in order.
 
@@ -31,6 +31,7 @@ of :func:`resolve_model` at fault, so a front end can point at its own option na
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import importlib.metadata
@@ -44,7 +45,8 @@ from torch import nn
 
 __all__ = [
     "ENTRY_POINT_GROUP", "ModelSource", "ModelSpecError", "UnknownModelError", "Normalized",
-    "register_model_source", "model_sources", "available_models", "resolve_model", "load_state_dict_file",
+    "register_model_source", "model_sources", "source_names", "available_models", "resolve_model",
+    "load_state_dict_file", "load_weights",
 ]
 
 #: Entry-point group in which installed packages publish their :class:`ModelSource`.
@@ -77,17 +79,24 @@ class ModelSource:
     Attributes:
         load: ``load(name) -> nn.Module`` — the classifier (images in [0, 1] → logits), or
             ``None`` when the source has no model of that name. For ``SOURCE:NAME`` it gets
-            ``NAME``; for a bare spec, the whole spec.
+            ``NAME``; for a bare spec, the whole spec. When ``weights`` is set it is called as
+            ``load(name, weights=PATH_OR_NONE)``.
         names: ``names() -> list of str`` — the models it can load, for listings and error
             messages (may be empty for an adapter over an open-ended hub).
         bare: also ask this source about specs without a ``SOURCE:`` prefix.
         help: one line on how its names are spelled, shown in error messages.
+        weights: the source builds architectures and takes a weights file for them (an
+            adapter over a model library); a weights file given to a source without it is an error.
+        library: the Python package the source needs (for listings: installed or not); empty
+            for a source that needs nothing beyond ``uap``'s own dependencies.
     """
 
-    load: Callable[[str], nn.Module | None]
+    load: Callable[..., nn.Module | None]
     names: Callable[[], Sequence[str]] = tuple
     bare: bool = False
     help: str = ""
+    weights: bool = False
+    library: str = ""
 
 
 def _installed_entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -150,6 +159,11 @@ def model_sources() -> dict[str, ModelSource]:
     return {name: source for name in _REGISTRY.names() if (source := _REGISTRY.get(name)) is not None}
 
 
+def source_names() -> list[str]:
+    """The names of every known model source, in resolution order, without importing any of them."""
+    return _REGISTRY.names()
+
+
 def available_models() -> dict[str, list[str]]:
     """``{source name: the models it lists}`` for every model source."""
     return {name: list(source.names()) for name, source in model_sources().items()}
@@ -192,6 +206,28 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def load_weights(model: nn.Module, weights: str | Path, spec: str) -> nn.Module:
+    """Load the state dict in ``weights`` into ``model`` (built for ``spec``), strictly.
+
+    A missing file is a ``FileNotFoundError``; an unreadable one, or weights of another
+    architecture (missing, unexpected or mis-shaped tensors), is a :class:`ModelSpecError`
+    about ``weights`` naming both the file and the spec, so that every front end reports it in
+    one line.
+    """
+    try:
+        state = load_state_dict_file(weights)
+    except ValueError as e:
+        raise ModelSpecError(f"{e} (weights for {spec})", "weights") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 240 else detail[:240] + " …"
+        raise ModelSpecError(f"weights in {weights} do not fit {spec} (weights of another architecture?): {detail}",
+                             "weights") from None
+    return model
+
+
 def resolve_model(
     spec: str,
     weights: str | Path | None = None,
@@ -200,8 +236,9 @@ def resolve_model(
 ) -> tuple[nn.Module, str]:
     """Return ``(model, model_id)`` for a ``module:factory``, ``SOURCE:NAME``, bare name or path.
 
-    ``weights`` only goes with ``module:factory`` (a source's models carry their own);
-    ``mean`` and ``std`` go together. The model is put in eval mode with gradients of its
+    ``weights`` goes with ``module:factory`` and with ``SOURCE:NAME`` of a source that takes
+    weights (:attr:`ModelSource.weights`, e.g. ``torchvision:resnet18``); the zoo's models
+    carry their own. ``mean`` and ``std`` go together. The model is put in eval mode with gradients of its
     parameters disabled (the engine only needs gradients with respect to the input).
     ``model_id`` is the spec as given.
     """
@@ -210,20 +247,16 @@ def resolve_model(
     if (mean is None) != (std is None):
         raise ModelSpecError("give both mean and std, or neither", "mean", "std")
     source_name, factory = _kind(spec)
-    if weights is not None and not factory:
-        raise ModelSpecError(f"weights go with a package.module:factory model; {spec!r} comes with its own",
-                             "weights")
+    if weights is not None and not factory and (source_name is None or not _REGISTRY.get(source_name).weights):
+        takers = [n for n in _REGISTRY.names() if (s := _REGISTRY.get(n)) is not None and s.weights]
+        raise ModelSpecError(f"{spec!r} comes with its own weights; a weights file goes with package.module:factory"
+                             + (f" or SOURCE:NAME for SOURCE in {', '.join(takers)}" if takers else ""), "weights")
     if factory:
         model = _build_factory(spec)
         if weights is not None:
-            state = load_state_dict_file(weights)
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0]
-                raise ModelSpecError(f"weights in {weights} do not fit {spec}: {first}", "weights") from None
+            load_weights(model, weights, spec)
     else:
-        model = _from_sources(spec, source_name)
+        model = _from_sources(spec, source_name, weights)
     if mean is not None:
         model = Normalized(model, mean, std)
     model.eval()
@@ -242,14 +275,22 @@ def _kind(spec: str) -> tuple[str | None, bool]:
     return None, True
 
 
-def _from_sources(spec: str, source_name: str | None) -> nn.Module:
+def _from_sources(spec: str, source_name: str | None, weights: str | Path | None = None) -> nn.Module:
     if source_name is not None:
         source = _REGISTRY.get(source_name)
         name = spec.partition(":")[2]
-        model = source.load(name) if name else None
+        if not name:
+            model = None
+        elif source.weights:
+            model = source.load(name, weights=None if weights is None else Path(weights))
+        else:
+            model = source.load(name)
         if model is None:
-            raise UnknownModelError(f"model source {source_name!r} has no model {name!r}: "
-                                    f"{_listing(source_name, source)}")
+            names = list(source.names())
+            close = difflib.get_close_matches(name.partition(":")[0], names, n=3)
+            raise UnknownModelError(f"model source {source_name!r} has no model {name!r}"
+                                    + (f" (did you mean {', '.join(close)}?)" if close else "")
+                                    + f": {_listing(source_name, source)}")
         return _checked(model, spec)
     bare = {n: s for n, s in model_sources().items() if s.bare}
     for source in bare.values():
