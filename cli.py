@@ -399,6 +399,8 @@ def _print_report(report, title: str, caption: str = "") -> None:
     for m in report.models:
         table.add_column(m, justify="right")
     for i, pert in enumerate(report.perturbations):
+        if report.is_baseline(pert) and (i == 0 or not report.is_baseline(report.perturbations[i - 1])):
+            table.add_section()
         cells = []
         for j, m in enumerate(report.models):
             text = pct(report.fooling_rate[i, j])
@@ -408,10 +410,26 @@ def _print_report(report, title: str, caption: str = "") -> None:
                 label = report.classes[label]
             detail = f"acc {pct(report.accuracy[i, j])} · {pct(report.dominant_share[i, j])} % → {label}"
             cells.append(f"{text}\n[dim]{detail}[/]")
-        table.add_row(pert, *cells)
+        table.add_row(f"[italic]{pert}[/]\n[dim]baseline[/]" if report.is_baseline(pert) else pert, *cells)
     table.add_section()
     table.add_row("[dim]clean acc.[/]", *[f"[dim]{pct(a)}[/]" for a in report.clean_accuracy])
     console.print(table)
+
+
+def _baseline_names(text: str):
+    from uap.baselines import parse_baselines
+
+    try:
+        return parse_baselines(text)
+    except ValueError as e:
+        raise _UsageError(f"--baselines: {e}") from None
+
+
+_BASELINES_HELP = ("Baseline rows at the perturbations' norm, comma-separated: random, gaussian, chessboard "
+                   "(cells of 1, 2, 4, 8 px; or chessboard1 …), fourier (the best single Fourier basis image, "
+                   "found by a black-box search per model: data-light but thousands of forward passes), all, none. "
+                   "Default: the data-free ones.")
+_DEFAULT_BASELINES = "random,gaussian,chessboard"
 
 
 def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) -> None:
@@ -444,6 +462,10 @@ def evaluate_cmd(
     image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
     resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    baselines: str = typer.Option(_DEFAULT_BASELINES, "--baselines", help=_BASELINES_HELP + " Their norm: the largest of the "
+                                  "perturbations' (in the norm they were crafted in)."),
+    n_craft: int = typer.Option(1000, "--n-craft", help="Images of the train split of --data the fourier baseline "
+                                "is searched on (never the held-out --split images)."),
 ) -> None:
     """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine.
 
@@ -451,12 +473,17 @@ def evaluate_cmd(
     """
     from rich.progress import Progress
 
+    from uap.baselines import build_baselines
     from uap.evaluate import evaluate
     from uap.perturbation import Perturbation
+    from uap.projection import lp_norm, norm_name
 
+    chosen = _baseline_names(baselines)
     loaded_perts: dict = {}
+    norms: set = set()
     for path in perturbations:
         pert = Perturbation.load(path)
+        norms.add(pert.p)
         name = path.name.split(".")[0] or str(path)
         if name == "perturbation" and path.parent.name:  # `uap craft` output: name it by its run folder
             name = path.parent.name
@@ -465,22 +492,43 @@ def evaluate_cmd(
             key, k = f"{name}#{k}", k + 1
         loaded_perts[key] = pert.v
     loaded = _load_models(_model_specs(models), device)
+    if chosen and len(norms) > 1:
+        raise _UsageError("--baselines: the perturbations were crafted in different norms "
+                          f"({', '.join(sorted(norm_name(p) for p in norms))}); evaluate them "
+                          "separately or pass --baselines none")
     prep = _preprocessing(data, image_size, resize, list(loaded.values()))
     x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root, preprocessing=prep)
+    meta = {"command": "evaluate", "data": data, "split": split, "n_images": n_images, "seed": seed,
+            "files": [str(p) for p in perturbations], "preprocessing": _preprocessing_settings(prep)}
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
 
         def progress(done: int, total: int, desc: str) -> None:
             bar.update(task, completed=done, total=total, description=desc)
 
+        rows: dict = {}
+        if chosen:
+            p = next(iter(norms))
+            norm = max(float(lp_norm(v, p)) for v in loaded_perts.values())
+            if norm > 0:
+                x_craft = None
+                if "fourier" in chosen:
+                    if n_craft <= 0:
+                        raise _UsageError(f"--n-craft must be > 0 for the fourier baseline, got {n_craft}")
+                    x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root,
+                                                  preprocessing=prep)
+                built = build_baselines(chosen, x.shape[1:], norm, p, seed=seed, models=loaded, x_craft=x_craft,
+                                        batch_size=batch_size,
+                                        callback=lambda _e, info: bar.update(task, description=f"fourier search on {info['model']}"))
+                rows = built.perturbations
+                meta.update(baseline_norm=norm, baseline_p=norm_name(p), baselines=built.info,
+                            n_craft=n_craft if x_craft is not None else 0)
         report = evaluate(loaded_perts, loaded, x, y, batch_size=batch_size, classes=classes, progress=progress,
-                          meta={"command": "evaluate", "data": data, "split": split, "n_images": n_images,
-                                "seed": seed, "files": [str(p) for p in perturbations],
-                                "preprocessing": _preprocessing_settings(prep)})
+                          meta=meta, baselines=rows)
     _print_report(report, "fooling rate (%)", f"{report.n_images} {data} {split} images; "
                   "fooling = prediction differs from the model's clean prediction; below: accuracy under v, "
                   "share of the most common perturbed label")
-    _write_bundle(out, report, loaded_perts, loaded, x, y)
+    _write_bundle(out, report, {**loaded_perts, **rows}, loaded, x, y)
 
 
 @app.command("transfer")
@@ -497,14 +545,16 @@ def transfer_cmd(
     n_craft: int = typer.Option(1000, "--n-craft", help="Crafting images (train split), shared by all source models."),
     n_images: int = typer.Option(1000, "--n-images", help="Held-out evaluation images (test split)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsets, the crafting and the random baseline."),
-    batch_size: int = typer.Option(250, "--batch-size", help="Images per forward pass when evaluating."),
+    batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass when evaluating."),
     out: Path = typer.Option(Path("runs/transfer"), "--out", help="Folder for results, figures and crafted perturbations (reused on re-run)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
     resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    baselines: str = typer.Option(_DEFAULT_BASELINES, "--baselines", help=_BASELINES_HELP + " Their norm: the largest of the "
+                                  "crafted UAPs'; fourier is searched on the crafting images."),
 ) -> None:
-    """Cross-model transfer matrix: one UAP per model, each applied to every model, plus a random-noise row.
+    """Cross-model transfer matrix: one UAP per model, each applied to every model, plus baseline rows.
 
     Example: uap transfer --models all --eps 8/255 --norm inf --n-craft 1000 --n-images 1000 --out runs/transfer
     """
@@ -514,6 +564,7 @@ def transfer_cmd(
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
     _check_budget(eps_value, p)
+    chosen = _baseline_names(baselines)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
     prep = _preprocessing(data, image_size, resize, list(loaded.values()))
@@ -544,18 +595,20 @@ def transfer_cmd(
                 bar.advance(sources)
                 if event == "reused":
                     console.print(f"reusing the perturbation crafted on {info['model']} ({info['path']})")
+            elif event == "fourier":
+                bar.update(evals, description=f"fourier search on {info['model']}", visible=True)
             elif event == "evaluate":
                 bar.update(evals, completed=info["done"], total=info["total"], visible=True, info=info["desc"])
 
         result = transfer_matrix(loaded, x_craft, x_eval, y_eval, eps=eps_value, norm=p, delta=delta,
                                  max_passes=max_passes, method=method, seed=seed, out_dir=out,
                                  model_ids=dict(zip(loaded, specs)), batch_size=batch_size, classes=classes,
-                                 callback=on_event)
+                                 baselines=chosen, callback=on_event)
     result.report.meta.update(command="transfer", data=data, n_images=n_images, n_craft=n_craft,
                               preprocessing=_preprocessing_settings(prep))
     caption = (f"rows: crafted on ({n_craft} {data} train images), columns: applied to "
                f"({result.report.n_images} held-out test images); ε={eps}, ℓ{'∞' if p == float('inf') else int(p)}; "
-               "random = noise of the same norm")
+               "baselines: same norm, no crafting (fourier:M searched on M's crafting-set fooling rate)")
     _print_report(result.report, "transfer: fooling rate (%)", caption)
     _write_bundle(out, result.report, result.perturbations, loaded, x_eval, y_eval)
 

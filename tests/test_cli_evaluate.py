@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from uap.report import Report
 runner = CliRunner()
 MODELS = "tests.eval_models:linear_target,tests.eval_models:encoder_target"
 NAMES = ["linear_target", "encoder_target"]
+BASELINE_ROWS = ["random", "gaussian", "chessboard1", "chessboard2", "chessboard4", "chessboard8",
+                 *(f"fourier:{n}" for n in NAMES)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,8 @@ def transfer_run(folder, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("UAP_CACHE_DIR", str(out / "cache"))
     args = ["transfer", "--models", MODELS, "--eps", "64/255", "--norm", "inf", "--max-passes", "2",
-            "--data", f"imagefolder:{folder}", "--n-craft", "12", "--n-images", "8", "--out", str(out / "run")]
+            "--data", f"imagefolder:{folder}", "--n-craft", "12", "--n-images", "8", "--baselines", "all",
+            "--out", str(out / "run")]
     result = runner.invoke(cli.app, args)
     mp.undo()
     return result, out / "run", args
@@ -52,14 +56,18 @@ def transfer_run(folder, tmp_path_factory):
 def test_transfer_writes_results_and_figures(transfer_run):
     result, out, _ = transfer_run
     assert result.exit_code == 0, result.output
-    assert "transfer" in result.output and "random" in result.output  # the rich table
+    assert "transfer" in result.output
+    for row in BASELINE_ROWS:  # the rich table: each baseline row, marked as one
+        assert row in result.output, row
+    assert len(re.findall(r"│ baseline +│", result.output)) == len(BASELINE_ROWS)
     data = json.loads((out / "results.json").read_text())
-    assert data["perturbations"] == NAMES + ["random"]
+    assert data["perturbations"] == NAMES + BASELINE_ROWS and data["baselines"] == BASELINE_ROWS
     assert data["models"] == NAMES
-    assert np.array(data["fooling_rate"]).shape == (3, 2)
+    assert np.array(data["fooling_rate"]).shape == (2 + len(BASELINE_ROWS), 2)
     assert data["meta"]["command"] == "transfer" and data["n_images"] == 8
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert len(rows) == 3 * 2
+    assert len(rows) == (2 + len(BASELINE_ROWS)) * 2
+    assert {r["perturbation"] for r in rows if r["baseline"] == "1"} == set(BASELINE_ROWS)
     # JSON and CSV hold the same numbers
     assert Report.load_csv(out / "results.csv", classes=data["classes"]) == Report.load_json(out / "results.json")
     for png in ("heatmap.png", "perturbations.png", "examples.png"):
@@ -80,18 +88,38 @@ def test_transfer_rerun_reuses_crafted_perturbations(transfer_run, env):
     assert after["fooling_rate"] == before["fooling_rate"]
 
 
+def test_evaluate_chosen_baselines(transfer_run, folder, tmp_path, env):
+    _, run, _ = transfer_run
+    perts = [str(run / "perturbations" / n) for n in NAMES]
+    base = ["evaluate", *perts, "--models", MODELS, "--data", f"imagefolder:{folder}", "--n-images", "8"]
+    result = runner.invoke(cli.app, [*base, "--baselines", "random,chessboard4", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert data["perturbations"] == NAMES + ["random", "chessboard4"]
+    assert data["baselines"] == ["random", "chessboard4"] and data["meta"]["n_craft"] == 0  # no search, no train images
+    result = runner.invoke(cli.app, [*base, "--baselines", "none", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["perturbations"] == NAMES
+
+
 def test_evaluate_saved_perturbations(transfer_run, folder, tmp_path, env):
     _, run, _ = transfer_run
     perts = [str(run / "perturbations" / n) for n in NAMES]
     out = tmp_path / "eval"
     result = runner.invoke(cli.app, ["evaluate", *perts, "--models", MODELS, "--data", f"imagefolder:{folder}",
-                                     "--n-images", "8", "--out", str(out)])
+                                     "--n-images", "8", "--n-craft", "12", "--baselines", "all", "--out", str(out)])
     assert result.exit_code == 0, result.output
+    assert "chessboard2" in result.output and "fourier:encoder_target" in result.output
+    assert len(re.findall(r"│ baseline +│", result.output)) == len(BASELINE_ROWS)
     data = json.loads((out / "results.json").read_text())
-    assert data["perturbations"] == NAMES and data["models"] == NAMES
-    # same perturbations, same held-out images: the same matrix as the transfer run (minus random)
+    assert data["perturbations"] == NAMES + BASELINE_ROWS and data["models"] == NAMES
+    assert data["baselines"] == BASELINE_ROWS and data["meta"]["n_craft"] == 12
+    # same perturbations, same held-out images, baselines at the same norm and searched on the same
+    # train images: the same matrix as the transfer run
     transfer = json.loads((run / "results.json").read_text())
-    assert data["fooling_rate"] == transfer["fooling_rate"][:2]
+    assert data["fooling_rate"] == transfer["fooling_rate"]
+    assert data["meta"]["baselines"]["fourier:linear_target"]["frequency"] == \
+        transfer["meta"]["baselines"]["fourier:linear_target"]["frequency"]
     for png in ("heatmap.png", "perturbations.png", "examples.png"):
         assert (out / png).stat().st_size > 2000
 
@@ -105,6 +133,8 @@ def test_evaluate_saved_perturbations(transfer_run, folder, tmp_path, env):
         (["transfer", "--models", "nosuchpkg.mod:f", "--out", "x"], "cannot import"),
         (["transfer", "--models", "no-such-zoo-model", "--out", "x"], "--models: unknown model 'no-such-zoo-model'"),
         (["evaluate", "does/not/exist", "--models", MODELS, "--out", "x"], "does/not/exist"),
+        (["transfer", "--models", MODELS, "--baselines", "random,stripes", "--out", "x"],
+         "--baselines: unknown baseline 'stripes'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, env):

@@ -198,3 +198,33 @@ def test_report_json_and_csv_round_trip(setup, tmp_path):
     # a changed number is noticed (the round-trip test can fail)
     back.fooling_rate[0, 0] += 1e-9
     assert back != report
+
+
+def test_baseline_rows_follow_the_perturbations_and_are_flagged(setup, tmp_path):
+    from uap.baselines import build_baselines
+
+    x, y, models, perts = setup
+    x_craft, _ = images(n=10, seed=30)
+    built = build_baselines("random,chessboard2,fourier", (3, 8, 8), 0.1, "inf", models={"linear": models["linear"]},
+                            x_craft=x_craft)
+    report = evaluate(perts, models, x, y, baselines=built.perturbations)
+    assert report.perturbations == [*perts, "random", "chessboard2", "fourier:linear"]
+    assert report.baselines == ["random", "chessboard2", "fourier:linear"]
+    assert report.is_baseline("chessboard2") and not report.is_baseline("big")
+    i, j = report.perturbations.index("chessboard2"), report.models.index("linear")
+    v = built.perturbations["chessboard2"]
+    with torch.no_grad():
+        m = models["linear"]
+        expected = (m(x).argmax(1) != m((x + v).clamp(0, 1)).argmax(1)).double().mean().item()
+    assert report.fooling_rate[i, j] == pytest.approx(expected, abs=1e-12)
+    # the flag survives JSON and CSV, and a report that lost it is a different report
+    assert Report.load_json(report.save_json(tmp_path / "r.json")) == report
+    csv_text = report.save_csv(tmp_path / "r.csv").read_text()
+    assert "baseline" in csv_text.splitlines()[0]
+    assert Report.load_csv(tmp_path / "r.csv").baselines == report.baselines
+    unflagged = Report.from_dict({**report.to_dict(), "baselines": []})
+    assert unflagged != report
+    with pytest.raises(ValueError, match="also baseline rows"):
+        evaluate(perts, models, x, y, baselines={"big": v})
+    with pytest.raises(ValueError, match="not among the perturbations"):
+        Report.from_dict({**report.to_dict(), "baselines": ["nope"]})

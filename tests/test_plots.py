@@ -23,7 +23,7 @@ def _report(nan: bool = False) -> Report:
         perturbations=["a", "b", "random"], models=["a", "b"], fooling_rate=fool,
         accuracy=np.zeros((3, 2)), dominant_label=np.zeros((3, 2), dtype=int), dominant_share=np.ones((3, 2)),
         embedding_cosine=np.full((3, 2), math.nan), clean_accuracy=[0.5, 0.6],
-        norm_linf=[0.03] * 3, norm_l2=[1.0] * 3, n_images=10, classes=["x", "y", "z", "w"],
+        norm_linf=[0.03] * 3, norm_l2=[1.0] * 3, n_images=10, classes=["x", "y", "z", "w"], baselines=["random"],
     )
 
 
@@ -79,3 +79,13 @@ def test_perturbation_and_example_plots_validate_input(tmp_path):
         plot_perturbations({}, tmp_path / "p.png")
     with pytest.raises(ValueError, match="no model to label"):
         plot_examples(x, {"v": torch.zeros(3, 8, 8)}, {}, tmp_path / "e.png")
+
+
+def test_heatmap_sets_baseline_rows_apart():
+    fig = heatmap_figure(_report())
+    ax = fig.axes[0]
+    styles = {t.get_text(): t.get_fontstyle() for t in ax.get_yticklabels()}
+    assert styles == {"a": "normal", "b": "normal", "random": "italic"}
+    assert [line.get_ydata()[0] for line in ax.get_lines()] == [1.5], "one line above the first baseline row"
+    bold = {t.get_text() for t in ax.texts if t.get_fontweight() == "bold"}
+    assert bold == {"73.4", "90.0"}, "only a UAP on its own source model is bold"

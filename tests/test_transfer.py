@@ -1,4 +1,4 @@
-"""``uap.transfer_matrix`` and its random-noise baseline."""
+"""``uap.transfer_matrix`` and its baseline rows."""
 from __future__ import annotations
 
 import json
@@ -9,54 +9,12 @@ import torch
 
 import uap.universal
 from tests.eval_models import EncoderTarget, LinearTarget, images
-from uap.baseline import random_perturbation
+from uap.baselines import BASELINES
 from uap.metrics import fooling_rate
 from uap.transfer import RANDOM_ROW, Transfer, transfer_matrix
 
 EPS = 0.25  # large for 8×8 toy images, so the crafted UAPs really fool the tiny models
 SETTINGS = dict(eps=EPS, norm="inf", delta=0.2, max_passes=2, seed=0, batch_size=5)
-
-
-# ---------------------------------------------------------------------------- random baseline
-
-@pytest.mark.parametrize("p", [math.inf, 2.0, 1.0])
-@pytest.mark.parametrize("eps", [8 / 255, 0.5, 3.0])
-def test_random_perturbation_has_exactly_the_asked_norm(p, eps):
-    r = random_perturbation((3, 16, 16), eps, p, seed=1)
-    assert r.shape == (3, 16, 16) and r.dtype == torch.float32
-    assert torch.linalg.vector_norm(r.flatten().double(), ord=p).item() == pytest.approx(eps, rel=1e-6)
-
-
-def test_random_linf_is_signs_times_eps_and_balanced():
-    r = random_perturbation((3, 32, 32), 8 / 255, math.inf, seed=0)
-    eps = torch.tensor(8 / 255, dtype=torch.float32)
-    assert torch.equal(r.abs(), eps.expand_as(r))
-    assert abs((r > 0).float().mean().item() - 0.5) < 0.05  # fair coin over 3072 pixels
-
-
-def test_random_l2_direction_is_isotropic():
-    draws = torch.stack([random_perturbation((50,), 1.0, 2.0, seed=s) for s in range(400)])
-    # uniform on the sphere: E[r] = 0 and E[r r^T] = I / d
-    assert draws.mean(0).abs().max() < 0.03
-    assert (draws.pow(2).mean(0) * 50).sub(1).abs().max() < 0.35
-
-
-def test_random_perturbation_is_seeded_and_leaves_global_rng_alone():
-    torch.manual_seed(123)
-    before = torch.rand(1)
-    torch.manual_seed(123)
-    a = random_perturbation((3, 4, 4), 0.1, 2.0, seed=5)
-    after = torch.rand(1)
-    assert torch.equal(before, after)
-    assert torch.equal(a, random_perturbation((3, 4, 4), 0.1, 2.0, seed=5))
-    assert not torch.equal(a, random_perturbation((3, 4, 4), 0.1, 2.0, seed=6))
-
-
-@pytest.mark.parametrize("args, match", [(((3, 4), 0.0, 2.0), "eps"), (((3, 4), 0.1, 3.0), "p must"),
-                                         (((), 0.1, 2.0), "shape"), (((3, 0), 0.1, 2.0), "shape")])
-def test_random_perturbation_rejects_bad_input(args, match):
-    with pytest.raises(ValueError, match=match):
-        random_perturbation(*args)
 
 
 # ---------------------------------------------------------------------------- transfer matrix
@@ -75,14 +33,50 @@ def result(setup) -> Transfer:
     return transfer_matrix(models, x_craft, x_eval, y_eval, **SETTINGS)
 
 
-def test_matrix_shape_rows_and_random_row(result):
+BASELINE_ROWS = [RANDOM_ROW, "gaussian", "chessboard1", "chessboard2", "chessboard4", "chessboard8",
+                 "fourier:lin", "fourier:probe"]
+
+
+def test_matrix_shape_rows_and_baseline_rows(result):
     r = result.report
     assert r.models == ["lin", "probe"]
-    assert r.perturbations == ["lin", "probe", RANDOM_ROW]
-    assert r.fooling_rate.shape == (3, 2)
-    assert set(result.perturbations) == {"lin", "probe", RANDOM_ROW}
+    assert r.perturbations == ["lin", "probe", *BASELINE_ROWS]
+    assert r.baselines == BASELINE_ROWS and not r.is_baseline("lin")
+    assert r.fooling_rate.shape == (2 + len(BASELINE_ROWS), 2)
+    assert list(result.perturbations) == r.perturbations
     assert result.reused == []
     assert r.meta["eps"] == EPS and r.meta["norm"] == "inf"
+    assert r.meta["baselines"]["fourier:probe"]["model"] == "probe"
+    assert r.meta["baselines"]["fourier:lin"]["n_images"] == 16  # the crafting images
+
+
+def test_baselines_can_be_chosen_or_left_out(setup):
+    models, x_craft, x_eval, y_eval = setup
+    some = transfer_matrix(models, x_craft, x_eval, y_eval, baselines="random,chessboard", **SETTINGS)
+    assert some.report.baselines == [RANDOM_ROW, "chessboard1", "chessboard2", "chessboard4", "chessboard8"]
+    none = transfer_matrix(models, x_craft, x_eval, y_eval, baselines=(), **SETTINGS)
+    assert none.report.perturbations == ["lin", "probe"] and none.report.baselines == []
+    assert set(BASELINES) >= {"random", "fourier"}
+
+
+def test_fourier_rows_are_searched_on_the_crafting_images_only(setup, result, monkeypatch):
+    """The Fourier search sees x_craft and nothing else: other held-out images, same rows."""
+    import uap.baselines
+
+    models, x_craft, x_eval, y_eval = setup
+    seen = []
+    search = uap.baselines.fourier_search
+
+    def spy(model, x, *args, **kwargs):
+        seen.append(x)
+        return search(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(uap.baselines, "fourier_search", spy)
+    other_eval, _ = images(n=12, seed=99)
+    again = transfer_matrix(models, x_craft, other_eval, **SETTINGS)
+    assert len(seen) == 2 and all(x is x_craft for x in seen)
+    for row in ("fourier:lin", "fourier:probe"):
+        assert torch.equal(again.perturbations[row], result.perturbations[row])
 
 
 def test_diagonal_is_each_uaps_own_heldout_fooling_rate(setup, result):
@@ -107,13 +101,15 @@ def test_diagonal_is_each_uaps_own_heldout_fooling_rate(setup, result):
     assert r.fooling_rate[0, 1] == pytest.approx(ref, abs=1e-12)
 
 
-def test_crafted_uaps_respect_the_budget_and_random_row_matches_their_norm(result):
+def test_crafted_uaps_respect_the_budget_and_baseline_rows_match_their_norm(result):
     r = result.report
     crafted = [result.perturbations[n] for n in ("lin", "probe")]
     assert all(v.abs().max() <= EPS + 1e-6 for v in crafted)
-    assert result.perturbations[RANDOM_ROW].abs().max().item() == pytest.approx(
-        max(v.abs().max().item() for v in crafted), rel=1e-6)
-    assert r.norm_linf[2] == pytest.approx(r.meta["random_norm"], rel=1e-6)
+    largest = max(v.abs().max().item() for v in crafted)
+    assert r.meta["baseline_norm"] == pytest.approx(largest, rel=1e-6)
+    for row in BASELINE_ROWS:
+        assert result.perturbations[row].abs().max().item() == pytest.approx(largest, rel=1e-6), row
+        assert r.norm_linf[r.perturbations.index(row)] == pytest.approx(largest, rel=1e-6)
 
 
 def test_resume_reuses_saved_perturbations(setup, tmp_path, monkeypatch):
@@ -218,6 +214,8 @@ def test_retrained_model_is_not_reused(setup, tmp_path):
     [
         (dict(sources=["nope"]), "not among the models"),
         (dict(models={"random": LinearTarget()}), "reserved"),
+        (dict(models={"chessboard2": LinearTarget()}), "reserved"),
+        (dict(baselines="random,stripes"), "unknown baseline 'stripes'"),
         (dict(same_sets=True), "held-out"),
         (dict(eps=-1.0), "eps"),
         (dict(norm="l7"), "norm"),

@@ -9,6 +9,8 @@ The public API; see README.md for a tour.
 - :func:`project_lp` — exact Euclidean projection onto ℓ1 / ℓ2 / ℓ∞ balls;
 - :func:`fooling_rate`, :func:`accuracy`, :func:`targeted_success_rate` … — metrics;
 - :func:`evaluate`, :func:`transfer_matrix` — every perturbation on every model;
+- :func:`random_perturbation`, :func:`chessboard`, :func:`fourier_search`, :func:`build_baselines`
+  … — baselines of the same norm (:mod:`uap.baselines`);
 - :func:`craft_run` — :func:`craft` in a resumable, locked run folder (what ``uap craft`` does);
 - :class:`Perturbation` and :class:`Report` — the artefacts (safetensors + JSON).
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from uap import data
-from uap.baseline import random_perturbation
+from uap.baselines import build_baselines, chessboard, fourier_search, gaussian_perturbation, random_perturbation
 from uap.deepfool import deepfool
 from uap.evaluate import evaluate
 from uap.fold import fold_batchnorm
@@ -60,5 +62,10 @@ __all__ = [
     "evaluate",
     "transfer_matrix",
     "Transfer",
+    # baselines
     "random_perturbation",
+    "gaussian_perturbation",
+    "chessboard",
+    "fourier_search",
+    "build_baselines",
 ]

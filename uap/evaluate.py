@@ -20,6 +20,11 @@ and reused for every perturbation — and across calls. Clean embeddings are com
 model per call. Each (perturbation, model) pair then costs one batched forward pass of
 :class:`uap.forward.Inference`, which also captures the perturbed embedding in that pass when
 the model's ``forward`` calls its own ``.encoder`` (a probe on top of an encoder).
+
+Baselines (``baselines=``, built by :func:`uap.baselines.build_baselines`) are rows like any
+other, after the perturbations, and flagged in the report (``Report.baselines``), so a table
+shows how far each crafted UAP lies above random noise, chessboards and the best single
+Fourier basis image of the same norm.
 """
 from __future__ import annotations
 
@@ -147,6 +152,7 @@ def evaluate(
     classes: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
     meta: Mapping[str, Any] | None = None,
+    baselines: Mapping[str, PerturbationLike] | None = None,
 ) -> Report:
     """Evaluate every perturbation on every model over the same images ``x``.
 
@@ -162,11 +168,18 @@ def evaluate(
         classes: class names, stored in the report (for readable dominant labels).
         progress: ``progress(done, total, description)`` after every pass over the images.
         meta: free-form metadata stored in the report (data set, seeds, command line …).
+        baselines: ``{name: v}`` baseline rows (see :mod:`uap.baselines`), evaluated after the
+            perturbations and listed in ``Report.baselines``.
 
     Returns:
         a :class:`~uap.report.Report` with P×M matrices.
     """
     perts = as_named_perturbations(perturbations)
+    baseline_rows = as_named_perturbations(baselines) if baselines else {}
+    clash = sorted(set(perts) & set(baseline_rows))
+    if clash:
+        raise ValueError(f"perturbation name(s) {clash} are also baseline rows; rename the perturbations")
+    perts.update(baseline_rows)
     named_models = as_named_models(models)
     check_images(x)
     _check_labels(y, len(x))
@@ -224,4 +237,5 @@ def evaluate(
         n_images=n,
         classes=list(classes) if classes is not None else None,
         meta=dict(meta or {}),
+        baselines=list(baseline_rows),
     )

@@ -6,7 +6,8 @@ written atomically (temporary file, then ``os.replace``).
 
 - :func:`plot_heatmap` — the UAP paper's Table 2 as a picture (Moosavi-Dezfooli et al., CVPR
   2017): rows = perturbation (the model it was crafted on), columns = model it is applied to,
-  the value printed in every cell.
+  the value printed in every cell; baseline rows (``Report.baselines``) below a line, their
+  names in grey italics.
 - :func:`plot_perturbations` — each perturbation rescaled from ``[-‖v‖∞, ‖v‖∞]`` to ``[0, 1]``
   (grey = 0) so its structure is visible; a perturbation of 8/255 is invisible at scale 1.
 - :func:`plot_examples` — a few images clean and with each perturbation, captioned with the
@@ -28,6 +29,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from uap.atomic import atomic_write
+from uap.baselines import fourier_source
 from uap.forward import Inference, check_images
 from uap.report import Report
 
@@ -76,7 +78,9 @@ def heatmap_figure(
     """Heatmap of ``report.<metric>`` (perturbations × models) with the value in each cell.
 
     Missing values (NaN) are left blank and marked "–". ``percent`` prints 0.734 as 73.4.
-    The diagonal (a UAP on its own source model, in a transfer matrix) is printed in bold.
+    A UAP on its own source model (row and column of the same name, the diagonal of a
+    transfer matrix) is printed in bold. Baseline rows are set apart: a white line above
+    the first of them, and their names in grey italics.
     """
     if metric not in ("fooling_rate", "accuracy", "dominant_share", "embedding_cosine"):
         raise ValueError(f"unknown metric {metric!r}")
@@ -92,6 +96,13 @@ def heatmap_figure(
     im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(M), labels=report.models, rotation=30, ha="right")
     ax.set_yticks(range(P), labels=report.perturbations)
+    for label, name in zip(ax.get_yticklabels(), report.perturbations):
+        if report.is_baseline(name):
+            label.set_fontstyle("italic")
+            label.set_color("0.4")
+    first_baseline = next((i for i, name in enumerate(report.perturbations) if report.is_baseline(name)), None)
+    if first_baseline:
+        ax.axhline(first_baseline - 0.5, color="white", linewidth=3)
     ax.set_xlabel("applied to (model)")
     ax.set_ylabel("crafted on (perturbation)")
     for i in range(P):
@@ -100,7 +111,8 @@ def heatmap_figure(
             text = "–" if math.isnan(v) else f"{v * scale:.1f}" if percent else f"{v:.2f}"
             light = not math.isnan(v) and (v - vmin) / ((vmax - vmin) or 1.0) < 0.6
             ax.text(j, i, text, ha="center", va="center", fontsize=9,
-                    color="white" if light else "black", fontweight="bold" if i == j else "normal")
+                    color="white" if light else "black",
+                    fontweight="bold" if report.perturbations[i] == report.models[j] else "normal")
     unit = " (%)" if percent else ""
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label(metric.replace("_", " ") + unit)
@@ -227,14 +239,19 @@ def write_figures(
 ) -> dict[str, Path]:
     """Write ``heatmap.png``, ``perturbations.png`` and ``examples.png`` into ``out_dir``.
 
-    In the examples, a perturbation named after a model (a transfer row) is captioned with
-    that model's labels; any other (``random``, a file from elsewhere) with the first model's.
+    In the examples, a perturbation named after a model (a transfer row), or a baseline searched
+    on one (``fourier:<model>``), is captioned with that model's labels; any other (``random``,
+    a chessboard, a file from elsewhere) with the first model's.
     """
     if not models:
         raise ValueError("no models to label the examples with")
     out = Path(out_dir)
     first = next(iter(models.items()))
-    labelled_by = {p: (p, models[p]) if p in models else first for p in perturbations}
+    def labeller(name: str) -> tuple[str, nn.Module]:
+        source = fourier_source(name) or name
+        return (source, models[source]) if source in models else first
+
+    labelled_by = {p: labeller(p) for p in perturbations}
     return {
         "heatmap": plot_heatmap(report, out / "heatmap.png"),
         "perturbations": plot_perturbations(perturbations, out / "perturbations.png"),

@@ -10,9 +10,12 @@ Files:
 
 - ``results.json`` — ``perturbations`` (row names), ``models`` (column names), one P×M list
   of rows per metric, per-model ``clean_accuracy``, per-perturbation norms, ``meta``.
-  Missing values (no labels, no encoder) are ``null``.
+  Missing values (no labels, no encoder) are ``null``. ``baselines`` names the rows that are
+  baselines (random noise, chessboards, a Fourier basis image: :mod:`uap.baselines`) rather
+  than crafted perturbations.
 - ``results.csv`` — the same numbers in long form, one line per (perturbation, model),
-  so a spreadsheet or ``pandas.read_csv`` can filter and pivot it.
+  so a spreadsheet or ``pandas.read_csv`` can filter and pivot it; its ``baseline`` column
+  is 1 on the baseline rows.
 
 Both round-trip exactly (floats are written with ``repr``).
 """
@@ -71,6 +74,7 @@ class Report:
     - ``clean_accuracy`` — per model (length M), NaN without labels.
     - ``norm_linf`` / ``norm_l2`` — per perturbation (length P), so a reader can check the
       budgets the rows were crafted under.
+    - ``baselines`` — the rows that are baselines (:mod:`uap.baselines`), in row order.
     """
 
     perturbations: list[str]
@@ -86,6 +90,7 @@ class Report:
     n_images: int
     classes: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    baselines: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.perturbations = [str(p) for p in self.perturbations]
@@ -103,6 +108,15 @@ class Report:
         self.n_images = int(self.n_images)
         if self.classes is not None:
             self.classes = [str(c) for c in self.classes]
+        unknown = [b for b in self.baselines if str(b) not in self.perturbations]
+        if unknown:
+            raise ValueError(f"baseline rows {unknown} are not among the perturbations {self.perturbations}")
+        marked = {str(b) for b in self.baselines}
+        self.baselines = [p for p in self.perturbations if p in marked]
+
+    def is_baseline(self, perturbation: str) -> bool:
+        """Whether the row ``perturbation`` is a baseline rather than a crafted perturbation."""
+        return perturbation in self.baselines
 
     # ------------------------------------------------------------------ access
 
@@ -112,6 +126,7 @@ class Report:
         label = int(self.dominant_label[i, j])
         return {
             "perturbation": perturbation,
+            "baseline": int(perturbation in self.baselines),
             "model": model,
             "fooling_rate": float(self.fooling_rate[i, j]),
             "clean_accuracy": float(self.clean_accuracy[j]),
@@ -144,6 +159,7 @@ class Report:
             and self.models == other.models
             and self.n_images == other.n_images
             and self.classes == other.classes
+            and self.baselines == other.baselines
         )
 
     # ------------------------------------------------------------------ JSON
@@ -156,6 +172,7 @@ class Report:
 
         out: dict[str, Any] = {
             "perturbations": list(self.perturbations),
+            "baselines": list(self.baselines),
             "models": list(self.models),
             "n_images": self.n_images,
         }
@@ -195,6 +212,7 @@ class Report:
             n_images=d.get("n_images", 0),
             classes=d.get("classes"),
             meta=d.get("meta") or {},
+            baselines=d.get("baselines") or [],
         )
 
     def to_json(self) -> str:
@@ -218,7 +236,7 @@ class Report:
     # ------------------------------------------------------------------ CSV
 
     CSV_COLUMNS = (
-        "perturbation", "model", "fooling_rate", "clean_accuracy", "accuracy",
+        "perturbation", "baseline", "model", "fooling_rate", "clean_accuracy", "accuracy",
         "dominant_label", "dominant_class", "dominant_share", "embedding_cosine",
         "norm_linf", "norm_l2", "n_images",
     )
@@ -254,6 +272,7 @@ class Report:
         clean = np.full(m, math.nan)
         linf, l2 = np.full(p, math.nan), np.full(p, math.nan)
         n_images = 0
+        baselines = list(dict.fromkeys(r["perturbation"] for r in rows if r.get("baseline") == "1"))
 
         def num(s: str) -> float:
             return math.nan if s == "" else float(s)
@@ -266,7 +285,7 @@ class Report:
             clean[j], linf[i], l2[i] = num(r["clean_accuracy"]), num(r["norm_linf"]), num(r["norm_l2"])
             n_images = int(r["n_images"])
         return cls(perturbations=perts, models=models, dominant_label=labels, clean_accuracy=clean,
-                   norm_linf=linf, norm_l2=l2, n_images=n_images, classes=classes, **mats)
+                   norm_linf=linf, norm_l2=l2, n_images=n_images, classes=classes, baselines=baselines, **mats)
 
     @classmethod
     def load_csv(cls, path: str | os.PathLike, classes: Sequence[str] | None = None) -> Report:

@@ -1,4 +1,4 @@
-"""``transfer_matrix``: one UAP per source model, every UAP on every model, plus random noise.
+"""``transfer_matrix``: one UAP per source model, every UAP on every model, plus baseline rows.
 
 This reproduces the protocol of Moosavi-Dezfooli et al. (CVPR 2017, Table 2): a universal
 perturbation is crafted on each source model with the same budget (ε, p), the same stop rule
@@ -7,9 +7,12 @@ on the same *held-out* images. Row = model the UAP was crafted on, column = mode
 applied to, cell = fooling rate. The diagonal is each UAP's own held-out fooling rate; the
 off-diagonal cells measure how well universal perturbations transfer across models.
 
-A last row, ``random``, applies random noise of the same ℓp norm (see
-:mod:`uap.baseline`): the gap between a UAP's row and the random row is what its universal
-*structure* buys, beyond its size.
+The last rows are baselines of the same ℓp norm (:mod:`uap.baselines`): ``random`` noise
+(the paper's random row), ``gaussian`` noise, ``chessboard1/2/4/8`` patterns and, per source
+model, ``fourier:<source>`` — the best single Fourier basis image for that source, searched
+on the *crafting* images like the UAPs. The gap between a UAP's row and the baseline rows is
+what its universal structure buys beyond its size, and beyond what a fixed pattern or a
+gradient-free search gets at that size.
 
 Resuming: with ``out_dir``, each source's crafting is a run in
 ``out_dir/perturbations/`` named after the source (:class:`uap.runs.RunFolder`):
@@ -36,8 +39,9 @@ import torch
 from torch import nn
 
 from uap import universal
-from uap.baseline import random_perturbation
+from uap.baselines import BASELINES, build_baselines, fourier_row, parse_baselines
 from uap.evaluate import as_named_models, evaluate
+from uap.forward import DEFAULT_BATCH_SIZE
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
 from uap.report import Report
@@ -55,7 +59,8 @@ _SET_HERE = {"eps", "norm", "delta", "max_passes", "method", "seed", "heldout", 
 #: ``callback(event, info)``: ``"craft"`` (crafting on a source model starts; info: model,
 #: index, total, resumed_passes), ``"craft_step"`` (the engine's event dict, ``"progress"``
 #: or ``"pass"``, plus model), ``"reused"`` and ``"saved"`` (model, index, total, path: the
-#: stem of the perturbation's files), ``"evaluate"`` (done, total, desc).
+#: stem of the perturbation's files), ``"fourier"`` (model: the Fourier baseline's search on it
+#: starts), ``"evaluate"`` (done, total, desc).
 EventFn = Callable[[str, dict], None]
 
 
@@ -64,8 +69,8 @@ class Transfer:
     """Result of :func:`transfer_matrix`.
 
     Attributes:
-        report: the evaluation; rows = source models then ``random``, columns = models.
-        perturbations: ``{row name: v}`` (C×H×W tensors), the random row included.
+        report: the evaluation; rows = source models then the baselines, columns = models.
+        perturbations: ``{row name: v}`` (C×H×W tensors), the baseline rows included.
         crafted: ``{source model: Perturbation}`` as returned by the engine (or loaded back).
         reused: names of the sources whose perturbation was loaded from ``out_dir``.
     """
@@ -91,8 +96,8 @@ def transfer_matrix(
     sources: Sequence[str] | None = None,
     model_ids: Mapping[str, str] | None = None,
     out_dir: str | os.PathLike | None = None,
-    random_baseline: bool = True,
-    batch_size: int = 250,
+    baselines: str | Sequence[str] | None = BASELINES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     embeddings: bool = True,
     classes: Sequence[str] | None = None,
     craft_kwargs: Mapping[str, Any] | None = None,
@@ -111,8 +116,10 @@ def transfer_matrix(
         model_ids: ``{name: id}`` stored as each perturbation's model (e.g. zoo name or path).
         out_dir: where crafted perturbations are saved and, on a re-run, reused or continued
             (see the module docstring).
-        random_baseline: add the ``random`` row (random noise with the same ℓp norm as the
-            crafted UAPs: the largest of their norms, i.e. ε when they saturate the budget).
+        baselines: baseline rows (names of :data:`uap.baselines.BASELINES`, ``"chessboard"``
+            for all four, or a comma-separated string; default: all), each with the same ℓp
+            norm as the crafted UAPs (the largest of their norms, i.e. ε when they saturate
+            the budget). ``fourier`` adds one row per source, searched on ``x_craft`` only.
         batch_size, embeddings, classes: passed to :func:`uap.evaluate`.
         craft_kwargs: extra keyword arguments for :func:`uap.craft`.
         callback: ``callback(event, info)`` for progress (see :data:`EventFn`).
@@ -126,8 +133,11 @@ def transfer_matrix(
         raise ValueError(f"source model(s) {unknown} are not among the models {list(named)}")
     if not sources:
         raise ValueError("no source models to craft on")
-    if random_baseline and RANDOM_ROW in named:
-        raise ValueError(f"a model is named {RANDOM_ROW!r}, which is reserved for the random-noise row")
+    chosen = parse_baselines(baselines)
+    rows = [b for b in chosen if b != "fourier"] + ([fourier_row(s) for s in sources] if "fourier" in chosen else [])
+    reserved = sorted(set(rows) & set(named))
+    if reserved:
+        raise ValueError(f"model name(s) {reserved} are reserved for baseline rows; rename the model(s)")
     for name, t in (("x_craft", x_craft), ("x_eval", x_eval)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or len(t) == 0:
             raise ValueError(f"{name} must be a non-empty N×C×H×W tensor of images")
@@ -177,18 +187,22 @@ def transfer_matrix(
         "seed": seed, "n_craft": len(x_craft), "n_eval": len(x_eval), "sources": sources,
         "reused": reused, "model_ids": {m: model_ids.get(m, m) for m in named},
     }
-    if random_baseline:
-        random_norm = max(float(lp_norm(v, p)) for v in perturbations.values())
-        if random_norm > 0:
-            perturbations[RANDOM_ROW] = random_perturbation(x_eval.shape[1:], random_norm, p, seed=seed)
-            meta["random_norm"] = random_norm
+    baseline_rows: dict[str, torch.Tensor] = {}
+    baseline_norm = max(float(lp_norm(v, p)) for v in perturbations.values())
+    if chosen and baseline_norm > 0:
+        built = build_baselines(chosen, x_eval.shape[1:], baseline_norm, p, seed=seed,
+                                models={s: named[s] for s in sources}, x_craft=x_craft, batch_size=batch_size,
+                                callback=emit)
+        baseline_rows = built.perturbations
+        meta["baseline_norm"] = baseline_norm
+        meta["baselines"] = built.info
 
     def on_eval(done: int, total: int, desc: str) -> None:
         emit("evaluate", {"done": done, "total": total, "desc": desc})
 
     report = evaluate(perturbations, named, x_eval, y_eval, batch_size=batch_size, embeddings=embeddings,
-                      classes=classes, progress=on_eval, meta=meta)
-    return Transfer(report=report, perturbations=perturbations, crafted=crafted, reused=reused)
+                      classes=classes, progress=on_eval, meta=meta, baselines=baseline_rows)
+    return Transfer(report=report, perturbations={**perturbations, **baseline_rows}, crafted=crafted, reused=reused)
 
 
 def _vector(pert: Any) -> torch.Tensor:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from uap.baseline import random_perturbation
+from uap.baselines import random_perturbation
 from uap.distributed import is_distributed
 from uap.forward import encoder_features, encoder_of
 from uap.methods.ascent import Ascent, AscentOptions, Objective
