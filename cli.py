@@ -141,6 +141,9 @@ def _craft_table(summary: dict):
     table.add_column("value", justify="right")
     table.add_row("fooling rate (crafting set)", pct(summary["fooling_rate"]))
     table.add_row("fooling rate (held-out)", pct(summary["heldout_fooling_rate"]))
+    baseline = summary.get("baseline")
+    if baseline:
+        table.add_row("strongest baseline (held-out)", f"{pct(baseline['heldout_fooling_rate'])} ({baseline['name']})")
     if summary.get("heldout_accuracy") is not None:
         table.add_row("held-out accuracy clean → under v",
                       f"{pct(summary['clean_heldout_accuracy'])} → {pct(summary['heldout_accuracy'])}")

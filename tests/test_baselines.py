@@ -225,3 +225,16 @@ def test_fourier_search_is_deterministic_and_checks_its_options():
         fourier_search(model, x, 0.1, 2.0, eta=1)
     with pytest.raises(ValueError, match="needs models"):
         build_baselines("fourier", (3, 8, 8), 0.1, 2.0)
+
+
+def test_strongest_baseline_is_the_best_data_free_row():
+    from tests.tiny_models import tiny_mlp
+    from uap.baselines import DATA_FREE, strongest_baseline
+
+    model = tiny_mlp()
+    x = torch.rand(30, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(30) % 5
+    found = strongest_baseline(model, x, 0.2, math.inf, y=y, seed=0)
+    assert set(found["rates"]) == set(DATA_FREE)
+    assert found["fooling_rate"] == max(found["rates"].values()) == found["rates"][found["name"]]
+    assert 0.0 <= found["accuracy"] <= 1.0

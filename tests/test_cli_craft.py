@@ -48,6 +48,10 @@ def test_writes_artefacts_and_summary(finished):
     assert pert.v.abs().max() <= 8 / 255 + 1e-6 and pert.model == MODEL
     assert pert.passes == summary["passes"] and pert.fooling_rate == summary["fooling_rate"]
     assert "held-out" in result.output and "fooling rate" in result.output  # the final table
+    baseline = summary["baseline"]  # the strongest data-free baseline at the same budget, held out
+    assert baseline["name"] in baseline["heldout_fooling_rates"]
+    assert baseline["heldout_fooling_rate"] == max(baseline["heldout_fooling_rates"].values())
+    assert "strongest baseline" in result.output and baseline["name"] in result.output
 
 
 def test_same_settings_are_recognised(finished, data_root):

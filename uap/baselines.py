@@ -42,6 +42,7 @@ from uap.metrics import clean_predictions
 from uap.projection import check_eps, check_norm, norm_name
 
 __all__ = [
+    "strongest_baseline",
     "random_perturbation",
     "gaussian_perturbation",
     "chessboard",
@@ -544,3 +545,31 @@ def build_baselines(
             info[row] = {"kind": "fourier", "model": mname, "eps": eps, "norm": norm_name(p), "seed": seed,
                          **found.info()}
     return Baselines(perturbations=perts, info=info)
+
+
+#: The baselines that need no data and no search (what a crafting run is compared with).
+DATA_FREE = tuple(_DATA_FREE)
+
+
+def strongest_baseline(
+    model: nn.Module,
+    x: torch.Tensor,
+    eps: float,
+    p: float | int | str = math.inf,
+    *,
+    y: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> dict[str, Any]:
+    """The data-free baseline (random, Gaussian, chessboards) that fools ``model`` most on ``x``
+    at ``‖v‖p = eps``: ``{"name", "fooling_rate", "accuracy" (None without y), "rates"}``, with
+    ``rates`` the fooling rate of every one of them. What a crafted UAP should be read against."""
+    from uap.metrics import accuracy, fooling_rate
+
+    check_images(x)
+    built = build_baselines(DATA_FREE, x.shape[1:], eps, p, seed=seed)
+    rates = {name: fooling_rate(model, x, v, batch_size=batch_size) for name, v in built.perturbations.items()}
+    name = max(rates, key=rates.get)
+    acc = None if y is None else accuracy(model, x, y, built.perturbations[name], batch_size=batch_size)
+    return {"name": name, "fooling_rate": rates[name], "accuracy": acc, "rates": rates}
+

@@ -80,7 +80,7 @@ from torch import nn
 
 from uap import universal
 from uap.atomic import atomic_write
-from uap.distributed import broadcast, broadcast_json, is_distributed, is_main
+from uap.distributed import alone, broadcast, broadcast_json, is_distributed, is_main
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, norm_name
 
@@ -301,11 +301,13 @@ class RunResult:
     run: "RunFolder"
     reused: bool = False
     resumed_passes: int = 0
+    baseline: dict[str, Any] | None = None  # craft_run: the strongest data-free baseline, held out
 
     @property
     def summary(self) -> dict[str, Any]:
-        """:func:`summarize` of this run."""
-        return summarize(self.perturbation, self.record, perturbation_file=self.run.result_path.name)
+        """:func:`summarize` of this run (with the held-out baseline when :func:`craft_run` measured it)."""
+        summary = summarize(self.perturbation, self.record, perturbation_file=self.run.result_path.name)
+        return {**summary, "baseline": self.baseline} if self.baseline is not None else summary
 
 
 class RunFolder:
@@ -667,13 +669,38 @@ def craft_run(out_dir: str | os.PathLike | RunFolder, model: nn.Module, x: torch
     """
     run = out_dir if isinstance(out_dir, RunFolder) else RunFolder(out_dir)
 
+    measured: dict[str, Any] = {}
+
     def write_artefacts(folder: RunFolder, pert: Perturbation) -> None:
         pert.to_png(folder._path(".png"))
+        measured["baseline"] = _heldout_baseline(model, heldout, pert)
         summary = summarize(pert, pert.extra["run"], perturbation_file=folder.result_path.name)
-        atomic_write(folder.folder / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write(folder.folder / SUMMARY_FILE,
+                     json.dumps({**summary, "baseline": measured["baseline"]}, indent=2) + "\n")
 
-    return run.craft(model, x, settings=settings, heldout=heldout, callback=callback, resume=resume, force=force,
-                     artefacts=write_artefacts, **craft_kwargs)
+    result = run.craft(model, x, settings=settings, heldout=heldout, callback=callback, resume=resume, force=force,
+                       artefacts=write_artefacts, **craft_kwargs)
+    if result.reused:  # measured when the run finished
+        try:
+            measured["baseline"] = json.loads((run.folder / SUMMARY_FILE).read_text(encoding="utf-8")).get("baseline")
+        except (OSError, ValueError, AttributeError):
+            pass
+    result.baseline = measured.get("baseline")
+    return result
+
+
+def _heldout_baseline(model: nn.Module, heldout: Any, pert: Perturbation) -> dict[str, Any] | None:
+    """The strongest data-free baseline at the run's budget on its held-out images (None without
+    them), for the summary: the number a crafted UAP should be read against. Rank 0 alone."""
+    from uap.baselines import strongest_baseline
+
+    if heldout is None:
+        return None
+    hx, hy = heldout if isinstance(heldout, (tuple, list)) else (heldout, None)
+    with alone():
+        found = strongest_baseline(model, hx, pert.eps, pert.p, y=hy, seed=pert.seed)
+    return {"name": found["name"], "heldout_fooling_rate": found["fooling_rate"],
+            "heldout_accuracy": found["accuracy"], "heldout_fooling_rates": found["rates"]}
 
 
 # --------------------------------------------------------------------------- locking primitives
