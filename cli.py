@@ -432,7 +432,7 @@ _BASELINES_HELP = ("Baseline rows at the perturbations' norm, comma-separated: r
                    "(cells of 1, 2, 4, 8 px; or chessboard1 …), fourier (the best single Fourier basis image, "
                    "found by a black-box search per model: data-light but thousands of forward passes), all, none. "
                    "Default: the data-free ones.")
-_DEFAULT_BASELINES = "random,gaussian,chessboard"
+_DEFAULT_BASELINES = ",".join(uap.baselines.DATA_FREE)
 
 
 def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) -> None:

@@ -182,8 +182,12 @@ class Normalized(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std``: the normalisation the wrapped model expects, of images in [0, 1]."""
+        return (x - self.mean) / self.std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
+        return self.model(self.normalize(x))
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,14 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uap.targets import Normalized
+
 __all__ = ["AdaptedClassifier", "INTERPOLATIONS"]
 
 #: interpolation names understood by the data loader (torchvision's InterpolationMode values)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
-class AdaptedClassifier(nn.Module):
-    """``net(normalise(resize_if_needed(x)))`` for images ``x`` in ``[0, 1]``.
+class AdaptedClassifier(Normalized):
+    """``net(normalise(resize_if_needed(x)))`` for images ``x`` in ``[0, 1]``: a
+    :class:`uap.targets.Normalized` that also knows the weights' preprocessing.
 
     Args:
         net: the library's network (takes normalised images, returns logits).
@@ -40,28 +43,21 @@ class AdaptedClassifier(nn.Module):
     def __init__(self, net: nn.Module, *, mean: Sequence[float], std: Sequence[float], resize: int, crop: int,
                  interpolation: str, fixed_size: bool, classes: Sequence[str] | None = None,
                  source: dict | None = None) -> None:
-        super().__init__()
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         if len(mean) != 3 or len(std) != 3 or any(not s > 0 for s in std):
             raise ValueError(f"mean and std need three values each, std > 0; got {mean}, {std}")
-        self.net = net
-        self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([float(s) for s in std]).view(1, 3, 1, 1))
+        super().__init__(net, [float(m) for m in mean], [float(s) for s in std])
         self.fixed_size = (int(crop), int(crop)) if fixed_size else None
         self.preprocessing = {"resize": int(resize), "crop": int(crop), "interpolation": interpolation,
                               "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
         self.classes = tuple(classes) if classes else None
         self.source = dict(source or {})
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std``: the weights' normalisation of images in [0, 1]."""
-        return (x - self.mean) / self.std
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed_size is not None and tuple(x.shape[-2:]) != self.fixed_size:
             x = F.interpolate(x, size=self.fixed_size, mode="bilinear", align_corners=False, antialias=False)
-        return self.net(self.normalize(x))
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         p = self.preprocessing
