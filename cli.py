@@ -645,6 +645,9 @@ def train_cmd(
     hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable), "
                                      "e.g. clip: embed_dim, text_width, text_layers, text_heads, word_dropout, val_size."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (networks, data and augmentations)."),
+    strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp (gradients all-reduced) or fsdp "
+                                 "(parameters, gradients and optimiser state sharded per block). --batch-size is the "
+                                 "global batch, split over the ranks."),
 ) -> None:
     """Train a target model on CIFAR-10 (checkpoint every epoch; --resume continues).
 
@@ -671,16 +674,27 @@ def train_cmd(
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,
                          hparams=hparams)
-    train(config, out, resume=resume, console=console, command=command, device=torch_device)
-    console.print(f"checkpoint: {out}")
-    if zoo:
-        from models.zoo_build import build_zoo_entry
+    from models.parallel import STRATEGIES
+    from uap import distributed
 
-        card = build_zoo_entry(out, zoo, console=console)
-        if card["builder"] == "clip":
-            console.print(f"zoo entry {zoo}: zero-shot accuracy {card['zero_shot_acc']:.4f}")
-        else:
-            console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
+    if strategy not in STRATEGIES:
+        raise _UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    train(config, out, resume=resume, console=console, command=command, device=torch_device, strategy=strategy)
+    console.print(f"checkpoint: {out}")
+    if zoo and distributed.is_main():
+        with distributed.alone():  # rank 0 measures and writes the zoo entry by itself
+            _zoo_entry(out, zoo)
+
+
+def _zoo_entry(out: Path, zoo: str) -> None:
+    """Measure the finished run in ``out`` and write it as zoo entry ``zoo``."""
+    from models.zoo_build import build_zoo_entry
+
+    card = build_zoo_entry(out, zoo, console=console)
+    if card["builder"] == "clip":
+        console.print(f"zoo entry {zoo}: zero-shot accuracy {card['zero_shot_acc']:.4f}")
+    else:
+        console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
 
 
 @app.command("models")

@@ -8,7 +8,10 @@ For a batch of N matching pairs with image embeddings ``n_i`` and text embedding
     L = (L_img→txt + L_txt→img) / 2
 
 Embeddings are normalised inside, so gradients flow through the normalisation (the tests
-check ∂L_img→txt/∂n_i against its closed form).
+check ∂L_img→txt/∂n_i against its closed form). Under ``torch.distributed`` each rank passes
+its share of the global batch; :func:`clip_loss` contrasts its images and captions with those
+of every rank (gathered with gradients, :func:`uap.distributed.gather_rows_with_grad`), as
+CLIP does across its devices.
 
 Examples:
     >>> import torch
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from models.precision import float32_loss
+from uap.distributed import gather_rows_with_grad
 
 __all__ = ["similarity_logits", "info_nce", "clip_loss"]
 
@@ -47,10 +51,16 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tenso
 @float32_loss
 def clip_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
               logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """The symmetric loss: mean of image→text and text→image cross-entropies."""
+    """The symmetric loss: mean of image→text and text→image cross-entropies.
+
+    Distributed, the rows are this rank's pairs; each of its images (captions) is classified
+    among the captions (images) of the global batch, and the loss is the mean over this rank's
+    rows: the ranks' losses weighted by their shares add up to the one-process loss."""
     if len(image_embeddings) != len(text_embeddings):
         raise ValueError(f"{len(image_embeddings)} images but {len(text_embeddings)} captions: "
                          "pairs must match one to one")
-    logits = similarity_logits(image_embeddings, text_embeddings, logit_scale)
-    target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    (images, mine), (texts, _) = gather_rows_with_grad(image_embeddings), gather_rows_with_grad(text_embeddings)
+    target = torch.arange(mine.start, mine.stop, device=images.device)
+    image_to_text = similarity_logits(images[mine], texts, logit_scale)
+    text_to_image = similarity_logits(texts[mine], images, logit_scale)
+    return 0.5 * (F.cross_entropy(image_to_text, target) + F.cross_entropy(text_to_image, target))

@@ -21,6 +21,7 @@ from torch import nn
 
 from models.precision import float32_loss
 from models.schedules import linear_warmup
+from uap.distributed import all_sum, gather_rows_with_grad
 
 __all__ = ["nt_xent", "info_nce", "byol_loss", "dino_loss", "DINOLoss"]
 
@@ -33,6 +34,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     views is classified among the other ``2N − 1`` by cosine similarity / temperature, the
     correct class being its partner; the loss is the mean over all ``2N`` views.
 
+    Under ``torch.distributed`` each rank passes its share of the global batch: the
+    candidates are the views of the *global* batch (gathered with gradients flowing back to
+    their rank, :func:`uap.distributed.gather_rows_with_grad`), and the loss is the mean over
+    this rank's ``2n`` views; the ranks' losses weighted by their shares add up to the
+    one-process loss of the global batch.
+
     Examples:
         >>> z = torch.randn(8, 16)
         >>> nt_xent(z, z + 0.01 * torch.randn(8, 16)).item() < nt_xent(z, torch.randn(8, 16)).item()
@@ -42,12 +49,14 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
         raise ValueError(f"z1 and z2 must be N×D of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    n = len(z1)
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    sim = z @ z.T / temperature
-    sim.fill_diagonal_(float("-inf"))  # a view is never its own candidate
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    (g1, mine), (g2, _) = gather_rows_with_grad(z1), gather_rows_with_grad(z2)
+    n = len(g1)
+    z = F.normalize(torch.cat([g1, g2]), dim=1)
+    local = torch.arange(mine.start, mine.stop, device=z.device)
+    anchors = torch.cat([local, local + n])  # this rank's views, as rows of the global 2N
+    sim = z[anchors] @ z.T / temperature
+    sim[torch.arange(len(anchors), device=z.device), anchors] = float("-inf")  # a view is never its own candidate
+    return F.cross_entropy(sim, (anchors + n) % (2 * n))
 
 
 @float32_loss
@@ -129,10 +138,8 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        """``center ← m·center + (1 − m)·mean(teacher outputs)`` (all-reduced when distributed)."""
-        batch_center = teacher_out.sum(0, keepdim=True)
-        count = torch.tensor(float(len(teacher_out)))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(batch_center)
-            torch.distributed.all_reduce(count)
+        """``center ← m·center + (1 − m)·mean(teacher outputs)``, the mean over the global batch
+        when distributed (sums and counts all-reduced), so every rank holds the same centre."""
+        batch_center = all_sum(teacher_out.sum(0, keepdim=True))
+        count = all_sum(torch.tensor([float(len(teacher_out))], device=teacher_out.device))
         self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)

@@ -13,8 +13,27 @@ Resume rule, the same for every method: the configuration must match the checkpo
 that ``epochs`` may change while the run is still in warm-up (the steps done so far are then
 exactly those of a fresh run with the new length).
 
+Data parallelism: under ``torch.distributed`` (``torchrun … uap train``) every rank draws the
+same epoch order and trains on its :func:`uap.distributed.shard` of each global batch of
+``batch_size`` images (⌊B/W⌋ or ⌈B/W⌉ rows when ``B`` does not divide by the ``W`` ranks; each
+rank's loss is weighted by its share, so the gradient is the global batch's either way);
+gradients are all-reduced by DDP or reduce-scattered by FSDP (:mod:`models.parallel`), the
+learning rate is the global batch's, and rank 0 alone prints and writes the checkpoint
+(which holds full tensors in the one-process layout). Each rank draws its augmentations from
+its own generator stream (rank 0 continues the one-process stream, rank ``r`` is seeded from
+``(seed, r)``); the checkpoint keeps every rank's generator state.
+
+Resuming a distributed run: with the same number of ranks it is exact (every rank gets its
+own generator state back). With a different number of ranks it also works when the global
+batch is unchanged — the configuration (and so the data order, the batches, the learning
+rate and the optimiser state) is the same, only the augmentations drawn from then on differ
+from an uninterrupted run's, because each rank's generator stream depends on its rank and its
+share of the batch; a stopped run resumes as the same run, but not bit for bit. MoCo's
+``bn_splits`` must stay a multiple of the number of ranks.
+
 Checkpoint layout (``out_dir``): ``last.ckpt.safetensors`` holds the method's state
-(``model.*``), the optimiser's tensors (``optim.*``) and the RNG states; ``last.json`` holds
+(``model.*``), the optimiser's tensors (``optim.*``) and the RNG states (``rng.torch``, and
+``rng.torch.ranks`` — one row per rank — for a distributed run); ``last.json`` holds
 the config, step, epoch, wall time, history (loss, kNN and the method's metrics per epoch)
 and, for a run stopped inside an epoch (``max_steps``), that epoch's losses so far. Both are
 written with :func:`uap.atomic.atomic_write`, so a crash never leaves a half-written file.
@@ -36,10 +55,12 @@ from torch import nn
 from models.backbones import build_backbone
 from models.lars import LARS
 from models.method import Method
+from models.parallel import full_tensor, like_param, parallelize, rank_rows, rank_share, unsharded
 from models.precision import autocast, check_precision
 from models.probes import knn_accuracy
 from models.schedules import warmup_cosine_schedule
 from uap.atomic import atomic_write
+from uap.distributed import all_sum, gather_rows, is_main, world
 
 __all__ = [
     "TrainConfig", "METHODS", "method_class", "check_hparams", "build_method", "build_optimizer",
@@ -166,19 +187,36 @@ def sync_batchnorm_if_distributed(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's generator states: torch's CPU generator, and CUDA's when it is in use."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # GPU augmentations draw from here
+    return states
+
+
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Atomically write weights + optimiser tensors (safetensors) and ``state`` (JSON)."""
+    """Atomically write weights + optimiser tensors (safetensors) and ``state`` (JSON).
+
+    Under ``torch.distributed`` every rank must call it (FSDP shards are gathered into full
+    tensors, every rank's generator state is collected); rank 0 writes."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": full_tensor(v).detach().contiguous().clone() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, s in opt["state"].items():
         for k, v in s.items():
-            tensors[f"optim.{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().clone()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # GPU augmentations draw from here
-    meta = {**state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
+            v = full_tensor(v) if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"optim.{idx}.{k}"] = v.detach().contiguous().clone()
+    ranks = world()[1]
+    for name, rng in _rng_states().items():
+        tensors[f"rng.{name}"] = rng
+        if ranks > 1:  # one row per rank: each resumes its own stream
+            tensors[f"rng.{name}.ranks"] = gather_rows(rng.view(1, -1), ranks)
+    if not is_main():
+        return
+    meta = {**state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+            "world_size": ranks}
     atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, str(p)))
     atomic_write(out_dir / STATE_NAME, json.dumps(meta, indent=2))
 
@@ -192,26 +230,43 @@ def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
 
 
 def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns the JSON state."""
+    """Restore what :func:`save_checkpoint` wrote; returns the JSON state, with
+    ``"rng_restored"``: whether this process got its own generator state back (a rank other
+    than 0 does not when the run was saved with another number of ranks).
+
+    Full tensors are loaded into FSDP-sharded parameters and optimiser state as this rank's
+    shards, so a checkpoint resumes under any strategy."""
     from safetensors.torch import load_file
 
     ckpt, meta_path = _require_checkpoint(out_dir)
     tensors = load_file(str(ckpt))
     meta = json.loads(meta_path.read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    current = model.state_dict()
+    model.load_state_dict({k[6:]: like_param(v, current[k[6:]]) if k[6:] in current else v
+                           for k, v in tensors.items() if k.startswith("model.")})
     if optimizer is not None:
         opt = optimizer.state_dict()
+        params = [p for g in optimizer.param_groups for p in g["params"]]  # the state dict's indices
         state: dict[int, dict] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
                 _, idx, name = k.split(".", 2)
-                state.setdefault(int(idx), {})[name] = v
+                param = params[int(idx)]
+                state.setdefault(int(idx), {})[name] = like_param(v, param) if v.ndim and v.ndim == param.ndim else v
         groups = [{**saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], opt["param_groups"])]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    rank, ranks = world()
+    same_ranks = meta.get("world_size", 1) == ranks
+    restored = rank == 0 or same_ranks
+    for name, set_state in (("torch", torch.set_rng_state),
+                            ("cuda", torch.cuda.set_rng_state if torch.cuda.is_available() else None)):
+        if set_state is None:
+            continue
+        if ranks > 1 and same_ranks and f"rng.{name}.ranks" in tensors:
+            set_state(tensors[f"rng.{name}.ranks"][rank].contiguous())
+        elif rank == 0 and f"rng.{name}" in tensors:
+            set_state(tensors[f"rng.{name}"])
+    meta["rng_restored"] = restored
     return meta
 
 
@@ -219,24 +274,38 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def _log(console, msg: str) -> None:
-    if console is not None:
+    if console is not None and is_main():
         console.print(msg, highlight=False)
         console.file.flush()  # keep a redirected log (nohup … > log) current
 
 
 def optimisation_step(method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                      step: int, total_steps: int, precision: str = "fp32") -> torch.Tensor:
+                      step: int, total_steps: int, precision: str = "fp32", *, forward: nn.Module | None = None,
+                      share: float = 1.0) -> torch.Tensor:
     """One step of any method: loss (under ``precision``'s autocast), backward, optimiser
-    step, then the method's post-step updates (EMA teachers). Returns the loss."""
+    step, then the method's post-step updates (EMA teachers). Returns the loss.
+
+    Distributed, ``x`` and ``y`` are this rank's rows of the global batch, ``share`` their
+    fraction of it (:func:`models.parallel.rank_share`) and ``forward`` the wrapped step
+    (:func:`models.parallel.parallelize`); the rank back-propagates ``share × ranks`` times
+    its loss, which the strategy's gradient averaging turns into the gradient of the global
+    batch's loss, and the returned loss is the global batch's (the same on every rank)."""
     with autocast(precision, x.device):
-        loss = method.training_step(x, y, step, total_steps)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
+        loss = (forward or method.training_step)(x, y, step, total_steps)
+    ranks = world()[1]
+    total = all_sum(loss.detach() * share) if ranks > 1 else loss
+    if not torch.isfinite(total):  # every rank sees the same total: all stop together
+        raise FloatingPointError(f"loss became {total.item()} at step {step}; lower --lr")
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * (share * ranks) if ranks > 1 else loss).backward()
     optimizer.step()
     method.after_step(step, total_steps)
-    return loss
+    return total
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The generator seed of rank ``rank`` > 0 starting (or re-starting) at ``step``."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % 2**63
 
 
 def train(
@@ -249,6 +318,7 @@ def train(
     max_steps: int | None = None,
     command: str | None = None,
     device: str | torch.device = "cpu",
+    strategy: str = "ddp",
 ) -> tuple[Method, dict]:
     """Train ``config.method`` and return ``(method, state)``; checkpoints every epoch.
 
@@ -260,7 +330,10 @@ def train(
     ``command`` (the command line that started the run) is recorded in the checkpoint state.
     ``device`` runs the networks, the data and the augmentations there (e.g. ``"cuda"``); it
     is not part of the configuration, so a run may resume on another device (augmentations
-    drawn on a GPU then differ from a CPU run's).
+    drawn on a GPU then differ from a CPU run's). ``strategy`` (``ddp`` or ``fsdp``,
+    :mod:`models.parallel`) is how gradients and parameters are shared under
+    ``torch.distributed``; it is not part of the configuration either (checkpoints are full
+    tensors), and without a process group it does nothing.
     With ``resume``, continues from ``out_dir``'s checkpoint under the resume rule above.
     """
     config = config.resolved()
@@ -287,13 +360,18 @@ def train(
     x, y = x.to(device), y.to(device)
     if monitor_data is not None:
         monitor_data = tuple(t.to(device) for t in monitor_data)
+    rank = world()[0]
+    rows, share = rank_rows(config.batch_size), rank_share(config.batch_size)  # this rank's part of a batch
     method = sync_batchnorm_if_distributed(build_method(config)).to(device)
+    if rank > 0:  # the other ranks draw their own augmentations
+        torch.manual_seed(_rank_seed(config.seed, rank, 0))
     if config.backbone == "resnet18":
         method = method.to(memory_format=torch.channels_last)  # the faster layout for CPU convolutions
     x, y = method.prepare_data(x, y)
     if len(x) < config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(x)} training images")
-    lr = config.lr * config.batch_size / 256
+    lr = config.lr * config.batch_size / 256  # the global batch's
+    stepper = parallelize(method, strategy)  # before the optimiser: FSDP replaces parameters by shards
     optimizer = build_optimizer(method, config.optimizer, lr, config.weight_decay)
     steps_per_epoch = len(x) // config.batch_size
     total_steps = config.epochs * steps_per_epoch
@@ -303,6 +381,8 @@ def train(
                              "images_per_s": None, "command": command}
     if resume:
         saved = load_checkpoint(out_dir, method, optimizer)
+        if not saved["rng_restored"]:  # saved with another number of ranks: a fresh stream from here
+            torch.manual_seed(_rank_seed(config.seed, rank, saved["step"]))
         saved["config"].setdefault("precision", "fp32")  # a checkpoint without the field ran in fp32
         diff = sorted(k for k in state["config"] if saved["config"].get(k) != state["config"][k])
         # Changing the length of a run is exact while it is still in warm-up: the warm-up
@@ -323,7 +403,7 @@ def train(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    live = console is not None and console.is_terminal
+    live = console is not None and console.is_terminal and is_main()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("loss {task.fields[loss]:.4f}  {task.fields[ips]:.0f} img/s"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not live)
@@ -342,8 +422,9 @@ def train(
                 step = state["step"]
                 for g in optimizer.param_groups:
                     g["lr"] = warmup_cosine_schedule(step, total_steps, warmup, lr)
-                idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-                loss = optimisation_step(method, optimizer, x[idx], y[idx], step, total_steps, config.precision)
+                idx = order[i * config.batch_size:(i + 1) * config.batch_size][rows]
+                loss = optimisation_step(method, optimizer, x[idx], y[idx], step, total_steps, config.precision,
+                                         forward=stepper, share=share)
                 state["step"] = step + 1
                 losses.append(loss.item())
                 ips = (i + 1 - first) * config.batch_size / (time.perf_counter() - t0)
@@ -363,17 +444,18 @@ def train(
             record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
                       "images_per_s": len(losses) * config.batch_size / (partial["wall_s"] + dt),
                       "lr": optimizer.param_groups[0]["lr"]}
-            metrics = method.on_epoch_end(epoch + 1)
-            record.update(metrics)
             last = epoch + 1 == config.epochs
-            if monitor_data is not None and config.knn_every > 0 and ((epoch + 1) % config.knn_every == 0 or last):
-                record["knn_acc"] = knn_accuracy(method.backbone, *monitor_data)
+            with unsharded(stepper):  # every rank measures the same weights: the ranks stay in step
+                metrics = method.on_epoch_end(epoch + 1)
+                if monitor_data is not None and config.knn_every > 0 and ((epoch + 1) % config.knn_every == 0 or last):
+                    metrics = {**metrics, "knn_acc": knn_accuracy(method.backbone, *monitor_data)}
+            record.update(metrics)
             method.train()
             state["epoch"] = epoch + 1
             state["images_per_s"] = record["images_per_s"]
             state["history"].append(record)
             save_checkpoint(out_dir, method, optimizer, state)
-            shown = "".join(f"  {k} {v:.4f}" for k, v in metrics.items())
+            shown = "".join(f"  {k} {v:.4f}" for k, v in metrics.items() if k != "knn_acc")
             knn = f"  kNN {record['knn_acc']:.3f}" if "knn_acc" in record else ""
             _log(console, f"epoch {epoch + 1}/{config.epochs}  loss {record['loss']:.4f}  "
                           f"{record['images_per_s']:.0f} img/s  wall {state['wall_s'] / 60:.1f} min{shown}{knn}")

@@ -8,7 +8,8 @@ ones that always ran.
 
 - :func:`shard` gives this rank its contiguous share of ``range(n)``;
 - :func:`gather_rows` puts the ranks' shares back together in order (a variable-length
-  all-gather);
+  all-gather); :func:`gather_rows_with_grad` does the same inside autograd, sending each
+  rank the gradient of its own rows (global negatives for contrastive losses);
 - :func:`all_sum` sums a tensor over the ranks; :func:`broadcast` copies rank 0's tensor, and
   :func:`broadcast_json` rank 0's JSON value (decisions such as "resume from this checkpoint");
 - :func:`alone` lets rank 0 compute by itself (figures, files) while the others skip that work;
@@ -27,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "world", "is_distributed", "is_main", "shard", "gather_rows", "all_sum", "broadcast", "broadcast_json",
-    "alone", "process_group",
+    "world", "is_distributed", "is_main", "shard", "gather_rows", "gather_rows_with_grad", "all_sum", "broadcast",
+    "broadcast_json", "alone", "process_group",
 ]
 
 #: How long a collective may wait for the other ranks before the job fails (a rank that
@@ -92,6 +93,42 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     pieces = [torch.empty_like(padded) for _ in range(size)]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[:b - a] for piece, (a, b) in zip(pieces, bounds)]).to(local.device)
+
+
+class _GatherRows(torch.autograd.Function):
+    """:func:`gather_rows` whose backward sums the ranks' gradients of the whole gathered
+    tensor and hands each rank the rows it contributed."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return gather_rows(local, n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # Every rank's loss may depend on every row; the total's gradient for this rank's rows
+        # is the sum over the ranks of their gradients for those rows.
+        return all_sum(grad.contiguous())[shard(ctx.n)], None
+
+
+def gather_rows_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """``(all rows, this rank's rows)``: the ranks' :func:`shard` s of a global batch
+    concatenated in rank order, differentiably, and where this rank's ``local`` lies in it.
+
+    The backward pass all-reduces the gradient of the gathered tensor and keeps this rank's
+    rows, so when every rank back-propagates its share of a loss over the gathered batch,
+    each rank's rows receive the gradient of the sum of all shares (SimCLR's and CLIP's
+    negatives from the global batch). The global row count is summed over the ranks, and
+    ``local`` must have the row count of this rank's ``shard`` of it. Without a process
+    group: ``(local, slice(0, len(local)))``.
+    """
+    if not is_distributed():
+        return local, slice(0, len(local))
+    n = int(all_sum(torch.tensor([len(local)], dtype=torch.int64)))
+    mine = shard(n)
+    if len(local) != mine.stop - mine.start:
+        raise ValueError(f"this rank holds {len(local)} rows, but its share of the {n} rows is {mine.stop - mine.start}")
+    return _GatherRows.apply(local, n), mine
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
