@@ -32,7 +32,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
-    #: Under torch.distributed, BatchNorm becomes SyncBatchNorm (SimCLR's global BN) unless a
+    #: Under torch.distributed, BatchNorm becomes GlobalBatchNorm (SimCLR's global BN) unless a
     #: method keeps per-device statistics on purpose (MoCo's shuffling BN).
     global_batchnorm: ClassVar[bool] = True
     #: The :mod:`models.zoo` builder of the classifier this method ships: ``"probed"`` (encoder

@@ -5,7 +5,7 @@ Every rank holds the whole method and trains on its :func:`uap.distributed.shard
 global batch. The loss each rank back-propagates is its share of the global batch's loss
 (:func:`rank_share`), so after the gradient all-reduce every rank holds the gradient of the
 one-process loss of the global batch, and the ranks' optimiser steps stay identical. What
-crosses ranks inside a step is up to the method (SyncBatchNorm, gathered negatives, MoCo's
+crosses ranks inside a step is up to the method (global BatchNorm, gathered negatives, MoCo's
 shuffle, DINO's centre); what crosses ranks between the forward pass and the optimiser step
 is the strategy's:
 

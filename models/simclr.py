@@ -4,7 +4,8 @@ ICML 2020).
 Per batch: two augmented views of every image → backbone ``f`` → projection head ``g`` →
 NT-Xent over the ``2N`` projections (the other ``2N − 2`` views are the negatives, hence the
 large batches and LARS of the paper; ``--optimizer lars`` selects it, and under
-``torch.distributed`` the loop converts BatchNorm to SyncBatchNorm for the "global BN" of §2.2).
+``torch.distributed`` the loop makes BatchNorm global, :mod:`models.global_batchnorm`, for the "global BN"
+of §2.2, and NT-Xent takes its negatives from the global batch).
 """
 from __future__ import annotations
 

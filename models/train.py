@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from models.backbones import build_backbone
+from models.global_batchnorm import global_batchnorm
 from models.lars import LARS
 from models.method import Method
 from models.parallel import full_tensor, like_param, parallelize, rank_rows, rank_share, unsharded
@@ -173,14 +174,15 @@ def build_optimizer(method: Method, name: str, lr: float, weight_decay: float) -
 
 
 def sync_batchnorm_if_distributed(model: nn.Module) -> nn.Module:
-    """Under ``torch.distributed``, convert BatchNorm to SyncBatchNorm so statistics are
-    computed over the global batch (SimCLR §2.2 "Global BN": per-device BN lets the model
-    cheat the contrastive task through leaked batch statistics). No-op otherwise, and for
-    methods with ``global_batchnorm = False`` (MoCo, which shuffles instead)."""
+    """Under ``torch.distributed``, convert BatchNorm to :class:`models.global_batchnorm.GlobalBatchNorm`
+    so statistics are computed over the global batch (SimCLR §2.2 "Global BN": per-device BN
+    lets the model cheat the contrastive task through leaked batch statistics), on CPU/gloo as
+    on GPUs. No-op otherwise, and for methods with ``global_batchnorm = False`` (MoCo, which
+    shuffles instead)."""
     if not getattr(model, "global_batchnorm", True):
         return model
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return global_batchnorm(model)
     return model
 
 
@@ -293,7 +295,7 @@ def optimisation_step(method: Method, optimizer: torch.optim.Optimizer, x: torch
     with autocast(precision, x.device):
         loss = (forward or method.training_step)(x, y, step, total_steps)
     ranks = world()[1]
-    total = all_sum(loss.detach() * share) if ranks > 1 else loss
+    total = all_sum(loss.detach() * share) if ranks > 1 else loss.detach()
     if not torch.isfinite(total):  # every rank sees the same total: all stop together
         raise FloatingPointError(f"loss became {total.item()} at step {step}; lower --lr")
     optimizer.zero_grad(set_to_none=True)

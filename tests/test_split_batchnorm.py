@@ -59,11 +59,12 @@ def test_moco_splits_bn_in_both_encoders():
 
 
 def test_distributed_runs_keep_moco_batchnorm_local(monkeypatch):
+    from models.global_batchnorm import GlobalBatchNorm
     from models.simclr import SimCLR
     from models.train import sync_batchnorm_if_distributed
 
+    moco, simclr = MoCo(build_backbone("resnet18", 4), queue_size=64, bn_splits=2), SimCLR(build_backbone("resnet18", 4))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    moco = sync_batchnorm_if_distributed(MoCo(build_backbone("resnet18", 4), queue_size=64, bn_splits=2))
-    simclr = sync_batchnorm_if_distributed(SimCLR(build_backbone("resnet18", 4)))
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in moco.modules())
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in simclr.modules())
+    moco, simclr = sync_batchnorm_if_distributed(moco), sync_batchnorm_if_distributed(simclr)
+    assert not any(isinstance(m, GlobalBatchNorm) for m in moco.modules())
+    assert any(isinstance(m, GlobalBatchNorm) for m in simclr.modules())

@@ -10,7 +10,8 @@ ones that always ran.
 - :func:`gather_rows` puts the ranks' shares back together in order (a variable-length
   all-gather); :func:`gather_rows_with_grad` does the same inside autograd, sending each
   rank the gradient of its own rows (global negatives for contrastive losses);
-- :func:`all_sum` sums a tensor over the ranks; :func:`broadcast` copies rank 0's tensor, and
+- :func:`all_sum` sums a tensor over the ranks (:func:`all_sum_with_grad` inside autograd:
+  global batch-norm statistics); :func:`broadcast` copies rank 0's tensor, and
   :func:`broadcast_json` rank 0's JSON value (decisions such as "resume from this checkpoint");
 - :func:`alone` lets rank 0 compute by itself (figures, files) while the others skip that work;
 - :func:`process_group` initialises the group from torchrun's environment (and tears it down),
@@ -28,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "world", "is_distributed", "is_main", "shard", "gather_rows", "gather_rows_with_grad", "all_sum", "broadcast",
+    "world", "is_distributed", "is_main", "shard", "gather_rows", "gather_rows_with_grad", "all_sum", "all_sum_with_grad", "broadcast",
     "broadcast_json", "alone", "process_group",
 ]
 
@@ -138,6 +139,25 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     out = _wire(t)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+class _AllSum(torch.autograd.Function):
+    """:func:`all_sum` whose backward is an all-sum too: the sum feeds every rank's loss, so
+    each rank's addend gets the sum of the ranks' gradients of the sum."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        return all_sum(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return all_sum(grad.contiguous())
+
+
+def all_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, differentiably (see :class:`_AllSum`); ``t`` itself
+    without a process group."""
+    return _AllSum.apply(t) if is_distributed() else t
 
 
 def broadcast(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,261 @@
+"""Data-parallel training: two gloo ranks with half a batch each take the step one process
+takes with the whole batch (SimCLR, CLIP, MoCo), FSDP takes DDP's steps, and ``uap train``
+under torchrun writes one checkpoint.
+
+The views are fixed (augmentations are each rank's own random draws, so they cannot match a
+one-process run); everything else is the training code as it runs. Each equality has
+controls that switch one ingredient off (SyncBN, gathered negatives, the cross-rank
+shuffle) and must then differ, so the equalities are not vacuous.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from tests.test_distributed import _free_port
+
+B, SIZE = 64, 16  # global batch, image side
+TOL = 1e-5
+
+
+def _batch(seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (B,), generator=g)
+
+
+def _method(kind: str):
+    """A tiny method whose views are fixed functions of the images."""
+    from models.backbones import build_backbone, vit_small_cifar
+
+    torch.manual_seed(0)
+    if kind.startswith("vit"):  # a two-block ViT, no stochastic depth
+        backbone = vit_small_cifar(dim=32, depth=2, heads=2, drop_path=0.0, image_size=SIZE)
+        backbone.spec = {"backbone": "vit_small", "width": 0}
+    else:
+        backbone = build_backbone("resnet18", 4)
+    if kind in ("simclr", "vit-simclr"):
+        from models.simclr import SimCLR
+
+        method = SimCLR(backbone, proj_dim=16, hidden_dim=32)
+        method.augment = _Views()
+    elif kind == "vit-byol":
+        from models.byol import BYOL
+
+        method = BYOL(backbone, proj_dim=16, hidden_dim=32)
+        method.augment = _Views()
+    elif kind == "moco":
+        from models.moco import MoCo
+
+        method = MoCo(backbone, queue_size=320, proj_dim=16, hidden_dim=32, bn_splits=2)  # more slots than 2 steps fill
+        method.augment = _Views()
+    elif kind == "clip":
+        method = _FixedCaptionCLIP(backbone, embed_dim=16, text_width=16, text_layers=1, text_heads=2, val_size=0)
+    else:
+        raise ValueError(kind)
+    return method
+
+
+class _Views:
+    """Two different deterministic 'augmentations', alternating: the image and its mirror."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x if self.calls % 2 else x.flip(3)
+
+
+def _fixed_caption_clip():
+    from models.clip_method import CLIPMethod
+
+    class FixedCaptionCLIP(CLIPMethod):
+        """CLIP trained on one fixed caption per class and unaugmented images."""
+
+        def training_step(self, x, y, step, max_steps):
+            ids, eot = self.clip.tokenize([f"a photo of a {self.classes[int(c)]}" for c in y])
+            return self.clip.loss(x, ids, eot)
+
+    return FixedCaptionCLIP
+
+
+def _FixedCaptionCLIP(*args, **kwargs):
+    return _fixed_caption_clip()(*args, **kwargs)
+
+
+def _steps(kind: str, strategy: str = "ddp", sync_bn: bool = True, steps: int = 2) -> dict:
+    """``steps`` optimiser steps of ``kind`` on this rank's rows of the batch: the losses, the
+    parameters after them (whole), and MoCo's queue."""
+    from models.parallel import full_tensor, parallelize, rank_rows, rank_share
+    from models.train import build_optimizer, optimisation_step, sync_batchnorm_if_distributed
+
+    method = _method(kind)
+    if sync_bn:
+        method = sync_batchnorm_if_distributed(method)
+    stepper = parallelize(method, strategy)
+    optimizer = build_optimizer(method, "adamw" if kind.startswith("vit") else "sgd", 0.05, 1e-4)
+    x, y = _batch()
+    rows = rank_rows(B)
+    method.train()
+    losses = []
+    for step in range(steps):
+        xs, ys = (x, y) if step % 2 == 0 else (x.flip(2), y)  # a second batch
+        losses.append(float(optimisation_step(method, optimizer, xs[rows], ys[rows], step, 10, forward=stepper,
+                                              share=rank_share(B))))
+    params = torch.cat([full_tensor(p.detach()).flatten() for p in method.parameters()])
+    out = {"losses": losses, "params": params}
+    if kind == "moco":
+        out["queue"], out["ptr"] = method.queue.keys.clone(), int(method.queue.ptr)
+    return out
+
+
+@contextlib.contextmanager
+def _local(module, name: str):
+    """``module.name`` computed by each rank alone (no collectives inside it)."""
+    from uap.distributed import alone
+
+    original = getattr(module, name)
+
+    def local(*args, **kwargs):
+        with alone():
+            return original(*args, **kwargs)
+
+    with mock.patch.object(module, name, local):
+        yield
+
+
+def _two_rank_cases() -> dict:
+    import models.clip as clip_module
+    import models.simclr as simclr_module
+    from models.moco import MoCo
+    from uap.distributed import gather_rows
+
+    out = {}
+    for kind in ("simclr", "clip", "moco"):
+        out[kind] = _steps(kind)
+        ranks = gather_rows(out[kind]["params"].view(1, -1), 2)
+        out[kind]["ranks_differ_by"] = float((ranks[0] - ranks[1]).abs().max())
+    out["simclr-no-syncbn"] = _steps("simclr", sync_bn=False)
+    with _local(simclr_module, "nt_xent"):
+        out["simclr-local-negatives"] = _steps("simclr")
+    with _local(clip_module, "clip_loss"):
+        out["clip-local-negatives"] = _steps("clip")
+    with _local(MoCo, "_keys"):
+        out["moco-local-shuffle"] = _steps("moco")
+    for kind in ("vit-simclr", "vit-byol"):
+        for strategy in ("ddp", "fsdp"):
+            out[f"{kind}-{strategy}"] = _steps(kind, strategy, steps=3)
+    return out
+
+
+def _worker(rank: int, size: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        out = _two_rank_cases()
+        if rank == 0:
+            torch.save(out, path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("dist-train") / "rank0.pt")
+    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    torch.set_num_threads(1)
+    return {kind: _steps(kind) for kind in ("simclr", "clip", "moco")}
+
+
+def _difference(a: dict, b: dict) -> float:
+    diffs = [max(abs(u - v) for u, v in zip(a["losses"], b["losses"])), float((a["params"] - b["params"]).abs().max())]
+    if "queue" in a:
+        diffs.append(float((a["queue"] - b["queue"]).abs().max()))
+    return max(diffs)
+
+
+@pytest.mark.parametrize("kind", ["simclr", "clip", "moco"])
+def test_two_ranks_take_the_one_process_step(two_ranks, one_process, kind):
+    two, one = two_ranks[kind], one_process[kind]
+    assert two["ranks_differ_by"] == 0.0  # the ranks' parameters stay identical
+    assert _difference(two, one) <= TOL
+    if kind == "moco":
+        assert two["ptr"] == one["ptr"] == 2 * 2 * B  # two steps of 2B global keys each
+
+
+@pytest.mark.parametrize("control, kind", [("simclr-no-syncbn", "simclr"), ("simclr-local-negatives", "simclr"),
+                                           ("clip-local-negatives", "clip"), ("moco-local-shuffle", "moco")])
+def test_each_ingredient_switched_off_changes_the_step(two_ranks, one_process, control, kind):
+    assert _difference(two_ranks[control], one_process[kind]) > 100 * TOL
+
+
+def test_the_parameter_update_is_not_negligible(one_process):
+    before = torch.cat([p.detach().flatten() for p in _method("simclr").parameters()])
+    assert float((one_process["simclr"]["params"] - before).abs().max()) > 1000 * TOL
+
+
+@pytest.mark.parametrize("kind", ["vit-simclr", "vit-byol"])
+def test_fsdp_takes_the_ddp_steps(two_ranks, kind):
+    assert _difference(two_ranks[f"{kind}-fsdp"], two_ranks[f"{kind}-ddp"]) <= TOL
+
+
+# --------------------------------------------------------------------------- uap train under torchrun
+
+
+def _torchrun(args: list[str], timeout: float = 150) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "UAP_DIST_TIMEOUT": "30"}
+    entry = str(root / "tests" / "train_entry.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), entry, *args]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TRAIN = ["train", "simclr", "--epochs", "1", "--batch-size", "32", "--width", "4", "--n-train", "96",
+         "--knn-every", "0", "--threads", "1", "-H", "proj_dim=16", "-H", "hidden_dim=32"]
+
+
+def test_uap_train_under_torchrun_writes_one_checkpoint_on_rank_0(tmp_path, data_root):
+    from models.train import CKPT_NAME, STATE_NAME, TrainConfig, build_method, load_checkpoint, method_class
+
+    done = _torchrun([*TRAIN, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("epoch 1/1") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted([CKPT_NAME, STATE_NAME])
+    method = build_method(TrainConfig(method="simclr", width=4, hparams={"proj_dim": 16, "hidden_dim": 32}).resolved())
+    state = load_checkpoint(tmp_path / "two", method)
+    assert state["step"] == 3 and state["epoch"] == 1 and state["world_size"] == 2
+    assert len(state["history"]) == 1 and torch.isfinite(torch.tensor(state["history"][0]["loss"]))
+    from safetensors.torch import load_file
+
+    rng = load_file(str(tmp_path / "two" / CKPT_NAME))["rng.torch.ranks"]
+    assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own augmentation stream
+    assert method_class("simclr") is type(method)
+
+
+def test_a_rank_that_raises_ends_the_training_job_with_one_line(tmp_path, data_root):
+    out = tmp_path / "failed"
+    failing = _torchrun(["--fail-on-rank", "1", *TRAIN, "--out", str(out)], timeout=150)
+    assert failing.returncode != 0
+    ours = [line for line in failing.stderr.splitlines() if line.startswith("error:")]
+    assert any("refuses to train on rank 1" in line for line in ours), failing.stderr[-3000:]
+    assert any("another rank failed" in line for line in ours), failing.stderr[-3000:]
+    assert "Traceback (most recent call last):\n  File \"/work" not in failing.stderr  # none of ours
+    assert not out.exists() or not any(out.iterdir())  # rank 0 never got to write
