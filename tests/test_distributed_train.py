@@ -159,12 +159,28 @@ def _two_rank_cases() -> dict:
     return out
 
 
+def _transfer(out_dir: Path | None) -> dict:
+    """A three-source transfer matrix (two sources on rank 0, one on rank 1) and its re-run."""
+    from tests.eval_models import EncoderTarget, LinearTarget, images
+    from uap.transfer import transfer_matrix
+
+    x_craft, _ = images(n=16, seed=10)
+    x_eval, y_eval = images(n=12, seed=11)
+    models = {"lin": LinearTarget(seed=0), "probe": EncoderTarget(seed=1), "lin2": LinearTarget(seed=2)}
+    settings = dict(eps=0.25, norm="inf", delta=0.2, max_passes=2, seed=0, batch_size=5, baselines="random")
+    first = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=out_dir, **settings)
+    again = transfer_matrix(models, x_craft, x_eval, y_eval, out_dir=out_dir, **settings)
+    return {"report": first.report.to_json(), "v": {k: v.clone() for k, v in first.perturbations.items()},
+            "reused": again.reused, "again": again.report.to_json()}
+
+
 def _worker(rank: int, size: int, port: int, path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=size)
     try:
         out = _two_rank_cases()
+        out["transfer"] = _transfer(Path(path).parent / "transfer")
         if rank == 0:
             torch.save(out, path)
     finally:
@@ -214,6 +230,19 @@ def test_the_parameter_update_is_not_negligible(one_process):
 @pytest.mark.parametrize("kind", ["vit-simclr", "vit-byol"])
 def test_fsdp_takes_the_ddp_steps(two_ranks, kind):
     assert _difference(two_ranks[f"{kind}-fsdp"], two_ranks[f"{kind}-ddp"]) <= TOL
+
+
+def test_two_rank_transfer_matrix_is_the_one_process_matrix(two_ranks, tmp_path):
+    import json
+
+    one, two = _transfer(tmp_path / "one"), two_ranks["transfer"]
+    report = json.loads(two["report"])
+    assert report["fooling_rate"] == json.loads(one["report"])["fooling_rate"]
+    assert report["perturbations"] == json.loads(one["report"])["perturbations"]
+    for name, v in one["v"].items():
+        torch.testing.assert_close(two["v"][name], v, rtol=0, atol=1e-6)
+    assert two["reused"] == one["reused"] == ["lin", "probe", "lin2"]  # each rank's runs were written and found
+    assert json.loads(two["again"])["fooling_rate"] == report["fooling_rate"]
 
 
 # --------------------------------------------------------------------------- uap train under torchrun

@@ -11,8 +11,8 @@ ones that always ran.
   all-gather); :func:`gather_rows_with_grad` does the same inside autograd, sending each
   rank the gradient of its own rows (global negatives for contrastive losses);
 - :func:`all_sum` sums a tensor over the ranks (:func:`all_sum_with_grad` inside autograd:
-  global batch-norm statistics); :func:`broadcast` copies rank 0's tensor, and
-  :func:`broadcast_json` rank 0's JSON value (decisions such as "resume from this checkpoint");
+  global batch-norm statistics); :func:`broadcast` copies rank 0's (or another rank's) tensor,
+  and :func:`broadcast_json` its JSON value (decisions such as "resume from this checkpoint");
 - :func:`alone` lets rank 0 compute by itself (figures, files) while the others skip that work;
 - :func:`process_group` initialises the group from torchrun's environment (and tears it down),
   for the command line; :func:`is_main` says whether this process should print and write.
@@ -160,23 +160,25 @@ def all_sum_with_grad(t: torch.Tensor) -> torch.Tensor:
     return _AllSum.apply(t) if is_distributed() else t
 
 
-def broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's ``t`` on every rank (``t`` itself without a process group)."""
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank ``src``'s ``t`` on every rank (``t`` itself without a process group); the other
+    ranks pass a tensor of the same shape and dtype."""
     if not is_distributed():
         return t
     out = _wire(t)
-    dist.broadcast(out, src=0)
+    dist.broadcast(out, src=src)
     return out.to(t.device)
 
 
-def broadcast_json(value: Any) -> Any:
-    """Rank 0's JSON-serialisable ``value`` on every rank (sent as UTF-8 bytes, never pickled)."""
+def broadcast_json(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s JSON-serialisable ``value`` on every rank (sent as UTF-8 bytes, never pickled)."""
     if not is_distributed():
         return value
-    data = json.dumps(value).encode("utf-8") if is_main() else b""
-    length = int(broadcast(torch.tensor([len(data)], dtype=torch.int64)))
-    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if is_main() else torch.zeros(length, dtype=torch.uint8)
-    return json.loads(bytes(broadcast(payload).tolist()).decode("utf-8"))
+    data = json.dumps(value).encode("utf-8") if world()[0] == src else b""
+    length = int(broadcast(torch.tensor([len(data)], dtype=torch.int64), src))
+    payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if world()[0] == src
+               else torch.zeros(length, dtype=torch.uint8))
+    return json.loads(bytes(broadcast(payload, src).tolist()).decode("utf-8"))
 
 
 @contextlib.contextmanager

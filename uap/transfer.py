@@ -26,6 +26,12 @@ longer matches. While a perturbation is being crafted it is checkpointed after e
 (visiting orders depend only on the seed and the pass number), so an interruption loses at
 most one pass. Each source's run is locked while it is written: a second process that
 tries to write it gets :class:`uap.runs.RunLocked`.
+
+Under ``torch.distributed`` the sources are dealt to the ranks round-robin (source ``k`` to
+rank ``k mod W``); each rank crafts its sources by itself (:func:`uap.distributed.alone`),
+reusing and writing their runs in ``out_dir`` as one process would, then sends every rank
+the perturbations it made. The cells are then evaluated with the held-out images sharded
+over the ranks. Crafting is deterministic, so the matrix is the one-process matrix.
 """
 from __future__ import annotations
 
@@ -39,9 +45,11 @@ import torch
 from torch import nn
 
 from uap import universal
+from uap.distributed import alone, broadcast, broadcast_json, world
 from uap.baselines import BASELINES, build_baselines, fourier_row, parse_baselines
 from uap.evaluate import as_named_models, evaluate
 from uap.forward import DEFAULT_BATCH_SIZE
+from uap.metrics import DEFAULT_CACHE
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
 from uap.report import Report
@@ -157,7 +165,10 @@ def transfer_matrix(
 
     crafted: dict[str, Perturbation] = {}
     reused: list[str] = []
+    rank, ranks = world()
     for k, source in enumerate(sources):
+        if k % ranks != rank:
+            continue  # another rank's source
         position = {"model": source, "index": k, "total": len(sources)}
         args = dict(eps=eps, norm=p, delta=delta, max_passes=max_passes, method=method, seed=seed,
                     model_id=model_ids.get(source, source), data=f"{len(x_craft)} crafting images", **craft_kwargs)
@@ -171,15 +182,21 @@ def transfer_matrix(
             else:  # the engine's "progress" and "pass" events
                 emit("craft_step", {**event, "model": source})
 
-        if out_dir is not None:  # reuse, continue or craft the run <source> in out_dir/perturbations/
-            run = runs[source].craft(named[source], x_craft, settings={"source": source}, heldout=heldout,
-                                     callback=on_event, resume=True, replace=True, **args)
-            crafted[source] = run.perturbation
-            if run.reused:
-                reused.append(source)
-        else:
-            on_event({"event": "start", "resumed_passes": 0})
-            crafted[source] = universal.craft(named[source], x_craft, heldout=heldout, callback=on_event, **args)
+        with alone():  # this rank crafts the source by itself
+            if out_dir is not None:  # reuse, continue or craft the run <source> in out_dir/perturbations/
+                run = runs[source].craft(named[source], x_craft, settings={"source": source}, heldout=heldout,
+                                         callback=on_event, resume=True, replace=True, **args)
+                crafted[source] = run.perturbation
+                if run.reused:
+                    reused.append(source)
+            else:
+                on_event({"event": "start", "resumed_passes": 0})
+                crafted[source] = universal.craft(named[source], x_craft, heldout=heldout, callback=on_event, **args)
+    if ranks > 1:
+        crafted, reused = _share_crafted(sources, crafted, reused)
+        # Crafting alone filled this rank's clean-prediction cache for its own sources only; a
+        # cache hit skips the sharded pass (and its gather) that the other ranks then make.
+        DEFAULT_CACHE.clear()
 
     perturbations: dict[str, torch.Tensor] = {s: _vector(crafted[s]) for s in sources}
     meta: dict[str, Any] = {
@@ -203,6 +220,24 @@ def transfer_matrix(
     report = evaluate(perturbations, named, x_eval, y_eval, batch_size=batch_size, embeddings=embeddings,
                       classes=classes, progress=on_eval, meta=meta, baselines=baseline_rows)
     return Transfer(report=report, perturbations={**perturbations, **baseline_rows}, crafted=crafted, reused=reused)
+
+
+def _share_crafted(sources: Sequence[str], crafted: dict[str, Perturbation], reused: list[str]
+                   ) -> tuple[dict[str, Perturbation], list[str]]:
+    """Every source's perturbation (and whether it was reused) on every rank, each sent by the
+    rank that crafted it, in source order."""
+    ranks = world()[1]
+    shared: dict[str, Perturbation] = {}
+    for k, source in enumerate(sources):
+        owner = k % ranks
+        mine = source in crafted
+        message = broadcast_json({"meta": crafted[source].metadata(), "reused": source in reused} if mine else None,
+                                 src=owner)
+        v = broadcast(crafted[source].v.detach().float().cpu() if mine else torch.zeros(message["meta"]["shape"]), src=owner)
+        shared[source] = crafted[source] if mine else Perturbation.from_metadata(v, message["meta"])
+        if message["reused"] and source not in reused:
+            reused.append(source)
+    return shared, [s for s in sources if s in reused]
 
 
 def _vector(pert: Any) -> torch.Tensor:
