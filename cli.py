@@ -616,6 +616,87 @@ def transfer_cmd(
     _write_bundle(out, result.report, result.perturbations, loaded, x_eval, y_eval)
 
 
+# ----------------------------------------------------------------------------- sweep
+
+def _int_list(text: str, option: str) -> List[int]:
+    """``"100,300,1000"`` → positive integers."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise _UsageError(f"{option} must be comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise _UsageError(f"{option} must be comma-separated numbers ≥ 1, got {text!r}")
+    return values
+
+
+@app.command("sweep")
+@friendly_errors
+def sweep_cmd(
+    model: str = typer.Option("supervised", "--model", help="The target, as for `uap craft --model`."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for the model, as for `uap craft`."),
+    data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    methods: str = typer.Option("deepfool,deepfool-batched,sgd,feature", "--methods", help="Crafting methods, comma-separated."),
+    n_images: str = typer.Option("100,300,1000,3000,10000", "--n-images", help="The |X| axis (nested random subsets)."),
+    eps: str = typer.Option("2/255,4/255,6/255,8/255,10/255,12/255", "--eps", help="The ε axis."),
+    n_base: int = typer.Option(1000, "--n-base", help="|X| of the ε and passes axes."),
+    eps_base: str = typer.Option("10/255", "--eps-base", help="ε of the |X| and passes axes."),
+    norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
+    passes: int = typer.Option(5, "--passes", help="Passes per run (the passes axis is the base run's history)."),
+    delta: float = typer.Option(0.2, "--delta", help="Stop a run once its fooling rate on X exceeds 1 − δ."),
+    heldout: int = typer.Option(2000, "--heldout", help="Held-out test images every point is measured on."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting orders."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder: points/ (one resumable run each), "
+                             "sweep.json, sweep.csv, sweep.png."),
+) -> None:
+    """Budget curves: held-out fooling rate vs |X|, ε and passes, per method, with the strongest baseline.
+
+    Example: uap sweep --model supervised --methods sgd,deepfool-batched --n-images 100,1000 --eps 4/255,10/255 --out runs/sweep
+    """
+    from uap.methods import make_method
+    from uap.sweep import sweep
+
+    p = parse_norm(norm)
+    eps_values = [parse_eps(e) for e in eps.split(",") if e.strip()]
+    eps_base_value = parse_eps(eps_base)
+    for e in eps_values + [eps_base_value]:
+        _check_budget(e, p)
+    counts = _int_list(n_images, "--n-images")
+    method_names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_names:
+        raise _UsageError("--methods is empty")
+    for m in method_names:
+        make_method(m)
+    if n_base < 1 or passes < 1 or heldout < 1:
+        raise _UsageError("--n-base, --passes and --heldout must be ≥ 1")
+    if not 0 < delta < 1:
+        raise _UsageError(f"--delta must be in (0, 1), got {delta}")
+    torch_device = _torch_device(device)
+    target, model_id = _resolve_target(model, "--model", weights)
+    target = target.to(torch_device)
+    prep = _preprocessing(data, None, None, [target])
+    pool = max(counts + [n_base])
+    x, _, _ = uap.data.load(data, "train", n=pool, seed=seed, root=data_root, preprocessing=prep)
+    held = uap.data.load(data, "test", n=heldout, seed=seed, root=data_root, preprocessing=prep)[:2]
+
+    def on_point(event: dict) -> None:
+        s, point = event["summary"], event["point"]
+        console.print(f"[{event['index']}/{event['total']}] {escape(point.method)} |X|={point.n_images} "
+                      f"ε={point.eps:.4g}: held-out fooling {100 * s['heldout_fooling_rate']:.1f} % "
+                      f"(baseline {escape(s['baseline']['name'])} {100 * s['baseline']['heldout_fooling_rate']:.1f} %), "
+                      f"{s['seconds']:.1f} s")
+
+    result = sweep(target, x, held, out, methods=method_names, n_images=counts, eps=eps_values, n_base=n_base,
+                   eps_base=eps_base_value, norm=p, passes=passes, delta=delta, seed=seed, model_id=model_id,
+                   data=f"{data}:train:seed={seed}", settings={"command": "sweep"}, callback=on_point)
+    written = result.save(out)
+    for method, axes in result.crossings.items():
+        text = ", ".join(f"{axis} ≥ {value:.4g}" if value is not None else f"{axis}: never" for axis, value in axes.items())
+        console.print(f"{escape(method)} reaches the strongest baseline at: {text}")
+    console.print(f"wrote {written['json']}, {written['csv'].name}, {written['png'].name}")
+
+
 # ----------------------------------------------------------------------------- train / models
 
 
