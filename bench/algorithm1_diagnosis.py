@@ -4,11 +4,12 @@ For each DeepFool call inside Algorithm 1 the diagnosis records the step ``Δv_i
 ℓ∞ norm against ε) and, for each accepted update ``v ← P(v + Δv_i)``:
 
 - ``removed``: the share of the step the projection takes away, ``‖(v+Δv_i) − P(v+Δv_i)‖₂ / ‖Δv_i‖₂``;
-- ``kept``: whether ``x_i`` is still fooled at the projected ``v`` (the update did what it was for);
+- ``kept``: whether ``x_i`` is fooled at the ``v`` the update produced (after the projection,
+  and any refinement: the update did what it was for);
 - ``gain``: the change of Err(X_v) on the crafting images, sampled every ``--every`` updates.
 
 It runs the paper's setting and the variants that bear on those numbers (an ℓ∞ DeepFool step,
-a larger overshoot, re-running DeepFool at the projected point), each for the same images,
+a larger overshoot, re-running DeepFool at the projected point, a smaller step), each for the same images,
 seed and budget, and prints one table; ``--out`` keeps the JSON.
 
     python -m bench.algorithm1_diagnosis --model supervised --n-images 500 --eps 10/255 --passes 1
@@ -23,6 +24,7 @@ import torch
 from bench.common import base_parser, load_images, parse_eps, print_table, setup, write_results
 from uap import craft, fooling_rate
 from uap.methods import make_method
+from uap.methods.algorithm1 import algorithm1_pass
 from uap.methods.deepfool import DeepFool, DeepFoolStep
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -30,6 +32,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ℓ∞ DeepFool step": {"deepfool_options": {"norm": "inf"}},
     "overshoot 0.5": {"deepfool_options": {"overshoot": 0.5}},
     "refine 3 (DeepFool again at P(v+Δv))": {"method_options": {"refine": 3}},
+    "step size 0.25": {"method_options": {"step_size": 0.25}},
+    "step size 0.25, overshoot 0.5": {"method_options": {"step_size": 0.25}, "deepfool_options": {"overshoot": 0.5}},
 }
 
 
@@ -44,27 +48,42 @@ class _Recorder:
 
 
 class _InstrumentedStep(DeepFoolStep):
+    """DeepFool that records its steps; an update's outcome (is ``x_i`` fooled at the ``v`` it
+    produced, after any refinement?) is read at the next call of the pass, or at its end."""
+
     def __init__(self, ctx, recorder: _Recorder) -> None:
         super().__init__(ctx)
-        self.rec, self.last_r = recorder, None
+        self.rec, self.last_r, self.pending = recorder, None, None
+        self.ctx = ctx
+
+    def settle(self) -> None:
+        if self.pending is not None:
+            i, record = self.pending
+            record["kept"] = float(self.ctx.is_fooled(i)[0])  # at the current v
+            self.pending = None
+            if len(self.rec.updates) % self.rec.every == 0:
+                every = torch.arange(len(self.rec.x))
+                self.rec.err.append((len(self.rec.updates), float(self.ctx.is_fooled(every).float().mean())))
 
     def __call__(self, ctx, idx, logits, lookahead):
+        refining = ctx is not self.ctx  # a refinement step, from the projected point
+        if not refining:
+            self.settle()
         res = super().__call__(ctx, idx, logits, lookahead)
-        for r in res.r:
-            self.rec.steps.append({"l2": float(r.norm()), "linf": float(r.abs().max())})
-        self.last_r = res.r[0]
+        if not refining:
+            for r in res.r:
+                self.rec.steps.append({"l2": float(r.norm()), "linf": float(r.abs().max())})
+            self.last_r = res.r[0]
         return res
 
     def accept(self, ctx, i, candidate, logits_at_v, logits_at_candidate) -> bool:
         ok = super().accept(ctx, i, candidate, logits_at_v, logits_at_candidate)
         if ok and self.last_r is not None:
-            raw = ctx.v + self.last_r
-            kept = bool(ctx.is_fooled(i, ctx.logits(i, candidate))[0])
-            self.rec.updates.append({"removed": float((raw - candidate).norm() / self.last_r.norm().clamp_min(1e-12)),
-                                     "kept": float(kept)})
-            if len(self.rec.updates) % self.rec.every == 0:
-                self.rec.err.append((len(self.rec.updates), float(ctx.is_fooled(torch.arange(len(self.rec.x)),
-                                                                                  ctx.logits(torch.arange(len(self.rec.x)), candidate)).float().mean())))
+            alpha = ctx.options.step_size
+            raw = ctx.v + alpha * self.last_r
+            record = {"removed": float((raw - candidate).norm() / (alpha * self.last_r).norm().clamp_min(1e-12))}
+            self.rec.updates.append(record)
+            self.pending = (i, record)
         return ok
 
 
@@ -72,8 +91,10 @@ def _instrumented(recorder: _Recorder, options: dict[str, Any]):
     class Instrumented(DeepFool):
         name = "deepfool"
 
-        def inner_step(self, ctx):
-            return _InstrumentedStep(ctx, recorder)
+        def run_pass(self, ctx) -> None:
+            step = _InstrumentedStep(ctx, recorder)
+            algorithm1_pass(ctx, step, self.options)
+            step.settle()
 
     return Instrumented(options)
 
@@ -93,6 +114,7 @@ def run(model, x, hx, eps: float, passes: int, every: int, variant: dict[str, An
         "step_linf_over_eps_median": statistics.median(s["linf"] / eps for s in rec.steps) if rec.steps else None,
         "removed_median": statistics.median(u["removed"] for u in ups) if ups else None,
         "kept_share": sum(u["kept"] for u in ups) / len(ups) if ups else None,
+        "refine_calls": pert.history[-1]["deepfool_calls"] - len(rec.steps) if passes == 1 else None,
         "err_trace": rec.err, "err_gain_per_update": (statistics.mean(gains) / every) if gains else None,
         "seconds": pert.seconds,
     }

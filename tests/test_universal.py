@@ -19,7 +19,7 @@ def _images(n: int = 40, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df, refine=0):
+def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df, refine=0, step_size=1.0):
     """Algorithm 1 written plainly: one image at a time, no chunking, no batching (with
     ``refine``: more DeepFool steps from the projected point while x_i is not fooled there)."""
     with torch.no_grad():
@@ -42,7 +42,7 @@ def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df, refi
                 r, ok = deepfool(model, xi, **{**{"norm": 2}, **df})
                 n_calls += 1
                 if bool(ok[0]):
-                    v = project_lp(v + r[0], eps, p)
+                    v = project_lp(v + step_size * r[0], eps, p)
                     n_updates += 1
                     for _ in range(refine):
                         xi = (x[i:i + 1] + v).clamp(0, 1)
@@ -86,6 +86,23 @@ def test_refine_matches_the_reference_loop(chunk):
     paper = craft(model, x, norm=math.inf, method="deepfool", deepfool_options=DF, **run)
     assert sum(calls) > sum(r["deepfool_calls"] for r in paper.history)  # the refinement ran
     assert not torch.equal(paper.v, pert.v)
+
+
+@pytest.mark.parametrize("method, options", [("deepfool", {"chunk_size": 4}), ("deepfool-batched", {"batch_size": 1})])
+@pytest.mark.parametrize("eps, alpha", [(0.04, 0.3), (0.08, 0.5)])
+def test_step_size_matches_the_reference_loop(method, options, eps, alpha):
+    # A partial step leaves images near their decision boundary, where whether one is still
+    # fooled can depend on the batch it is classified in (float rounding): the reference
+    # classifies one image at a time, the engine in chunks. These settings have no such tie.
+    model, x = tiny_mlp(), _images()
+    run = dict(eps=eps, delta=0.05, max_passes=3, seed=3)
+    pert = craft(model, x, norm=math.inf, method=method, deepfool_options=DF,
+                 method_options={**options, "step_size": alpha}, **run)
+    v_ref, updates, calls = _reference_algorithm1(model, x, p=math.inf, df=DF, step_size=alpha, **run)
+    assert [r["updates"] for r in pert.history] == updates
+    torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="step_size"):
+        craft(model, x, eps=0.06, method=method, method_options={"step_size": 0})
 
 
 def test_algorithm1_checks_the_next_images_inside_deepfool_after_an_update(monkeypatch):

@@ -20,8 +20,8 @@ update for free: the next chunk's logits at ``v' = P(v + Δv_i)`` come back with
 
 With ``refine = R > 0`` (not the paper's), an image that the projected update ``P(v + Δv_i)``
 leaves unfooled gets up to ``R`` more inner steps from ``x_i + P(v + Δv_i)``: under a tight
-ℓ∞ budget the projection removes most of a DeepFool step, so the update alone often does not
-do what it was computed for.
+ℓ∞ budget the projection removes much of a DeepFool step, so the update alone often does not
+do what it was computed for. With ``step_size = α < 1`` the update is ``P(v + α Δv_i)``.
 
 With ``batch_size > 1`` the step runs on every image of a minibatch that needs an update, in
 one call, and the successful steps are folded in one after another (``v ← P(v + Δv_j)``):
@@ -53,16 +53,20 @@ class Algorithm1Options(Options):
     ``chunk_size``/``max_chunk_size``: images checked per forward pass (exact mode; they do
     not change the result); ``refine``: up to this many more inner steps for an image that the
     projected update ``P(v + Δv_i)`` leaves unfooled, each from ``x_i + P(v + Δv_i)`` (0, the
-    paper: one step, whatever the projection does to it)."""
+    paper: one step, whatever the projection does to it); ``step_size``: ``α`` in
+    ``v ← P(v + α Δv_i)`` (1, the paper; smaller steps average the images' directions instead
+    of letting the latest update overwrite ``v``)."""
 
     batch_size: int = 1
     chunk_size: int = 16
     max_chunk_size: int = 512
     refine: int = 0
+    step_size: float = 1.0
 
     def check(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be an integer ≥ 1, got {self.batch_size!r}")
         require(self.refine >= 0, f"refine must be an integer ≥ 0, got {self.refine!r}")
+        require(0 < self.step_size <= 1, f"step_size must be in (0, 1], got {self.step_size!r}")
         require(self.chunk_size >= 1 and self.max_chunk_size >= 1, "chunk_size and max_chunk_size must be ≥ 1")
 
 
@@ -140,6 +144,12 @@ def _chunk_after_update(advanced: int) -> int:
     return max(4, 2 * advanced)
 
 
+def _step(ctx: CraftContext, r: torch.Tensor) -> torch.Tensor:
+    """The candidate ``v' = P(v + α r)`` of an inner step's ``r`` (``α``: the method's ``step_size``)."""
+    alpha = getattr(ctx.options, "step_size", 1.0)
+    return ctx.project(ctx.v + r if alpha == 1.0 else ctx.v + alpha * r)
+
+
 def _refined(ctx: CraftContext, step: InnerStep, i: torch.Tensor, candidate: torch.Tensor,
              rounds: int) -> tuple[torch.Tensor, bool]:
     """``candidate`` after up to ``rounds`` more inner steps on image ``i`` from the projected
@@ -194,7 +204,7 @@ def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int, 
             ctx.deepfool_calls += 1
             if not bool(res.ok[0]):
                 continue
-            candidate = res.candidate if res.candidate is not None else ctx.project(ctx.v + res.r[0])
+            candidate = res.candidate if res.candidate is not None else _step(ctx, res.r[0])
             if step.accept(ctx, i, candidate, z[j:j + 1], res.at_candidate):
                 candidate, changed = _refined(ctx, step, i, candidate, refine)
                 ctx.v = candidate
@@ -219,7 +229,7 @@ def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int, refine:
             res = _spread(ctx, step, sel, z[need])
             ctx.deepfool_calls += sel.numel()
             for j in torch.nonzero(res.ok).flatten().tolist():
-                candidate = ctx.project(ctx.v + res.r[j])
+                candidate = _step(ctx, res.r[j])
                 if step.accept(ctx, sel[j:j + 1], candidate, None, None):
                     ctx.v = _refined(ctx, step, sel[j:j + 1], candidate, refine)[0]
                     ctx.updates += 1
@@ -255,5 +265,5 @@ class _Lookahead:
         self.logits: torch.Tensor | None = None
 
     def images(self, r: torch.Tensor) -> torch.Tensor:
-        self.candidate = self.ctx.project(self.ctx.v + r[0])
+        self.candidate = _step(self.ctx, r[0])
         return self.ctx.perturbed(self.idx, self.candidate)
