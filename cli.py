@@ -500,7 +500,8 @@ def evaluate_cmd(
                           f"({', '.join(sorted(norm_name(p) for p in norms))}); evaluate them "
                           "separately or pass --baselines none")
     prep = _preprocessing(data, image_size, resize, list(loaded.values()))
-    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root, preprocessing=prep)
+    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root, preprocessing=prep,
+                                  stream=data.startswith("imagefolder:"))  # uint8, floats per batch
     meta = {"command": "evaluate", "data": data, "split": split, "n_images": n_images, "seed": seed,
             "files": [str(p) for p in perturbations], "preprocessing": _preprocessing_settings(prep)}
     with Progress(console=console, transient=True) as bar:
@@ -573,7 +574,7 @@ def transfer_cmd(
     prep = _preprocessing(data, image_size, resize, list(loaded.values()))
     x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root, preprocessing=prep)
     x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed, root=data_root,
-                                            preprocessing=prep)
+                                            preprocessing=prep, stream=data.startswith("imagefolder:"))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console) as bar:
