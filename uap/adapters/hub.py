@@ -1,7 +1,7 @@
 """Backbones from a local torch.hub repository as the model source ``hub`` (e.g. a DINOv2 checkout).
 
 Spelling: ``hub:DIR:ENTRY`` — ``DIR`` a folder with a ``hubconf.py`` (a git checkout of the
-repository), ``ENTRY`` one of its entry points (``torch.hub.list(DIR, source="local")``),
+repository), ``ENTRY`` one of its entry points (the public functions of its ``hubconf.py``),
 optionally followed by ``?key=value&…`` options:
 
 - ``size`` — the backbone's input size (default 224; other sizes are resized inside) and
@@ -39,7 +39,7 @@ from torch import nn
 from uap.adapters.base import INTERPOLATIONS, AdaptedClassifier
 from uap.targets import ModelSource, ModelSpecError, load_weights
 
-__all__ = ["SOURCE", "load", "HubProbed", "parse_spec", "PROBES"]
+__all__ = ["SOURCE", "load", "HubProbed", "parse_spec", "entry_points", "PROBES"]
 
 #: The heads a hub backbone can get.
 PROBES = ("linear", "knn")
@@ -126,6 +126,24 @@ def parse_spec(name: str) -> tuple[Path, str, dict]:
     return Path(folder).expanduser(), entry, options
 
 
+def entry_points(folder: Path) -> list[str]:
+    """The entry points of the local repository ``folder``: the public callables of its
+    ``hubconf.py`` (what ``torch.hub.list`` gives for a GitHub repository), imported the way
+    ``torch.hub.load(..., source="local")`` imports it (the folder first on ``sys.path``)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("hubconf", folder / "hubconf.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return sorted(n for n in dir(module) if not n.startswith("_") and n != "dependencies"
+                  and callable(getattr(module, n)) and getattr(getattr(module, n), "__module__", None) == "hubconf")
+
+
 def load(name: str, weights: Path | None = None) -> nn.Module:
     """The probed target for ``hub:DIR:ENTRY[?options]`` (module docstring), without its head yet."""
     folder, entry, options = parse_spec(name)
@@ -135,7 +153,7 @@ def load(name: str, weights: Path | None = None) -> nn.Module:
     if not (folder / "hubconf.py").is_file():
         raise ModelSpecError(f"{spec}: {folder} has no hubconf.py (a torch.hub repository checkout is needed)")
     try:
-        entries = torch.hub.list(str(folder), source="local")
+        entries = entry_points(folder)
     except Exception as e:  # hubconf.py itself fails to import (a missing dependency …)
         raise ModelSpecError(f"{spec}: {folder}/hubconf.py cannot be loaded: {' '.join(str(e).split())}") from None
     if entry not in entries:
