@@ -66,5 +66,5 @@ def class_text_weights(encode_text: Callable[[list[str]], torch.Tensor], classes
         raise ValueError("need at least one class and one template")
     flat = [p for per_class in class_prompts(classes, templates) for p in per_class]
     chunk = chunk or len(flat)
-    emb = torch.cat([F.normalize(encode_text(flat[i:i + chunk]).float(), dim=-1) for i in range(0, len(flat), chunk)])
+    emb = torch.cat([F.normalize(encode_text(flat[i:i + chunk]), dim=-1) for i in range(0, len(flat), chunk)])
     return F.normalize(emb.view(len(classes), len(templates), -1).mean(1), dim=-1)
