@@ -158,6 +158,9 @@ def _craft_table(summary: dict):
 _IMAGE_SIZE_HELP = ("imagefolder:PATH: centre-crop images of any size to N×N (default: the model's own preprocessing, "
                     "if it has one, else the images as they are).")
 _RESIZE_HELP = "imagefolder:PATH: resize the shorter side to N before the crop (default ⌊image size / 0.875⌋)."
+_PROBE_DATA_HELP = ("Labelled images the probe of a hub:DIR:ENTRY model is fitted on: their train split (the crafting "
+                    "side of the split rule), never held-out images. Default: --data.")
+_PROBE_IMAGES_HELP = "Images (class-balanced, train split of --probe-data) a hub model's probe is fitted on."
 
 
 def _preprocessing(data: str, image_size: Optional[int], resize: Optional[int], models: list):
@@ -184,9 +187,9 @@ def _preprocessing_settings(prep) -> Optional[dict]:
 @friendly_errors
 def craft_cmd(
     model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, package.module:factory, "
-                              "torchvision:NAME[:WEIGHTS] or timm:NAME (see `uap models --external`)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory, torchvision:NAME or "
-                                           "timm:NAME model (safetensors, or a state dict read with weights_only=True)."),
+                              "torchvision:NAME[:WEIGHTS], timm:NAME, open_clip:ARCH[:TAG] or hub:DIR:ENTRY (see `uap models --external`)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory, torchvision:NAME, "
+                                           "timm:NAME, open_clip:ARCH or hub:DIR:ENTRY model (safetensors, or a state dict read with weights_only=True)."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, e.g. 0.49,0.48,0.45."),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (with --mean)."),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
@@ -218,6 +221,8 @@ def craft_cmd(
                                         help="Attack a copy of the model with batch norm folded into the layers "
                                         "before it (the same function, faster to differentiate)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    probe_data: Optional[str] = typer.Option(None, "--probe-data", help=_PROBE_DATA_HELP),
+    probe_images: int = typer.Option(1000, "--probe-images", help=_PROBE_IMAGES_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
     force: bool = typer.Option(False, "--force", help="Start over: discard the finished run or the checkpoint in --out."),
 ) -> None:
@@ -269,7 +274,7 @@ def craft_cmd(
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
         "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
         "target": target_class, "method_options": method_options, "keep_best": keep_best, "precision": precision,
-        "image_size": image_size, "resize": resize,
+        "image_size": image_size, "resize": resize, "probe_data": probe_data, "probe_images": probe_images,
     }
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("fooled {task.fields[fooled]}"), TimeElapsedColumn())
@@ -303,7 +308,9 @@ def craft_cmd(
         target = target.to(torch_device)
         prep = _preprocessing(data, image_size, resize, [target])
         settings["preprocessing"] = _preprocessing_settings(prep)
-        x, _, _ = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root, preprocessing=prep)
+        x, _, classes = uap.data.load(data, "train", n=n_images, seed=seed, root=data_root, preprocessing=prep)
+        _attach_heads([target], classes, data=data, probe_data=probe_data, probe_images=probe_images, seed=seed,
+                      root=data_root, prep=prep)
         held = (uap.data.load(data, "test", n=heldout, seed=seed, root=data_root, preprocessing=prep)[:2]
                 if heldout else None)
         try:
@@ -379,13 +386,46 @@ def _load_models(specs: list[str], device: str = "cpu") -> dict:
     return loaded
 
 
+def _attach_heads(models: list, classes, *, data: str, probe_data: Optional[str], probe_images: int, seed: int,
+                  root: Optional[Path], prep, heldout_split: str = "test") -> None:
+    """Heads that depend on the data: a zero-shot model (open_clip) gets the data's class names
+    (``use_classes``), a hub backbone its probe (``fit_probe``), fitted on the train split of
+    ``--probe-data`` (default ``--data``) — the split rule's crafting side, never held-out images."""
+    import torch
+
+    from uap.data import balanced_subset, load_split
+
+    for m in models:
+        if callable(getattr(m, "use_classes", None)):
+            m.use_classes(list(classes))
+    needing = [m for m in models if callable(getattr(m, "fit_probe", None))]
+    if not needing:
+        return
+    source = probe_data or data
+    if source == data and heldout_split == "train":
+        raise _UsageError("--split train: hub models fit their probe on the train split; evaluate on --split test, "
+                          "or fit it elsewhere with --probe-data")
+    if probe_images <= 0:
+        raise _UsageError(f"--probe-images must be > 0, got {probe_images}")
+    split = load_split(source, "train", root=root, preprocessing=prep, stream=True)
+    if tuple(split.classes) != tuple(classes):
+        raise _UsageError(f"--probe-data {source} has other classes than --data {data}; the probe must predict "
+                          "the classes it is measured on")
+    picked = balanced_subset(split.y.numpy(), min(probe_images, len(split.y)), seed)
+    console.print(f"[dim]fitting the probe of {len(needing)} hub model(s) on {len(picked)} {source} train images[/]")
+    for m in needing:
+        m.fit_probe(split.x.select(picked), split.y[torch.as_tensor(picked, dtype=torch.long)], split.classes, seed=seed)
+
+
 def _short_name(model_id: str) -> str:
     """Column name for a model: ``supervised``; ``pkg.mod:factory`` → ``factory``; ``dir/x.safetensors`` → ``x``;
     ``torchvision:resnet18=r18.pth`` → ``resnet18``; ``torchvision:resnet50:IMAGENET1K_V2`` → ``resnet50:IMAGENET1K_V2``."""
     model_id = _split_weights(model_id)[0] if "=" in model_id else model_id
     head = model_id.partition(":")[0]
-    if head in ("torchvision", "timm"):
+    if head in ("torchvision", "timm", "open_clip"):
         return model_id.partition(":")[2]
+    if head == "hub":  # hub:DIR:ENTRY?options → ENTRY
+        return model_id.partition("?")[0].rpartition(":")[2]
     if ":" in model_id and not Path(model_id).exists():
         return model_id.rsplit(":", 1)[-1]
     return Path(model_id).name.split(".")[0] if ("/" in model_id or "." in Path(model_id).name) else model_id
@@ -469,6 +509,8 @@ def evaluate_cmd(
                                   "perturbations' (in the norm they were crafted in)."),
     n_craft: int = typer.Option(1000, "--n-craft", help="Images of the train split of --data the fourier baseline "
                                 "is searched on (never the held-out --split images)."),
+    probe_data: Optional[str] = typer.Option(None, "--probe-data", help=_PROBE_DATA_HELP),
+    probe_images: int = typer.Option(1000, "--probe-images", help=_PROBE_IMAGES_HELP),
 ) -> None:
     """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine.
 
@@ -500,7 +542,10 @@ def evaluate_cmd(
                           f"({', '.join(sorted(norm_name(p) for p in norms))}); evaluate them "
                           "separately or pass --baselines none")
     prep = _preprocessing(data, image_size, resize, list(loaded.values()))
-    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root, preprocessing=prep)
+    x, y, classes = uap.data.load(data, split=split, n=n_images, seed=seed, root=data_root, preprocessing=prep,
+                                  stream=data.startswith("imagefolder:"))  # uint8, floats per batch
+    _attach_heads(list(loaded.values()), classes, data=data, probe_data=probe_data, probe_images=probe_images,
+                  seed=seed, root=data_root, prep=prep, heldout_split=split)
     meta = {"command": "evaluate", "data": data, "split": split, "n_images": n_images, "seed": seed,
             "files": [str(p) for p in perturbations], "preprocessing": _preprocessing_settings(prep)}
     with Progress(console=console, transient=True) as bar:
@@ -556,6 +601,8 @@ def transfer_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     baselines: str = typer.Option(_DEFAULT_BASELINES, "--baselines", help=_BASELINES_HELP + " Their norm: the largest of the "
                                   "crafted UAPs'; fourier is searched on the crafting images."),
+    probe_data: Optional[str] = typer.Option(None, "--probe-data", help=_PROBE_DATA_HELP),
+    probe_images: int = typer.Option(1000, "--probe-images", help=_PROBE_IMAGES_HELP),
 ) -> None:
     """Cross-model transfer matrix: one UAP per model, each applied to every model, plus baseline rows.
 
@@ -573,7 +620,9 @@ def transfer_cmd(
     prep = _preprocessing(data, image_size, resize, list(loaded.values()))
     x_craft, _, _ = uap.data.load(data, split="train", n=n_craft, seed=seed, root=data_root, preprocessing=prep)
     x_eval, y_eval, classes = uap.data.load(data, split="test", n=n_images, seed=seed, root=data_root,
-                                            preprocessing=prep)
+                                            preprocessing=prep, stream=data.startswith("imagefolder:"))
+    _attach_heads(list(loaded.values()), classes, data=data, probe_data=probe_data, probe_images=probe_images,
+                  seed=seed, root=data_root, prep=prep)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[info]}"))
     with Progress(*columns, console=console) as bar:
@@ -614,6 +663,87 @@ def transfer_cmd(
                "baselines: same norm, no crafting (fourier:M searched on M's crafting-set fooling rate)")
     _print_report(result.report, "transfer: fooling rate (%)", caption)
     _write_bundle(out, result.report, result.perturbations, loaded, x_eval, y_eval)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def _int_list(text: str, option: str) -> List[int]:
+    """``"100,300,1000"`` → positive integers."""
+    try:
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise _UsageError(f"{option} must be comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise _UsageError(f"{option} must be comma-separated numbers ≥ 1, got {text!r}")
+    return values
+
+
+@app.command("sweep")
+@friendly_errors
+def sweep_cmd(
+    model: str = typer.Option("supervised", "--model", help="The target, as for `uap craft --model`."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for the model, as for `uap craft`."),
+    data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
+    methods: str = typer.Option("deepfool,deepfool-batched,sgd,feature", "--methods", help="Crafting methods, comma-separated."),
+    n_images: str = typer.Option("100,300,1000,3000,10000", "--n-images", help="The |X| axis (nested random subsets)."),
+    eps: str = typer.Option("2/255,4/255,6/255,8/255,10/255,12/255", "--eps", help="The ε axis."),
+    n_base: int = typer.Option(1000, "--n-base", help="|X| of the ε and passes axes."),
+    eps_base: str = typer.Option("10/255", "--eps-base", help="ε of the |X| and passes axes."),
+    norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
+    passes: int = typer.Option(5, "--passes", help="Passes per run (the passes axis is the base run's history)."),
+    delta: float = typer.Option(0.2, "--delta", help="Stop a run once its fooling rate on X exceeds 1 − δ."),
+    heldout: int = typer.Option(2000, "--heldout", help="Held-out test images every point is measured on."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting orders."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder: points/ (one resumable run each), "
+                             "sweep.json, sweep.csv, sweep.png."),
+) -> None:
+    """Budget curves: held-out fooling rate vs |X|, ε and passes, per method, with the strongest baseline.
+
+    Example: uap sweep --model supervised --methods sgd,deepfool-batched --n-images 100,1000 --eps 4/255,10/255 --out runs/sweep
+    """
+    from uap.methods import make_method
+    from uap.sweep import sweep
+
+    p = parse_norm(norm)
+    eps_values = [parse_eps(e) for e in eps.split(",") if e.strip()]
+    eps_base_value = parse_eps(eps_base)
+    for e in eps_values + [eps_base_value]:
+        _check_budget(e, p)
+    counts = _int_list(n_images, "--n-images")
+    method_names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not method_names:
+        raise _UsageError("--methods is empty")
+    for m in method_names:
+        make_method(m)
+    if n_base < 1 or passes < 1 or heldout < 1:
+        raise _UsageError("--n-base, --passes and --heldout must be ≥ 1")
+    if not 0 < delta < 1:
+        raise _UsageError(f"--delta must be in (0, 1), got {delta}")
+    torch_device = _torch_device(device)
+    target, model_id = _resolve_target(model, "--model", weights)
+    target = target.to(torch_device)
+    prep = _preprocessing(data, None, None, [target])
+    pool = max(counts + [n_base])
+    x, _, _ = uap.data.load(data, "train", n=pool, seed=seed, root=data_root, preprocessing=prep)
+    held = uap.data.load(data, "test", n=heldout, seed=seed, root=data_root, preprocessing=prep)[:2]
+
+    def on_point(event: dict) -> None:
+        s, point = event["summary"], event["point"]
+        console.print(f"[{event['index']}/{event['total']}] {escape(point.method)} |X|={point.n_images} "
+                      f"ε={point.eps:.4g}: held-out fooling {100 * s['heldout_fooling_rate']:.1f} % "
+                      f"(baseline {escape(s['baseline']['name'])} {100 * s['baseline']['heldout_fooling_rate']:.1f} %), "
+                      f"{s['seconds']:.1f} s")
+
+    result = sweep(target, x, held, out, methods=method_names, n_images=counts, eps=eps_values, n_base=n_base,
+                   eps_base=eps_base_value, norm=p, passes=passes, delta=delta, seed=seed, model_id=model_id,
+                   data=f"{data}:train:seed={seed}", settings={"command": "sweep"}, callback=on_point)
+    written = result.save(out)
+    for method, axes in result.crossings.items():
+        text = ", ".join(f"{axis} ≥ {value:.4g}" if value is not None else f"{axis}: never" for axis, value in axes.items())
+        console.print(f"{escape(method)} reaches the strongest baseline at: {text}")
+    console.print(f"wrote {written['json']}, {written['csv'].name}, {written['png'].name}")
 
 
 # ----------------------------------------------------------------------------- train / models

@@ -20,11 +20,12 @@ a training caption (checked by the tests), as CLIP evaluated with prompt ensembl
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from uap.prompts import ZERO_SHOT_TEMPLATES, class_prompts, with_articles
 
 __all__ = [
     "COLOURS", "LIGHTS", "TRAIN_TEMPLATES", "HELD_OUT_TEMPLATES", "ImageAttributes",
@@ -57,19 +58,8 @@ TRAIN_TEMPLATES = (
     "a {c}.",
 )
 
-# Class-only prompts kept out of training (zero-shot evaluation).
-HELD_OUT_TEMPLATES = (
-    "a blurry photo of a {c}.",
-    "a black and white photo of the {c}.",
-    "a low contrast photo of a {c}.",
-    "a good photo of the {c}.",
-    "a photo of the small {c}.",
-    "a close-up photo of a {c}.",
-    "a cropped photo of the {c}.",
-    "an image of the {c}.",
-    "a snapshot of a {c}.",
-    "a pixelated picture of a {c}.",
-)
+# Class-only prompts kept out of training (zero-shot evaluation): the engine's zero-shot templates.
+HELD_OUT_TEMPLATES = ZERO_SHOT_TEMPLATES
 
 _CENTRE = slice(8, 24)  # the central 16×16 of a 32×32 image
 _BORDER = 4
@@ -144,14 +134,6 @@ def image_attributes(x: torch.Tensor, chunk: int = 4096) -> ImageAttributes:
     return ImageAttributes(torch.cat(colour), torch.cat(background), torch.cat(light))
 
 
-_ARTICLE = re.compile(r"\ba (?=[aeiou])")
-
-
-def with_articles(text: str) -> str:
-    """Fix the indefinite article after filling a template: ``a orange cat`` → ``an orange cat``."""
-    return _ARTICLE.sub("an ", text)
-
-
 def _fill(template: str, cls: str, colour: str = "", bg: str = "", light: str = "") -> str:
     return with_articles(template.format(c=cls, colour=colour, bg=bg, light=light))
 
@@ -189,11 +171,3 @@ def all_training_captions(classes: Sequence[str], templates: Sequence[str] = TRA
                     for light in (LIGHTS if "{light}" in t else ("",)):
                         out.add(_fill(t, cls, c, b, light))
     return sorted(out)
-
-
-def class_prompts(classes: Sequence[str], templates: Sequence[str] = HELD_OUT_TEMPLATES) -> list[list[str]]:
-    """``prompts[c][t]``: template ``t`` filled with class ``c`` (for prompt ensembling)."""
-    for t in templates:
-        if "{c}" not in t or any(f in t for f in ("{colour}", "{bg}", "{light}")):
-            raise ValueError(f"a zero-shot template must have exactly the {{c}} field: {t!r}")
-    return [[_fill(t, cls) for t in templates] for cls in classes]

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.backbones import build_backbone
-from models.captions import HELD_OUT_TEMPLATES, class_prompts
+from models.captions import HELD_OUT_TEMPLATES
+from uap.prompts import class_text_weights
 from models.clip_loss import clip_loss
 from models.text_transformer import TextTransformer
 from models.tokenizer import WordTokenizer
@@ -163,15 +164,12 @@ def class_embeddings(clip: CLIP, classes: Sequence[str], templates: Sequence[str
                      ) -> torch.Tensor:
     """Prompt-ensembled class weights (C×D, unit rows): every prompt of a class is embedded and
     normalised, the class's prompts are averaged, and the mean is re-normalised."""
-    if not classes or not templates:
-        raise ValueError("need at least one class and one template")
-    prompts = class_prompts(classes, templates)
-    flat = [p for per_class in prompts for p in per_class]
     was_training = clip.training
     clip.eval()
-    emb = F.normalize(clip.encode_text(flat), dim=-1).view(len(classes), len(templates), -1)
-    clip.train(was_training)
-    return F.normalize(emb.mean(1), dim=-1)
+    try:
+        return class_text_weights(clip.encode_text, classes, templates)
+    finally:
+        clip.train(was_training)
 
 
 class ZeroShotClassifier(nn.Module):

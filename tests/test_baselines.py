@@ -8,8 +8,18 @@ import torch
 from torch import nn
 
 from tests.eval_models import LinearTarget, images
-from uap.baselines import (BASELINES, CHESSBOARD_CELLS, build_baselines, chessboard, fourier_basis, fourier_search,
-                           gaussian_perturbation, parse_baselines, random_perturbation)
+from uap.baselines import (
+    BASELINES,
+    CHESSBOARD_CELLS,
+    CHESSBOARDS,
+    build_baselines,
+    chessboard,
+    fourier_basis,
+    fourier_search,
+    gaussian_perturbation,
+    parse_baselines,
+    random_perturbation,
+)
 
 NORMS = [math.inf, 2.0, 1.0]
 
@@ -76,8 +86,7 @@ def test_every_baseline_has_exactly_the_requested_norm(make, p):
 def test_build_baselines_gives_every_row_at_the_norm(p):
     x, _ = images(n=6, seed=1)
     built = build_baselines("all", (3, 8, 8), 0.1, p, models={"lin": LinearTarget()}, x_craft=x)
-    assert list(built.perturbations) == ["random", "gaussian", "chessboard1", "chessboard2", "chessboard4",
-                                         "chessboard8", "fourier:lin"]
+    assert list(built.perturbations) == ["random", "gaussian", *CHESSBOARDS, "fourier:lin"]
     for name, v in built.perturbations.items():
         assert torch.linalg.vector_norm(v.flatten().double(), ord=p).item() == pytest.approx(0.1, rel=1e-6), name
     assert built.info["fourier:lin"]["kind"] == "fourier" and built.info["chessboard2"]["norm"] == {
@@ -140,8 +149,7 @@ def test_fourier_basis_is_the_cosine_and_its_sign():
 
 
 def test_parse_baselines():
-    assert parse_baselines("fourier, chessboard,random") == ("random", "chessboard1", "chessboard2", "chessboard4",
-                                                             "chessboard8", "fourier")
+    assert parse_baselines("fourier, chessboard,random") == ("random", *CHESSBOARDS, "fourier")
     assert parse_baselines("all") == BASELINES and parse_baselines("none") == () == parse_baselines("")
     assert parse_baselines(["chessboard2", "chessboard2"]) == ("chessboard2",)
     with pytest.raises(ValueError, match="unknown baseline 'checkers'"):
@@ -238,3 +246,15 @@ def test_strongest_baseline_is_the_best_data_free_row():
     assert set(found["rates"]) == set(DATA_FREE)
     assert found["fooling_rate"] == max(found["rates"].values()) == found["rates"][found["name"]]
     assert 0.0 <= found["accuracy"] <= 1.0
+
+
+def test_negated_chessboards_are_the_boards_with_the_other_sign():
+    from uap.baselines import build_baselines, chessboard
+
+    built = build_baselines("chessboard", (3, 8, 8), 0.1, "inf").perturbations
+    for cell in (1, 2, 4, 8):
+        assert torch.equal(built[f"chessboard{cell}n"], -built[f"chessboard{cell}"])
+        assert float(built[f"chessboard{cell}"][0, 0, 0]) == pytest.approx(0.1)
+    assert torch.equal(chessboard((3, 8, 8), 1.0, 2, sign=-1), -chessboard((3, 8, 8), 1.0, 2))
+    with pytest.raises(ValueError, match="sign"):
+        chessboard((3, 8, 8), 0.1, sign=0)

@@ -12,12 +12,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import cli
+from uap.baselines import CHESSBOARDS
 from uap.report import Report
 
 runner = CliRunner()
 MODELS = "tests.eval_models:linear_target,tests.eval_models:encoder_target"
 NAMES = ["linear_target", "encoder_target"]
-BASELINE_ROWS = ["random", "gaussian", "chessboard1", "chessboard2", "chessboard4", "chessboard8",
+BASELINE_ROWS = ["random", "gaussian", *CHESSBOARDS,
                  *(f"fourier:{n}" for n in NAMES)]
 
 

@@ -8,7 +8,7 @@ import torch
 
 import uap.universal
 from tests.eval_models import EncoderTarget, LinearTarget, images
-from uap.baselines import BASELINES
+from uap.baselines import BASELINES, CHESSBOARDS
 from uap.metrics import fooling_rate
 from uap.transfer import RANDOM_ROW, Transfer, transfer_matrix
 
@@ -32,7 +32,7 @@ def result(setup) -> Transfer:
     return transfer_matrix(models, x_craft, x_eval, y_eval, **SETTINGS)
 
 
-BASELINE_ROWS = [RANDOM_ROW, "gaussian", "chessboard1", "chessboard2", "chessboard4", "chessboard8",
+BASELINE_ROWS = [RANDOM_ROW, "gaussian", *CHESSBOARDS,
                  "fourier:lin", "fourier:probe"]
 
 
@@ -52,7 +52,7 @@ def test_matrix_shape_rows_and_baseline_rows(result):
 def test_baselines_can_be_chosen_or_left_out(setup):
     models, x_craft, x_eval, y_eval = setup
     some = transfer_matrix(models, x_craft, x_eval, y_eval, baselines="random,chessboard", **SETTINGS)
-    assert some.report.baselines == [RANDOM_ROW, "chessboard1", "chessboard2", "chessboard4", "chessboard8"]
+    assert some.report.baselines == [RANDOM_ROW, *CHESSBOARDS]
     none = transfer_matrix(models, x_craft, x_eval, y_eval, baselines=(), **SETTINGS)
     assert none.report.perturbations == ["lin", "probe"] and none.report.baselines == []
     assert set(BASELINES) >= {"random", "fourier"}

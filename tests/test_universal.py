@@ -19,8 +19,9 @@ def _images(n: int = 40, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df):
-    """Algorithm 1 written plainly: one image at a time, no chunking, no batching."""
+def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df, refine=0, step_size=1.0):
+    """Algorithm 1 written plainly: one image at a time, no chunking, no batching (with
+    ``refine``: more DeepFool steps from the projected point while x_i is not fooled there)."""
     with torch.no_grad():
         clean = [int(model(x[i:i + 1]).argmax()) for i in range(len(x))]
 
@@ -41,8 +42,18 @@ def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df):
                 r, ok = deepfool(model, xi, **{**{"norm": 2}, **df})
                 n_calls += 1
                 if bool(ok[0]):
-                    v = project_lp(v + r[0], eps, p)
+                    v = project_lp(v + step_size * r[0], eps, p)
                     n_updates += 1
+                    for _ in range(refine):
+                        xi = (x[i:i + 1] + v).clamp(0, 1)
+                        with torch.no_grad():
+                            if int(model(xi).argmax()) != clean[i]:
+                                break
+                        r, ok = deepfool(model, xi, **{**{"norm": 2}, **df})
+                        n_calls += 1
+                        if not bool(ok[0]):
+                            break
+                        v = project_lp(v + r[0], eps, p)
         updates.append(n_updates)
         calls.append(n_calls)
     return v, updates, calls
@@ -58,6 +69,40 @@ def test_deepfool_method_matches_reference_loop(p, eps):
     assert [r["deepfool_calls"] for r in pert.history] == calls
     assert sum(calls) > sum(updates)  # some DeepFool calls failed and were rejected
     torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 8])
+def test_refine_matches_the_reference_loop(chunk):
+    model, x = tiny_mlp(), _images()
+    # (at ε = 0.03 a DeepFool call on the edge flips with the batch it is classified in, as
+    # float rounding decides it: the one-image reference classifies alone)
+    run = dict(eps=0.05, delta=0.05, max_passes=3, seed=3)
+    pert = craft(model, x, norm=math.inf, method="deepfool", deepfool_options=DF,
+                 method_options={"refine": 2, "chunk_size": chunk}, **run)
+    v_ref, updates, calls = _reference_algorithm1(model, x, p=math.inf, df=DF, refine=2, **run)
+    assert [r["updates"] for r in pert.history] == updates
+    assert [r["deepfool_calls"] for r in pert.history] == calls
+    torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
+    paper = craft(model, x, norm=math.inf, method="deepfool", deepfool_options=DF, **run)
+    assert sum(calls) > sum(r["deepfool_calls"] for r in paper.history)  # the refinement ran
+    assert not torch.equal(paper.v, pert.v)
+
+
+@pytest.mark.parametrize("method, options", [("deepfool", {"chunk_size": 4}), ("deepfool-batched", {"batch_size": 1})])
+@pytest.mark.parametrize("eps, alpha", [(0.04, 0.3), (0.08, 0.5)])
+def test_step_size_matches_the_reference_loop(method, options, eps, alpha):
+    # A partial step leaves images near their decision boundary, where whether one is still
+    # fooled can depend on the batch it is classified in (float rounding): the reference
+    # classifies one image at a time, the engine in chunks. These settings have no such tie.
+    model, x = tiny_mlp(), _images()
+    run = dict(eps=eps, delta=0.05, max_passes=3, seed=3)
+    pert = craft(model, x, norm=math.inf, method=method, deepfool_options=DF,
+                 method_options={**options, "step_size": alpha}, **run)
+    v_ref, updates, calls = _reference_algorithm1(model, x, p=math.inf, df=DF, step_size=alpha, **run)
+    assert [r["updates"] for r in pert.history] == updates
+    torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="step_size"):
+        craft(model, x, eps=0.06, method=method, method_options={"step_size": 0})
 
 
 def test_algorithm1_checks_the_next_images_inside_deepfool_after_an_update(monkeypatch):

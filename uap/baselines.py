@@ -10,7 +10,9 @@ perturbations, each a function of the image shape, the budget (ε, p) and a seed
 - ``gaussian`` — :func:`gaussian_perturbation`: i.i.d. Gaussian noise rescaled to ``‖r‖p = ε``
   (for ℓ∞ most pixels sit well inside the box, so it carries less energy than ``random``).
 - ``chessboard1/2/4/8`` — :func:`chessboard`: a ±1 chessboard with square cells of 1, 2, 4 or
-  8 pixels, the same sign on every channel, scaled to the budget (±ε for ℓ∞). A fixed,
+  8 pixels, the same sign on every channel, scaled to the budget (±ε for ℓ∞); and
+  ``chessboard1n/2n/4n/8n``, the same boards negated (a model need not respond to a pattern
+  and its negation alike, and the sign is arbitrary). A fixed,
   data-free, gradient-free pattern; high-frequency patterns like these fool CIFAR CNNs far
   more than random noise of the same norm.
 - ``fourier`` — :func:`fourier_search`: the best *single Fourier basis perturbation* for one
@@ -51,6 +53,7 @@ __all__ = [
     "FourierSearch",
     "BASELINES",
     "CHESSBOARD_CELLS",
+    "CHESSBOARDS",
     "parse_baselines",
     "build_baselines",
     "Baselines",
@@ -61,11 +64,16 @@ __all__ = [
 #: Cell sizes (pixels) of the ``chessboard<k>`` baselines.
 CHESSBOARD_CELLS = (1, 2, 4, 8)
 
+#: The chessboards: ``chessboard<k>`` (top-left cell +ε) and ``chessboard<k>n`` (its negation,
+#: top-left −ε). The sign is arbitrary and a model's response to the two is not symmetric, so
+#: both are rows.
+CHESSBOARDS = tuple(f"chessboard{c}{s}" for c in CHESSBOARD_CELLS for s in ("", "n"))
+
 #: Every named baseline, in the order rows are shown.
-BASELINES = ("random", "gaussian", *(f"chessboard{c}" for c in CHESSBOARD_CELLS), "fourier")
+BASELINES = ("random", "gaussian", *CHESSBOARDS, "fourier")
 
 #: Names that stand for several baselines.
-_GROUPS = {"chessboard": tuple(f"chessboard{c}" for c in CHESSBOARD_CELLS), "all": BASELINES, "none": ()}
+_GROUPS = {"chessboard": CHESSBOARDS, "all": BASELINES, "none": ()}
 
 
 # ---------------------------------------------------------------------------- checks
@@ -172,12 +180,13 @@ def chessboard(
     p: float = math.inf,
     *,
     cell: int = 2,
+    sign: int = 1,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """A ±1 chessboard of ``cell``×``cell``-pixel squares, scaled to ``‖r‖p = eps`` exactly.
 
-    ``r[c, h, w] ∝ (−1)^(⌊h / cell⌋ + ⌊w / cell⌋)``: the top-left cell is positive and every
-    channel carries the same sign (a grey-level pattern). Every pixel has the same magnitude,
+    ``r[c, h, w] ∝ sign · (−1)^(⌊h / cell⌋ + ⌊w / cell⌋)``: the top-left cell has the sign
+    ``sign`` (+1 or −1) and every channel carries the same sign (a grey-level pattern). Every pixel has the same magnitude,
     so for ℓ∞ it is ±ε and for ℓ2 / ℓ1 it is ``ε / √(CHW)`` / ``ε / (CHW)``. A cell of 1 is the
     highest spatial frequency an image can carry; the pattern needs no data, no model and no
     seed.
@@ -186,9 +195,11 @@ def chessboard(
     eps, p = _check_budget(eps, p)
     if isinstance(cell, bool) or not isinstance(cell, int) or cell <= 0:
         raise ValueError(f"cell must be a positive number of pixels, got {cell!r}")
+    if sign not in (1, -1) or isinstance(sign, bool):
+        raise ValueError(f"sign must be 1 or -1, got {sign!r}")
     rows = torch.arange(h) // cell
     cols = torch.arange(w) // cell
-    board = 1.0 - 2.0 * ((rows[:, None] + cols[None, :]) % 2).to(torch.float64)
+    board = sign * (1.0 - 2.0 * ((rows[:, None] + cols[None, :]) % 2).to(torch.float64))
     return _to_norm(board.expand(c, h, w), eps, p, dtype)
 
 
@@ -456,7 +467,7 @@ def fourier_search(
 
 def parse_baselines(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     """Baseline names from ``"random,chessboard,fourier"`` (or a sequence of names), in
-    :data:`BASELINES` order, without repeats. ``chessboard`` means all four cell sizes,
+    :data:`BASELINES` order, without repeats. ``chessboard`` means all four cell sizes in both signs,
     ``all`` every baseline, ``none`` (or an empty string) none."""
     if spec is None:
         return ()
@@ -478,8 +489,8 @@ def parse_baselines(spec: str | Sequence[str] | None) -> tuple[str, ...]:
 _DATA_FREE: dict[str, Callable[[tuple[int, ...], float, float, int], torch.Tensor]] = {
     "random": lambda shape, eps, p, seed: random_perturbation(shape, eps, p, seed=seed),
     "gaussian": lambda shape, eps, p, seed: gaussian_perturbation(shape, eps, p, seed=seed),
-    **{f"chessboard{c}": (lambda shape, eps, p, seed, c=c: chessboard(shape, eps, p, cell=c))
-       for c in CHESSBOARD_CELLS},
+    **{f"chessboard{c}{s}": (lambda shape, eps, p, seed, c=c, sign=sign: chessboard(shape, eps, p, cell=c, sign=sign))
+       for c in CHESSBOARD_CELLS for s, sign in (("", 1), ("n", -1))},
 }
 
 

@@ -24,15 +24,14 @@ Names understood by :func:`load`:
   any size need a :class:`Preprocessing` (shorter side resized, then a centre crop — the
   computation of torchvision's ``weights.transforms()``).
 
-Decoded images are cached as ``uint8`` ``.npz`` files under the cache dir, so a folder of
-images is decoded once, not on every load; the cache is keyed on the folder, each file's
+Decoded images are cached as ``uint8`` ``.npy`` files under the cache dir (written image by
+image, read back as a memory map), so a folder of images is decoded once, not on every load; the cache is keyed on the folder, each file's
 name, label, size and modification time, and the preprocessing. Subsets (``n``) are class-balanced and
 deterministic for a seed; splits never share an image.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import zlib
@@ -43,8 +42,9 @@ import numpy as np
 import torch
 
 from uap.atomic import atomic_write
+from uap.images import Images
 
-__all__ = ["DataNotFoundError", "Split", "Preprocessing", "load", "load_split", "cache_dir", "CIFAR10_CLASSES",
+__all__ = ["DataNotFoundError", "Split", "Preprocessing", "Images", "load", "load_split", "cache_dir", "CIFAR10_CLASSES",
            "CLASS_NAMES_FILE", "in_test_split"]
 
 CIFAR10_CLASSES = (
@@ -65,11 +65,12 @@ class DataNotFoundError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Split:
-    """A loaded split: images ``x`` in [0, 1] (N×3×H×W float32), labels ``y`` (int64),
+    """A loaded split: images ``x`` in [0, 1] (N×3×H×W float32, or an :class:`~uap.images.Images`
+    set of them when loaded with ``stream``), labels ``y`` (int64),
     class names in label order, and ``ids`` — a stable identifier per image (its source
     path relative to the dataset root, or ``batch:index``) so callers can prove disjointness."""
 
-    x: torch.Tensor
+    x: torch.Tensor | Images
     y: torch.Tensor
     classes: tuple[str, ...]
     ids: tuple[str, ...]
@@ -152,15 +153,19 @@ def load(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     preprocessing: Preprocessing | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    stream: bool = False,
+) -> tuple[torch.Tensor | Images, torch.Tensor, tuple[str, ...]]:
     """Load ``split`` of dataset ``name`` as ``(x, y, classes)``.
 
     ``x`` is float32 in [0, 1] with shape N×3×H×W, ``y`` int64 labels, ``classes`` the class
     names in label order. ``n`` selects a deterministic class-balanced subset for ``seed``
     (``None`` = the whole split). ``preprocessing`` resizes and centre-crops the images of an
-    ``imagefolder`` (any sizes); CIFAR-10 is always 32×32 and takes none.
+    ``imagefolder`` (any sizes); CIFAR-10 is always 32×32 and takes none. With ``stream``,
+    ``x`` is a :class:`uap.images.Images` set instead: the same images kept as uint8 (a memory
+    map of the decoded-image cache) and turned into floats one batch at a time, which every
+    measurement (``uap.evaluate``, ``uap.fooling_rate``, ``uap.transfer_matrix``) accepts.
     """
-    s = load_split(name, split, n=n, seed=seed, root=root, preprocessing=preprocessing)
+    s = load_split(name, split, n=n, seed=seed, root=root, preprocessing=preprocessing, stream=stream)
     return s.x, s.y, s.classes
 
 
@@ -171,6 +176,7 @@ def load_split(
     seed: int = 0,
     root: str | os.PathLike | None = None,
     preprocessing: Preprocessing | None = None,
+    stream: bool = False,
 ) -> Split:
     """Like :func:`load` but returns a :class:`Split` that also carries per-image ids."""
     if split not in _SPLITS:
@@ -184,15 +190,17 @@ def load_split(
             raise ValueError("cifar10 images are 32×32 and take no resize or crop (--image-size/--resize are for "
                              "imagefolder:PATH)")
         images, labels, classes, ids = _load_cifar10(split, root)
+        rows = np.arange(len(labels))
     elif name.startswith("imagefolder:"):
-        images, labels, classes, ids = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), split,
-                                                         preprocessing)
+        images, rows, labels, classes, ids = _load_imagefolder(Path(name.split(":", 1)[1]).expanduser(), split,
+                                                               preprocessing)
     else:
         raise ValueError(f"unknown dataset {name!r}: use 'cifar10' or 'imagefolder:PATH'")
     index = np.arange(len(labels)) if n is None else balanced_subset(labels, n, seed)
-    x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float().div_(255.0)
+    chosen = Images(images, rows[index])  # (a memory map of) the decoded pixels, nothing copied yet
     y = torch.from_numpy(labels[index].astype(np.int64))
-    return Split(x=x.contiguous(), y=y, classes=tuple(classes), ids=tuple(ids[i] for i in index))
+    return Split(x=chosen if stream else chosen.tensor(), y=y, classes=tuple(classes),
+                 ids=tuple(ids[i] for i in index))
 
 
 def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -355,20 +363,33 @@ def _read_imagefolder_cached(folder: Path, prefix: str = "", preprocessing: Prep
     listing = "\n".join(lines)
     settings = preprocessing.key() if preprocessing is not None else "as-is"
     stamp = hashlib.sha256(f"{folder.resolve()}\n{settings}\n{listing}".encode()).hexdigest()[:16]
-    cache = cache_dir() / "arrays" / f"{folder.name}-{stamp}.npz"
+    cache = cache_dir() / "arrays" / f"{folder.name}-{stamp}.npy"
     ids = [f"{prefix}/{rel}" if prefix else rel for rel, _ in items]
     labels = np.array([label for _, label in items], dtype=np.int64)
-    if cache.is_file():
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                images = z["images"]
-            if len(images) == len(items):
-                return images, labels, classes, ids
-        except (OSError, ValueError, KeyError, zlib.error):
-            pass  # a damaged cache is rebuilt below
-    images = _decode_all([folder / rel for rel, _ in items], preprocessing)
-    _atomic_save_npz(cache, images=images)
+    images = _open_cache(cache, len(items))
+    if images is None:
+        paths = [folder / rel for rel, _ in items]
+        try:  # decode straight into the cache file: the images are never all in memory at once
+            atomic_write(cache, lambda tmp: _decode_all(paths, preprocessing, into=tmp))
+            images = _open_cache(cache, len(items))
+        except OSError:  # a read-only cache dir only costs speed
+            images = None
+        if images is None:
+            images = _decode_all(paths, preprocessing)
     return images, labels, classes, ids
+
+
+def _open_cache(cache: Path, count: int) -> np.ndarray | None:
+    """The cached N×H×W×3 uint8 images, memory-mapped read-only (pages are read when used), or
+    None when there is no usable cache (missing, damaged, or another number of images)."""
+    if not cache.is_file():
+        return None
+    try:
+        images = np.load(cache, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # a damaged cache is rebuilt
+    ok = images.dtype == np.uint8 and images.ndim == 4 and len(images) == count
+    return images if ok else None
 
 
 def _decode(path: Path, preprocessing: Preprocessing | None) -> np.ndarray:
@@ -381,9 +402,14 @@ def _decode(path: Path, preprocessing: Preprocessing | None) -> np.ndarray:
     return np.asarray(image)
 
 
-def _decode_all(paths: list[Path], preprocessing: Preprocessing | None = None) -> np.ndarray:
+def _decode_all(paths: list[Path], preprocessing: Preprocessing | None = None,
+                into: Path | None = None) -> np.ndarray:
+    """Every image, decoded (and preprocessed) into one N×H×W×3 uint8 array — in memory, or
+    ``into`` a ``.npy`` file written image by image."""
     first = _decode(paths[0], preprocessing)
-    out = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    shape = (len(paths), *first.shape)
+    out = (np.empty(shape, dtype=np.uint8) if into is None
+           else np.lib.format.open_memmap(into, mode="w+", dtype=np.uint8, shape=shape))
     for i, p in enumerate(paths):
         arr = first if i == 0 else _decode(p, preprocessing)
         if arr.shape != first.shape:
@@ -391,20 +417,9 @@ def _decode_all(paths: list[Path], preprocessing: Preprocessing | None = None) -
                              "images of different sizes need a resize and crop (--image-size N, or a model "
                              "that declares its preprocessing)")
         out[i] = arr
+    if into is not None:
+        out.flush()
     return out
-
-
-def _atomic_save_npz(path: Path, **arrays) -> None:
-    try:
-        atomic_write(path, _npz_bytes(arrays))
-    except OSError:
-        pass  # a read-only cache dir only costs speed
-
-
-def _npz_bytes(arrays: dict) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def _class_names(path: Path, folders: list[str]) -> list[str]:
@@ -434,7 +449,7 @@ def _load_imagefolder(path: Path, split: str, preprocessing: Preprocessing | Non
         raise DataNotFoundError(f"imagefolder path {path} does not exist")
     if (path / split).is_dir():
         images, labels, classes, ids = _read_imagefolder_cached(path / split, prefix=split, preprocessing=preprocessing)
-        return images, labels, _class_names(path, classes), ids
+        return images, np.arange(len(labels)), labels, _class_names(path, classes), ids
     images, labels, classes, ids = _read_imagefolder_cached(path, preprocessing=preprocessing)
     in_test = np.array([in_test_split(i) for i in ids])
     keep = ~in_test if split == "train" else in_test
@@ -442,5 +457,5 @@ def _load_imagefolder(path: Path, split: str, preprocessing: Preprocessing | Non
     if not len(idx):
         raise DataNotFoundError(f"{path} has no split folders and none of its {len(ids)} images falls in the {split} "
                                 "part (an image is held out when crc32 of its relative path is divisible by 5)")
-    return images[idx], labels[idx], _class_names(path, classes), [ids[i] for i in idx]
+    return images, idx, labels[idx], _class_names(path, classes), [ids[i] for i in idx]
 

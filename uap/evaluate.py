@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uap.forward import DEFAULT_BATCH_SIZE, Inference, Outputs, check_images, encoder_of
+from uap.images import Images
 from uap.metrics import clean_predictions
 from uap.report import Report
 
@@ -144,7 +145,7 @@ def perturbed_outputs(run: Inference, x: torch.Tensor, v: torch.Tensor,
 def evaluate(
     perturbations: Mapping[str, PerturbationLike] | Sequence[PerturbationLike],
     models: Mapping[str, nn.Module] | Sequence[nn.Module],
-    x: torch.Tensor,
+    x: torch.Tensor | Images,
     y: torch.Tensor | None = None,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -161,7 +162,9 @@ def evaluate(
             (anything with a tensor ``.v``). Rows of the report, in this order.
         models: ``{name: target}`` or a sequence of targets (images in [0, 1] → logits).
             Columns of the report, in this order.
-        x: held-out images in [0, 1], N×C×H×W (not the images the perturbations were crafted on).
+        x: held-out images in [0, 1], N×C×H×W (not the images the perturbations were crafted on):
+            a float tensor, or a :class:`uap.images.Images` set (uint8 pixels turned into floats
+            one batch at a time, for image sets too large to hold as floats; same numbers).
         y: true labels (N,), optional; without them the accuracies are NaN.
         batch_size: images per forward pass.
         embeddings: measure clean-vs-perturbed embedding cosine for models with ``.encoder``.
@@ -187,7 +190,9 @@ def evaluate(
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     for name, v in perts.items():
         if tuple(v.shape) != tuple(x.shape[1:]):
-            raise ValueError(f"perturbation {name!r} has shape {tuple(v.shape)} but the images are {tuple(x.shape[1:])}")
+            raise ValueError(f"perturbation {name!r} has shape {tuple(v.shape)} but the images are {tuple(x.shape[1:])}: "
+                             "a perturbation applies at the resolution it was crafted at (load the images at "
+                             "that size, e.g. --image-size); it is never resized, which would change its norm")
     # ``x`` is used as given (not copied): the clean-prediction cache is keyed by its identity.
     y_cpu = None if y is None else y.detach().long().cpu()
     n, P, M = len(x), len(perts), len(named_models)

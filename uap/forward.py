@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from uap.distributed import gather_rows, is_distributed, shard, world
+from uap.images import Images, as_rows, is_images
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "BatchLayout", "Inference", "Outputs", "logits_of", "model_device", "eval_mode",
@@ -80,7 +81,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+def check_images(x: torch.Tensor | Images, name: str = "x") -> torch.Tensor | Images:
     """Validate an image batch: a non-empty floating ``N×C×H×W`` tensor of finite values in [0, 1].
 
     Targets take raw images and normalise inside (see :class:`uap.targets.Normalized`), and
@@ -89,7 +90,14 @@ def check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     otherwise turn into arbitrary labels. The value check is a single ``aminmax`` reduction
     (NaN propagates into both ends), one pass over the tensor: cheap next to running a model
     over the same images.
+
+    An :class:`uap.images.Images` set (uint8 pixels, floats per batch) is in range by
+    construction; only its shape is checked.
     """
+    if is_images(x):
+        if len(x) == 0:
+            raise ValueError(f"{name} is empty: need at least one image, got shape {tuple(x.shape)}")
+        return x
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of images in [0, 1]")
     if x.dim() != 4:
@@ -117,8 +125,9 @@ def check_perturbation(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """``x`` in consecutive slices of ``batch_size`` images."""
+def batches(x: torch.Tensor | Images, batch_size: int) -> Iterator[torch.Tensor]:
+    """``x`` in consecutive slices of ``batch_size`` images (float tensors, also from an
+    :class:`uap.images.Images` set, which converts one batch at a time)."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
     for start in range(0, x.shape[0], batch_size):
@@ -265,7 +274,7 @@ class Inference:
         #: None: not decided yet (first batch); True: the hook's capture is used; False: direct calls.
         self.use_hook: bool | None = None if isinstance(self.encoder, nn.Module) else False
 
-    def __call__(self, x: torch.Tensor, v: torch.Tensor | None = None, *,
+    def __call__(self, x: torch.Tensor | Images, v: torch.Tensor | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> Outputs:
         """Labels (and embeddings, when asked for and available) on ``clip(x + v, 0, 1)`` or ``x``."""
         check_images(x)
@@ -274,7 +283,7 @@ class Inference:
         n, sharded = x.shape[0], is_distributed() and x.shape[0] >= world()[1]
         preds, embs, num_classes = [], [], 0
         with self._running():
-            for xb in batches(x[shard(n)] if sharded else x, batch_size):  # under torch.distributed: this rank's share
+            for xb in batches(as_rows(x, shard(n)) if sharded else x, batch_size):  # under torch.distributed: this rank's share
                 xb = xb.to(self.device)
                 if v is not None:
                     xb = (xb + v).clamp_(0.0, 1.0)
@@ -289,7 +298,7 @@ class Inference:
             embeddings = None if embeddings is None else gather_rows(embeddings, n)
         return Outputs(predictions, embeddings, num_classes)
 
-    def embeddings(self, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor | None:
+    def embeddings(self, x: torch.Tensor | Images, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor | None:
         """Encoder features of ``x`` alone (N×D float32, CPU), without running the classifier;
         ``None`` for a model without an encoder (or an instance made without ``embeddings``)."""
         check_images(x)
@@ -298,7 +307,7 @@ class Inference:
         n, sharded = x.shape[0], is_distributed() and x.shape[0] >= world()[1]
         with self._running():
             features = torch.cat([self.layout.apply(self._direct, xb.to(self.device)).cpu()
-                                  for xb in batches(x[shard(n)] if sharded else x, batch_size)])
+                                  for xb in batches(as_rows(x, shard(n)) if sharded else x, batch_size)])
         return gather_rows(features, n) if sharded else features
 
     @contextlib.contextmanager

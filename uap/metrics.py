@@ -16,6 +16,8 @@ bumps ``tensor._version``), so training the model or editing the data in place i
 it, and entries die with the model (weak references). Other modules (``uap.evaluate``)
 should call :func:`clean_predictions` rather than re-running the model.
 
+Every function takes the images as a float tensor or as a :class:`uap.images.Images` set
+(uint8 pixels, converted per batch: the same numbers without holding every image as floats).
 Every function here runs the model through :class:`uap.forward.Inference` (``batch_size``
 images per forward pass, eval mode, no autograd, the model's device, ``N×C`` logits checked).
 """
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from uap.forward import DEFAULT_BATCH_SIZE, Inference, check_images, check_perturbation
+from uap.images import Images, is_images
 
 __all__ = [
     "CleanPredictions",
@@ -70,7 +73,9 @@ class CleanPredictions:
         return (len(tensors), sum(t._version for t in tensors), tuple(id(t) for t in tensors[:4]))
 
     @staticmethod
-    def _data_key(x: torch.Tensor) -> tuple:
+    def _data_key(x: torch.Tensor | Images) -> tuple:
+        if is_images(x):  # read-only pixels: identity and selection suffice
+            return (id(x), id(x.pixels), tuple(x.shape), len(x.rows))
         return (id(x), x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, str(x.device), x._version)
 
     def get(self, model: nn.Module, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:

@@ -10,6 +10,8 @@ written atomically (temporary file, then ``os.replace``).
   names in grey italics.
 - :func:`plot_perturbations` — each perturbation rescaled from ``[-‖v‖∞, ‖v‖∞]`` to ``[0, 1]``
   (grey = 0) so its structure is visible; a perturbation of 8/255 is invisible at scale 1.
+- :func:`plot_sweep` — budget curves (:mod:`uap.sweep`): held-out fooling rate against |X|,
+  ε and passes, one line per method, the strongest data-free baseline dashed;
 - :func:`plot_examples` — a few images clean and with each perturbation, captioned with the
   label a model gives them (red when the perturbation changed that model's decision); the
   labels come from the engine's forward path (:class:`uap.forward.Inference`), the same one
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 from torch import nn
 
 from uap.atomic import atomic_write
@@ -33,7 +36,7 @@ from uap.baselines import fourier_source
 from uap.forward import Inference, check_images
 from uap.report import Report
 
-__all__ = ["plot_heatmap", "heatmap_figure", "plot_perturbations", "plot_examples", "write_figures", "amplify", "save_figure"]
+__all__ = ["plot_heatmap", "plot_sweep", "heatmap_figure", "plot_perturbations", "plot_examples", "write_figures", "amplify", "save_figure"]
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
@@ -258,3 +261,50 @@ def write_figures(
         "examples": plot_examples(x, perturbations, labelled_by, out / "examples.png", y=y,
                                   classes=report.classes, k=k),
     }
+
+
+# ---------------------------------------------------------------------------- budget curves
+
+def plot_sweep(sweep, path: str | os.PathLike) -> Path:
+    """The curves of a :class:`uap.sweep.Sweep` as one PNG: held-out fooling rate (%) against
+    |X| (log scale), ε (in 1/255 for ℓ∞) and passes; the strongest data-free baseline is the
+    dashed black line (at each point's ε)."""
+    s = sweep.settings
+    linf = s.get("norm") == "inf"
+    fig = Figure(figsize=(13, 3.8))
+    titles = {"n_images": f"|X| (ε = {_eps_text(s['eps_base'], linf)}, {s['passes']} passes)",
+              "eps": f"ε (|X| = {s['n_base']}, {s['passes']} passes)",
+              "passes": f"passes (|X| = {s['n_base']}, ε = {_eps_text(s['eps_base'], linf)})"}
+    for k, axis in enumerate(("n_images", "eps", "passes")):
+        ax = fig.add_subplot(1, 3, k + 1)
+        for method in sweep.methods:
+            pts = sweep.curve(method, axis)
+            xs = [(_x(axis, v, linf)) for v, _ in pts]
+            ax.plot(xs, [100 * r for _, r in pts], marker="o", ms=3, label=method)
+        ref = sorted({(r["value"], r["eps"]) for r in sweep.rows if r["axis"] == axis})
+        ax.plot([_x(axis, v, linf) for v, _ in ref], [100 * sweep.baseline_at(e) for _, e in ref], "k--",
+                label="strongest baseline")
+        if axis == "n_images":
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks([v for v, _ in ref])
+        if axis == "passes":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(titles[axis])
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        if k == 0:
+            ax.set_ylabel("held-out fooling rate (%)")
+    fig.axes[0].legend(fontsize=8, loc="upper left")
+    norm = "∞" if linf else s.get("norm")
+    fig.suptitle(f"{s.get('model') or 'model'} · ℓ{norm} · {s.get('n_heldout')} held-out images", fontsize=10)
+    return save_figure(fig, path)
+
+
+def _x(axis: str, value: float, linf: bool) -> float:
+    return value * 255 if axis == "eps" and linf else value
+
+
+def _eps_text(eps: float, linf: bool) -> str:
+    return f"{eps * 255:.3g}/255" if linf else f"{eps:.3g}"

@@ -81,6 +81,7 @@ from torch import nn
 from uap import universal
 from uap.atomic import atomic_write
 from uap.distributed import alone, broadcast, broadcast_json, is_distributed, is_main
+from uap.images import Images, is_images
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, norm_name
 
@@ -146,8 +147,17 @@ class UnfinishedRun(RunError):
 
 # --------------------------------------------------------------------------- fingerprints
 
-def tensor_fingerprint(x: torch.Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes (identifies a set of images)."""
+def tensor_fingerprint(x: torch.Tensor | Images) -> str:
+    """SHA-256 of a tensor's shape, dtype and bytes (identifies a set of images).
+
+    An :class:`uap.images.Images` set is hashed batch by batch as the float tensor it stands
+    for, so it has the fingerprint of the same images loaded as one tensor.
+    """
+    if is_images(x):
+        h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|".encode())
+        for xb in x.batches(256):
+            h.update(xb.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
     t = x.detach().cpu().contiguous()
     h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
     h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -167,7 +177,7 @@ def _heldout_fingerprint(heldout: Any) -> str | None:
     if heldout is None:
         return None
     parts = heldout if isinstance(heldout, (tuple, list)) else (heldout,)
-    if not all(torch.is_tensor(t) for t in parts):
+    if not all(torch.is_tensor(t) or is_images(t) for t in parts):
         raise ValueError("heldout must be images or an (images, labels) pair of tensors")
     h = hashlib.sha256()
     for t in parts:

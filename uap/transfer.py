@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from uap import universal
-from uap.distributed import alone, broadcast, broadcast_json, world
 from uap.baselines import BASELINES, build_baselines, fourier_row, parse_baselines
+from uap.distributed import alone, broadcast, broadcast_json, world
 from uap.evaluate import as_named_models, evaluate
 from uap.forward import DEFAULT_BATCH_SIZE
+from uap.images import Images, is_images
 from uap.metrics import DEFAULT_CACHE
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
@@ -91,8 +92,8 @@ class Transfer:
 
 def transfer_matrix(
     models: Mapping[str, nn.Module] | Sequence[nn.Module],
-    x_craft: torch.Tensor,
-    x_eval: torch.Tensor,
+    x_craft: torch.Tensor | Images,
+    x_eval: torch.Tensor | Images,
     y_eval: torch.Tensor | None = None,
     *,
     eps: float,
@@ -116,7 +117,9 @@ def transfer_matrix(
     Args:
         models: ``{name: target}`` — the columns, and by default also the sources (rows).
         x_craft: images the UAPs are crafted on (in [0, 1]), shared by all sources.
-        x_eval: held-out images all cells are measured on; must not be ``x_craft``.
+        x_eval: held-out images all cells are measured on; must not be ``x_craft``. Either
+            may be a :class:`uap.images.Images` set (uint8, floats per batch): ``x_eval`` is
+            then streamed through every measurement, ``x_craft`` turned into a tensor to craft on.
         y_eval: labels of ``x_eval`` (for accuracies), optional.
         eps, norm, delta, max_passes, method, seed: passed to :func:`uap.craft` for every
             source — the same budget, stop rule and seed for all rows.
@@ -147,12 +150,14 @@ def transfer_matrix(
     if reserved:
         raise ValueError(f"model name(s) {reserved} are reserved for baseline rows; rename the model(s)")
     for name, t in (("x_craft", x_craft), ("x_eval", x_eval)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or len(t) == 0:
-            raise ValueError(f"{name} must be a non-empty N×C×H×W tensor of images")
+        if not (isinstance(t, torch.Tensor) or is_images(t)) or t.dim() != 4 or len(t) == 0:
+            raise ValueError(f"{name} must be a non-empty N×C×H×W tensor (or uap.images.Images) of images")
     if x_craft.shape[1:] != x_eval.shape[1:]:
         raise ValueError(f"x_craft images are {tuple(x_craft.shape[1:])} but x_eval images are {tuple(x_eval.shape[1:])}")
     if x_craft is x_eval:
         raise ValueError("x_eval must be held-out images, not the crafting set itself")
+    if is_images(x_craft):  # crafting indexes random minibatches with gradients: it works on a tensor
+        x_craft = x_craft.tensor()
     craft_kwargs = dict(craft_kwargs or {})
     clash = sorted(set(craft_kwargs) & _SET_HERE)
     if clash:

@@ -1,4 +1,4 @@
-"""Adapters: model libraries (torchvision, timm) as model sources of :mod:`uap.targets`.
+"""Adapters: model libraries (torchvision, timm, open_clip, torch.hub) as model sources of :mod:`uap.targets`.
 
 Each adapter is one small module that turns a library's architecture plus a weights file into
 a target with the engine's contract (:class:`~uap.adapters.base.AdaptedClassifier`: images in
@@ -11,7 +11,11 @@ Spellings (``uap models --external`` lists them):
 
 - ``torchvision:NAME`` with a weights file, or ``torchvision:NAME:WEIGHTS`` (a weights enum,
   e.g. ``resnet50:IMAGENET1K_V2``) read from torchvision's local cache;
-- ``timm:NAME`` with a weights file, or from timm's local cache.
+- ``timm:NAME`` with a weights file, or from timm's local cache;
+- ``open_clip:ARCH`` with a weights file, or ``open_clip:ARCH:TAG`` from the Hugging Face
+  cache: a zero-shot classifier over the data's class names, with the image tower as ``.encoder``;
+- ``hub:DIR:ENTRY`` — a backbone from a local torch.hub repository (``DIR/hubconf.py``) as
+  ``.encoder``, with a linear or kNN probe fitted on labelled images the user names.
 
 An installed ``uap`` publishes the adapters as entry points of the ``uap.models`` group
 (``pyproject.toml``). :func:`register_adapters` registers the ones that no entry point
@@ -28,6 +32,8 @@ __all__ = ["ADAPTERS", "register_adapters"]
 ADAPTERS: dict[str, str] = {
     "torchvision": "uap.adapters.torchvision:SOURCE",
     "timm": "uap.adapters.timm:SOURCE",
+    "open_clip": "uap.adapters.open_clip:SOURCE",
+    "hub": "uap.adapters.hub:SOURCE",
 }
 
 

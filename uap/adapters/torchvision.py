@@ -12,6 +12,10 @@ Spellings:
   ``$TORCH_HOME/hub/checkpoints/<file of the weights' URL>``. Nothing is ever downloaded:
   when the file is not there the error says which file to put where.
 
+A weights file for another number of classes (a ResNet-18 trained on CIFAR-10's ten, e.g. by
+``examples/train_torchvision.py``) builds the architecture with that many outputs (read from
+the size of its last linear layer in the file; the ImageNet class names then do not apply).
+
 Either way the target is an :class:`~uap.adapters.base.AdaptedClassifier` with the weights'
 own mean/std inside, their resize/crop/interpolation as ``model.preprocessing`` and their
 class names as ``model.classes``. Vision transformers take only their native size; other
@@ -84,11 +88,33 @@ def load(name: str, weights: Path | None = None) -> nn.Module | None:
     prep = _preprocessing(chosen)
     kwargs = {"image_size": prep["crop"]} if arch.startswith("vit_") else {}
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
-    load_weights(net, weights, spec)
     categories = chosen.meta.get("categories") if chosen is not None else None
+    head = _head_size(net, weights) if not enum_name else None
+    if head is not None:  # weights of a model trained for another number of classes (e.g. CIFAR-10's 10)
+        net = torchvision.models.get_model(arch, weights=None, num_classes=head, **kwargs)
+        categories = None
+    load_weights(net, weights, spec)
     return AdaptedClassifier(net, mean=prep["mean"], std=prep["std"], resize=prep["resize"], crop=prep["crop"],
                              interpolation=prep["interpolation"], fixed_size=hasattr(net, "image_size"),
                              classes=categories, source={"spec": spec, "weights": str(weights)})
+
+
+def _head_size(net: nn.Module, weights: Path) -> int | None:
+    """The number of classes of the weights in ``weights`` when it differs from ``net``'s: the
+    output size the file gives the architecture's last linear layer; None when it is the same
+    (or the file cannot tell, and strict loading will say what does not fit)."""
+    from uap.targets import load_state_dict_file
+
+    last = next((name for name, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
+    if last is None:
+        return None
+    try:
+        state = load_state_dict_file(weights)
+    except (OSError, ValueError):
+        return None  # load_weights reports it
+    bias = state.get(f"{last}.bias")
+    out = int(bias.shape[0]) if bias is not None and bias.dim() == 1 else None
+    return out if out is not None and out != net.get_submodule(last).out_features else None
 
 
 def _weights_enum(arch: str):

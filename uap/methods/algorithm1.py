@@ -18,6 +18,11 @@ shrinks to about twice the distance to the last update otherwise. A step that ca
 images inside its own last check (DeepFool: :class:`_Lookahead`) does the re-check after an
 update for free: the next chunk's logits at ``v' = P(v + Δv_i)`` come back with ``Δv_i``.
 
+With ``refine = R > 0`` (not the paper's), an image that the projected update ``P(v + Δv_i)``
+leaves unfooled gets up to ``R`` more inner steps from ``x_i + P(v + Δv_i)``: under a tight
+ℓ∞ budget the projection removes much of a DeepFool step, so the update alone often does not
+do what it was computed for. With ``step_size = α < 1`` the update is ``P(v + α Δv_i)``.
+
 With ``batch_size > 1`` the step runs on every image of a minibatch that needs an update, in
 one call, and the successful steps are folded in one after another (``v ← P(v + Δv_j)``):
 every Δv_j of a minibatch was computed at the ``v`` of the minibatch's start, and an image
@@ -46,14 +51,22 @@ __all__ = ["Algorithm1", "Algorithm1Options", "InnerStep", "StepResult", "algori
 class Algorithm1Options(Options):
     """``batch_size``: 1 = Algorithm 1 exactly, more = minibatch inner steps;
     ``chunk_size``/``max_chunk_size``: images checked per forward pass (exact mode; they do
-    not change the result)."""
+    not change the result); ``refine``: up to this many more inner steps for an image that the
+    projected update ``P(v + Δv_i)`` leaves unfooled, each from ``x_i + P(v + Δv_i)`` (0, the
+    paper: one step, whatever the projection does to it); ``step_size``: ``α`` in
+    ``v ← P(v + α Δv_i)`` (1, the paper; smaller steps average the images' directions instead
+    of letting the latest update overwrite ``v``)."""
 
     batch_size: int = 1
     chunk_size: int = 16
     max_chunk_size: int = 512
+    refine: int = 0
+    step_size: float = 1.0
 
     def check(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be an integer ≥ 1, got {self.batch_size!r}")
+        require(self.refine >= 0, f"refine must be an integer ≥ 0, got {self.refine!r}")
+        require(0 < self.step_size <= 1, f"step_size must be in (0, 1], got {self.step_size!r}")
         require(self.chunk_size >= 1 and self.max_chunk_size >= 1, "chunk_size and max_chunk_size must be ≥ 1")
 
 
@@ -114,12 +127,12 @@ def algorithm1_pass(ctx: CraftContext, step: InnerStep, options: Algorithm1Optio
     update), ``deepfool_calls`` (images given to ``step``) and ``updates``.
     """
     if options.batch_size > 1:
-        _minibatch_pass(ctx, step, options.batch_size)
+        _minibatch_pass(ctx, step, options.batch_size, options.refine)
     elif not is_distributed():
-        _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size)
+        _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size, options.refine)
     else:  # Algorithm 1 is sequential: rank 0 runs the pass, every rank gets its v and counts
         if is_main():
-            _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size)
+            _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size, options.refine)
         ctx.v = broadcast(ctx.v)
         counts = broadcast(torch.tensor([ctx.visited, ctx.fooled_seen, ctx.deepfool_calls, ctx.updates]))
         ctx.visited, ctx.fooled_seen, ctx.deepfool_calls, ctx.updates = (int(c) for c in counts)
@@ -131,7 +144,49 @@ def _chunk_after_update(advanced: int) -> int:
     return max(4, 2 * advanced)
 
 
-def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int) -> None:
+def _step(ctx: CraftContext, r: torch.Tensor) -> torch.Tensor:
+    """The candidate ``v' = P(v + α r)`` of an inner step's ``r`` (``α``: the method's ``step_size``)."""
+    alpha = getattr(ctx.options, "step_size", 1.0)
+    return ctx.project(ctx.v + r if alpha == 1.0 else ctx.v + alpha * r)
+
+
+def _refined(ctx: CraftContext, step: InnerStep, i: torch.Tensor, candidate: torch.Tensor,
+             rounds: int) -> tuple[torch.Tensor, bool]:
+    """``candidate`` after up to ``rounds`` more inner steps on image ``i`` from the projected
+    point, while the image is not fooled there: ``(v', changed)``."""
+    changed = False
+    for _ in range(rounds):
+        z = ctx.logits(i, candidate)
+        if not bool(step.needs_update(_At(ctx, candidate), i, z)[0]):
+            break
+        res = step(_At(ctx, candidate), i, z, None)
+        ctx.deepfool_calls += 1
+        if not bool(res.ok[0]):
+            break
+        candidate, changed = ctx.project(candidate + res.r[0]), True
+    return candidate, changed
+
+
+class _At:
+    """``ctx`` seen at another ``v`` (for an inner step from a projected point)."""
+
+    def __init__(self, ctx: CraftContext, v: torch.Tensor) -> None:
+        self._ctx, self.v = ctx, v
+
+    def __getattr__(self, name: str):
+        return getattr(self._ctx, name)
+
+    def perturbed(self, idx: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        return self._ctx.perturbed(idx, self.v if v is None else v)
+
+    def logits(self, idx: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        return self._ctx.logits(idx, self.v if v is None else v)
+
+    def is_fooled(self, idx: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        return self._ctx.is_fooled(idx, self.logits(idx) if logits is None else logits)
+
+
+def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int, refine: int = 0) -> None:
     order = ctx.order
     n = order.numel()
     pos = 0
@@ -149,12 +204,14 @@ def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int) 
             ctx.deepfool_calls += 1
             if not bool(res.ok[0]):
                 continue
-            candidate = res.candidate if res.candidate is not None else ctx.project(ctx.v + res.r[0])
+            candidate = res.candidate if res.candidate is not None else _step(ctx, res.r[0])
             if step.accept(ctx, i, candidate, z[j:j + 1], res.at_candidate):
+                candidate, changed = _refined(ctx, step, i, candidate, refine)
                 ctx.v = candidate
                 ctx.updates += 1
                 advanced = j + 1  # v changed: the rest of the chunk must be re-checked …
                 next_chunk, carried = after.numel(), res.lookahead_logits  # … unless the step already did
+                carried = None if changed else carried  # (at the first candidate, not at the refined one)
                 break
         ctx.visited += advanced
         ctx.fooled_seen += int((~need[:advanced]).sum())
@@ -163,7 +220,7 @@ def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int) 
         ctx.progress()
 
 
-def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int) -> None:
+def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int, refine: int = 0) -> None:
     for idx in ctx.order.split(batch_size):
         z = ctx.logits(idx)
         need = step.needs_update(ctx, idx, z)
@@ -172,9 +229,9 @@ def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int) -> None
             res = _spread(ctx, step, sel, z[need])
             ctx.deepfool_calls += sel.numel()
             for j in torch.nonzero(res.ok).flatten().tolist():
-                candidate = ctx.project(ctx.v + res.r[j])
+                candidate = _step(ctx, res.r[j])
                 if step.accept(ctx, sel[j:j + 1], candidate, None, None):
-                    ctx.v = candidate
+                    ctx.v = _refined(ctx, step, sel[j:j + 1], candidate, refine)[0]
                     ctx.updates += 1
         ctx.visited += idx.numel()
         ctx.fooled_seen += int((~need).sum())
@@ -208,5 +265,5 @@ class _Lookahead:
         self.logits: torch.Tensor | None = None
 
     def images(self, r: torch.Tensor) -> torch.Tensor:
-        self.candidate = self.ctx.project(self.ctx.v + r[0])
+        self.candidate = _step(self.ctx, r[0])
         return self.ctx.perturbed(self.idx, self.candidate)

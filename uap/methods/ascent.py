@@ -19,6 +19,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from uap.deepfool import GRADIENT_BUDGET
 from uap.distributed import all_sum, is_distributed, shard, world
 from uap.methods.base import CraftContext, Method
 from uap.options import Options, require
@@ -77,9 +78,17 @@ class Ascent(Method):
         """The batch objective of this pass (called once per pass)."""
         raise NotImplementedError
 
+    #: the objective is a mean of per-image terms, so a minibatch may be differentiated in parts
+    splittable = True
+
     def run_pass(self, ctx: CraftContext) -> None:
         step = step_length(ctx, step_size=self.options.step_size, decay=self.options.decay)
-        projected_ascent_pass(ctx, self.objective(ctx), batch_size=self.options.batch_size, step=step)
+        projected_ascent_pass(ctx, self.objective(ctx), batch_size=self.options.batch_size, step=step,
+                              splittable=self.splittable_for(ctx))
+
+    def splittable_for(self, ctx: CraftContext) -> bool:
+        """Whether this pass's objective may be differentiated in parts of a minibatch."""
+        return self.splittable
 
 
 def projected_ascent_pass(
@@ -88,6 +97,7 @@ def projected_ascent_pass(
     *,
     batch_size: int,
     step: float,
+    splittable: bool = True,
 ) -> None:
     """One pass of minibatch projected steepest ascent on ``ctx.v``.
 
@@ -96,6 +106,12 @@ def projected_ascent_pass(
     images, and an optional bool mask of fooled images (counted in ``ctx.fooled_seen``). Each
     minibatch is one update.
 
+    Memory: a minibatch larger than :data:`uap.deepfool.GRADIENT_BUDGET` input elements (13
+    images at 224×224; CIFAR-size minibatches of up to 682 images are one part) is differentiated
+    in parts of at most that size, whose gradients of the part means are summed weighted by the
+    parts' sizes: the gradient of the whole minibatch's mean, with the memory of one part. An
+    objective that is not a mean of per-image terms passes ``splittable=False``.
+
     Under ``torch.distributed`` each minibatch is split over the ranks; each rank takes the
     gradient of the mean over its share, the ranks sum those raw gradients weighted by their
     share's size and divide by the minibatch size (the gradient of the whole minibatch's
@@ -103,13 +119,19 @@ def projected_ascent_pass(
     ``v``. ``batch_size`` is the global minibatch, whatever the number of ranks.
     """
     distributed = is_distributed()
+    rows = max(1, GRADIENT_BUDGET // ctx.x[0].numel()) if splittable else None
     for idx in ctx.order.split(batch_size):
         mine = idx[shard(idx.numel())] if distributed and idx.numel() >= world()[1] else idx
         v = ctx.v.detach().requires_grad_(True)
-        with torch.enable_grad():
-            x_adv = (ctx.x[mine] + v).clamp(0.0, 1.0)
-            value, fooled = objective(x_adv, mine)
-            (g,) = torch.autograd.grad(value, v)
+        g, masks = torch.zeros_like(v), []
+        for part in mine.split(rows) if rows is not None and mine.numel() > rows else (mine,):
+            with torch.enable_grad():  # the mean's gradient, summed over parts weighted by their size
+                x_adv = (ctx.x[part] + v).clamp(0.0, 1.0)
+                value, fooled = objective(x_adv, part)
+                (gp,) = torch.autograd.grad(value, v)
+            g = gp if part is mine else g + gp * (part.numel() / mine.numel())
+            masks.append(fooled)
+        fooled = None if masks[0] is None else torch.cat(masks)
         if mine is not idx:  # the mean gradient of the whole minibatch, from every rank's share
             g = all_sum(g * mine.numel()) / idx.numel()
         ctx.v = ctx.project(v.detach() + step * ascent_direction(g, ctx.p))

@@ -78,6 +78,9 @@ class Feature(Ascent):
     name = "feature"
     Options = FeatureOptions
 
+    def splittable_for(self, ctx: CraftContext) -> bool:
+        return self.options.distance != "l2"  # its normaliser spans the whole minibatch
+
     def objective(self, ctx: CraftContext) -> Objective:
         encoder = ctx.attacked(encoder_of(ctx.model, required=True, needed_by="method 'feature'"), ctx.x)
         opts = self.options
