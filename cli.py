@@ -634,10 +634,14 @@ def transfer_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from uap.methods import make_method
     from uap.transfer import transfer_matrix
+    from uap.universal import check_stop_rule
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
     _check_budget(eps_value, p)
+    check_stop_rule(delta, max_passes)
+    make_method(method)
     chosen = _baseline_names(baselines)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
