@@ -103,6 +103,16 @@ def test_evaluate_and_transfer_refuse_bad_options_before_any_work(args, words, o
 
 
 @pytest.mark.parametrize("args,words", [
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["--weight-decay", "-1"], "weight_decay must be a finite number ≥ 0, got -1.0"),
+    (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number ≥ 0, got inf"),
+])
+def test_train_refuses_non_finite_hyper_parameters_before_any_work(args, words, out, nothing_loads):
+    line = _refused(out, "train", "supervised", "--epochs", "1", "--out", str(out), *args)
+    assert words in line, line
+
+
+@pytest.mark.parametrize("args,words", [
     (["--delta", "2"], "delta must be in (0, 1)"), (["--max-passes", "0"], "max_passes must be an integer ≥ 1"),
     (["--method", "nope"], "unknown method 'nope'"),
 ])
