@@ -11,14 +11,65 @@ import functools
 import os
 import signal
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
 import uap
+
+
+def literal(text: object) -> str:
+    """``text`` made safe to print through rich: markup escaped (``[/]`` prints as itself) and
+    control characters, newlines included, written as escapes (``\\x1b``), so a user's value
+    can neither style the terminal, move its cursor, nor break a one-line message in two."""
+    out = []
+    for ch in str(text):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):  # controls, bidi/format marks, line breaks
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return escape("".join(out))
+
+
+def print_error(message: object) -> None:
+    """The one line every input error becomes: ``error: MESSAGE`` on stderr, printed literally."""
+    text = str(message).strip() or "invalid input"
+    err_console.print(f"[bold red]error:[/] {literal(text)}", highlight=False, soft_wrap=True)
+
+
+# Click's exception classes, whichever Click typer runs on (its own vendored copy in recent
+# versions, the click package before): found through typer's public BadParameter.
+_CLICK_ERROR, _CLICK_USAGE_ERROR = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+                                    for name in ("ClickException", "UsageError"))
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Click's own usage errors (an unknown option or command, a value of the wrong type or out of
+    its range, a missing value) as the same one line as every other input error, exit code 2,
+    instead of Click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _CLICK_ERROR as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `uap`: the help is already printed
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if isinstance(e, _CLICK_USAGE_ERROR) and ctx else ""
+            print_error(e.format_message() + hint)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            print_error("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="uap",
@@ -27,6 +78,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 console = Console()
 err_console = Console(stderr=True)
@@ -44,18 +96,16 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError, _UsageError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            first, *rest = str(msg).strip().splitlines() or ["invalid input"]
-            err_console.print(f"[bold red]error:[/] {escape(first)}", highlight=False, soft_wrap=True)
-            for line in rest:  # e.g. the list of paths tried for a missing dataset
-                err_console.print(f"  {escape(line.strip())}", highlight=False, soft_wrap=True)
+            print_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
             raise typer.Exit(2)
 
     return wrapper
 
 
 def parse_eps(text: str) -> float:
-    """Parse ``8/255``, ``0.03`` or ``10`` into a positive float."""
+    """Parse ``8/255``, ``0.03`` or ``10`` into a finite float > 0 (the library's check)."""
+    from uap.projection import check_eps
+
     try:
         if "/" in text:
             num, den = text.split("/", 1)
@@ -64,9 +114,10 @@ def parse_eps(text: str) -> float:
             value = float(text)
     except (ValueError, ZeroDivisionError):
         raise _UsageError(f"--eps must be a number or a fraction like 8/255, got {text!r}") from None
-    if not value > 0:
-        raise _UsageError(f"--eps must be > 0, got {text!r}")
-    return value
+    try:
+        return check_eps(value)
+    except ValueError as e:
+        raise _UsageError(f"--eps {text!r}: {e}") from None
 
 
 def _check_budget(eps: float, p: float) -> None:
@@ -115,6 +166,19 @@ def _float_list(text: Optional[str], option: str) -> Optional[List[float]]:
         raise _UsageError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
+def _check_normalisation(mean: Optional[List[float]], std: Optional[List[float]]) -> None:
+    """``--mean``/``--std`` checked before anything loads, against the images every ``--data``
+    gives (RGB: 3 channels); one of them alone is refused by :func:`uap.targets.resolve_model`."""
+    from uap.targets import ModelSpecError, Normalized
+
+    if mean is None or std is None:
+        return
+    try:
+        Normalized.check(mean, std, channels=3)
+    except ModelSpecError as e:
+        raise _UsageError(f"{' and '.join('--' + a for a in e.arguments)}: {e}") from None
+
+
 def _torch_device(text: str):
     import torch
 
@@ -135,7 +199,8 @@ def _craft_table(summary: dict):
     def pct(v) -> str:
         return "–" if v is None else f"{100 * v:.1f} %"
 
-    table = Table(title=f"uap craft · {summary['model']} · ℓ{summary['norm']} ε={summary['eps']:.4g} · {summary['method']}",
+    table = Table(title=f"uap craft · {literal(summary['model'])} · ℓ{summary['norm']} ε={summary['eps']:.4g} · "
+                  f"{literal(summary['method'])}",
                   title_style="bold")
     table.add_column("", style="bold")
     table.add_column("value", justify="right")
@@ -155,6 +220,8 @@ def _craft_table(summary: dict):
     return table
 
 
+_FACTORY_HELP = ("A package.module:factory spec imports that module and calls factory() with no arguments: "
+                 "it runs that code, so name only code you trust (not callable, or needing arguments: refused).")
 _IMAGE_SIZE_HELP = ("imagefolder:PATH: centre-crop images of any size to N×N (default: the model's own preprocessing, "
                     "if it has one, else the images as they are).")
 _RESIZE_HELP = "imagefolder:PATH: resize the shorter side to N before the crop (default ⌊image size / 0.875⌋)."
@@ -187,15 +254,16 @@ def _preprocessing_settings(prep) -> Optional[dict]:
 @friendly_errors
 def craft_cmd(
     model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, package.module:factory, "
-                              "torchvision:NAME[:WEIGHTS], timm:NAME, open_clip:ARCH[:TAG] or hub:DIR:ENTRY (see `uap models --external`)."),
+                              "torchvision:NAME[:WEIGHTS], timm:NAME, open_clip:ARCH[:TAG] or hub:DIR:ENTRY (see "
+                              "`uap models --external`). " + _FACTORY_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory, torchvision:NAME, "
                                            "timm:NAME, open_clip:ARCH or hub:DIR:ENTRY model (safetensors, or a state dict read with weights_only=True)."),
     mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, e.g. 0.49,0.48,0.45."),
     std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (with --mean)."),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
-    resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help=_IMAGE_SIZE_HELP),
+    resize: Optional[int] = typer.Option(None, "--resize", min=1, help=_RESIZE_HELP),
     n_images: int = typer.Option(1000, "--n-images", help="Crafting images X (class-balanced, from the train split)."),
     heldout: int = typer.Option(2000, "--heldout", help="Held-out test images to measure after each pass (0: none)."),
     eps: str = typer.Option("8/255", "--eps", help="Radius ε of the ℓp ball; fractions like 8/255 are fine."),
@@ -204,13 +272,13 @@ def craft_cmd(
     max_passes: int = typer.Option(10, "--max-passes", help="At most this many passes over X."),
     method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, sgd, feature, "
                                "deepfool-targeted or foolbox:<AttackName> (e.g. foolbox:L2CarliniWagnerAttack)."),
-    target_class: Optional[int] = typer.Option(None, "--target", help="Targeted UAP: send images to this class "
+    target_class: Optional[int] = typer.Option(None, "--target", min=0, help="Targeted UAP: send images to this class "
                                                "(deepfool, sgd, foolbox:…); the stop rule uses the targeted success rate."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step: DeepFool call (deepfool-batched), "
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step: DeepFool call (deepfool-batched), "
                                              "gradient step (sgd, feature: default 32) or Foolbox call (default 1)."),
     method_option: List[str] = typer.Option([], "--method-option", help="KEY=VALUE knob of the method (JSON value), "
                                             "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting order."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
     precision: str = typer.Option("fp32", "--precision", help="Arithmetic of DeepFool's gradients (deepfool, "
                                   "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 and on recent "
@@ -265,6 +333,7 @@ def craft_cmd(
         raise _UsageError(f"--precision {precision} sets the arithmetic of DeepFool's gradients; --method {method} "
                           "does not use DeepFool")
     mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
+    _check_normalisation(mean_v, std_v)
     torch_device = _torch_device(device)
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
@@ -284,10 +353,10 @@ def craft_cmd(
     def on_event(event: dict) -> None:
         kind = event["event"]
         if kind == "reused":
-            console.print(f"[green]{out} already holds a finished run with these settings[/] (--force recrafts it)")
+            console.print(f"[green]{literal(out)} already holds a finished run with these settings[/] (--force recrafts it)")
         elif kind == "start":
             if event["resumed_passes"]:
-                console.print(f"resuming after pass {event['resumed_passes']} from {event['checkpoint']}")
+                console.print(f"resuming after pass {event['resumed_passes']} from {literal(event['checkpoint'])}")
             progress.start()
         elif kind == "progress":
             seen = event["visited"]
@@ -324,7 +393,7 @@ def craft_cmd(
             progress.stop()
     console.print(_craft_table(result.summary))
     if not result.reused:
-        console.print(f"wrote {out}/perturbation.safetensors, perturbation.json, perturbation.png, summary.json")
+        console.print(f"wrote {literal(out)}/perturbation.safetensors, perturbation.json, perturbation.png, summary.json")
 
 
 # ----------------------------------------------------------------------------- evaluate / transfer
@@ -440,7 +509,7 @@ def _print_report(report, title: str, caption: str = "") -> None:
     table = Table(title=title, title_style="bold", caption=caption or None)
     table.add_column("perturbation \\ model", style="bold")
     for m in report.models:
-        table.add_column(m, justify="right")
+        table.add_column(literal(m), justify="right")
     for i, pert in enumerate(report.perturbations):
         if report.is_baseline(pert) and (i == 0 or not report.is_baseline(report.perturbations[i - 1])):
             table.add_section()
@@ -451,9 +520,9 @@ def _print_report(report, title: str, caption: str = "") -> None:
             label = report.dominant_label[i, j]
             if report.classes and 0 <= label < len(report.classes):
                 label = report.classes[label]
-            detail = f"acc {pct(report.accuracy[i, j])} · {pct(report.dominant_share[i, j])} % → {label}"
+            detail = f"acc {pct(report.accuracy[i, j])} · {pct(report.dominant_share[i, j])} % → {literal(label)}"
             cells.append(f"{text}\n[dim]{detail}[/]")
-        table.add_row(f"[italic]{pert}[/]\n[dim]baseline[/]" if report.is_baseline(pert) else pert, *cells)
+        table.add_row(f"[italic]{literal(pert)}[/]\n[dim]baseline[/]" if report.is_baseline(pert) else literal(pert), *cells)
     table.add_section()
     table.add_row("[dim]clean acc.[/]", *[f"[dim]{pct(a)}[/]" for a in report.clean_accuracy])
     console.print(table)
@@ -486,7 +555,7 @@ def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) ->
         report.save_csv(out / "results.csv")
         figures = write_figures(out, report, perturbations, loaded, x, y=y)
     names = ", ".join(p.name for p in figures.values())
-    console.print(f"wrote {out}/results.json, results.csv, {names}")
+    console.print(f"wrote {literal(out)}/results.json, results.csv, {literal(names)}")
 
 
 @app.command("evaluate")
@@ -494,16 +563,17 @@ def _write_bundle(out: Path, report, perturbations: dict, loaded: dict, x, y) ->
 def evaluate_cmd(
     perturbations: List[Path] = typer.Argument(..., help="Saved perturbations (the .safetensors/.json pair, or its stem)."),
     models: str = typer.Option("all", "--models", help="Comma-separated zoo names, package.module:factory or SOURCE:NAME, "
-                               "each optionally SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); 'all' = every zoo model."),
+                               "each optionally SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); 'all' = every zoo model. "
+                               + _FACTORY_HELP),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
     split: str = typer.Option("test", "--split", help="Split the held-out images come from."),
-    n_images: int = typer.Option(2000, "--n-images", help="Held-out images (class-balanced subset)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image subset."),
-    batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass."),
+    n_images: int = typer.Option(2000, "--n-images", min=1, help="Held-out images (class-balanced subset)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subset."),
+    batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Folder for results.json, results.csv and figures."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
-    resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help=_IMAGE_SIZE_HELP),
+    resize: Optional[int] = typer.Option(None, "--resize", min=1, help=_RESIZE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     baselines: str = typer.Option(_DEFAULT_BASELINES, "--baselines", help=_BASELINES_HELP + " Their norm: the largest of the "
                                   "perturbations' (in the norm they were crafted in)."),
@@ -552,7 +622,7 @@ def evaluate_cmd(
         task = bar.add_task("evaluating", total=None)
 
         def progress(done: int, total: int, desc: str) -> None:
-            bar.update(task, completed=done, total=total, description=desc)
+            bar.update(task, completed=done, total=total, description=literal(desc))
 
         rows: dict = {}
         if chosen:
@@ -567,13 +637,13 @@ def evaluate_cmd(
                                                   preprocessing=prep)
                 built = build_baselines(chosen, x.shape[1:], norm, p, seed=seed, models=loaded, x_craft=x_craft,
                                         batch_size=batch_size,
-                                        callback=lambda _e, info: bar.update(task, description=f"fourier search on {info['model']}"))
+                                        callback=lambda _e, info: bar.update(task, description=f"fourier search on {literal(info['model'])}"))
                 rows = built.perturbations
                 meta.update(baseline_norm=norm, baseline_p=norm_name(p), baselines=built.info,
                             n_craft=n_craft if x_craft is not None else 0)
         report = evaluate(loaded_perts, loaded, x, y, batch_size=batch_size, classes=classes, progress=progress,
                           meta=meta, baselines=rows)
-    _print_report(report, "fooling rate (%)", f"{report.n_images} {data} {split} images; "
+    _print_report(report, "fooling rate (%)", f"{report.n_images} {literal(data)} {literal(split)} images; "
                   "fooling = prediction differs from the model's clean prediction; below: accuracy under v, "
                   "share of the most common perturbed label")
     _write_bundle(out, report, {**loaded_perts, **rows}, loaded, x, y)
@@ -583,21 +653,22 @@ def evaluate_cmd(
 @friendly_errors
 def transfer_cmd(
     models: str = typer.Option("all", "--models", help="Comma-separated zoo names, package.module:factory or SOURCE:NAME, "
-                               "each optionally SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); 'all' = every zoo model."),
+                               "each optionally SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); 'all' = every zoo model. "
+                               + _FACTORY_HELP),
     eps: str = typer.Option("8/255", "--eps", help="Budget ε, e.g. 8/255 or 10."),
     norm: str = typer.Option("inf", "--norm", help="inf, 2 or 1."),
     delta: float = typer.Option(0.2, "--delta", help="Stop when the crafting-set fooling rate reaches 1 − δ."),
     max_passes: int = typer.Option(10, "--max-passes", help="Maximum passes over the crafting images."),
     method: str = typer.Option("deepfool", "--method", help="UAP crafting method (see `uap craft --help`)."),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
-    n_craft: int = typer.Option(1000, "--n-craft", help="Crafting images (train split), shared by all source models."),
-    n_images: int = typer.Option(1000, "--n-images", help="Held-out evaluation images (test split)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets, the crafting and the random baseline."),
-    batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", help="Images per forward pass when evaluating."),
+    n_craft: int = typer.Option(1000, "--n-craft", min=1, help="Crafting images (train split), shared by all source models."),
+    n_images: int = typer.Option(1000, "--n-images", min=1, help="Held-out evaluation images (test split)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets, the crafting and the random baseline."),
+    batch_size: int = typer.Option(uap.forward.DEFAULT_BATCH_SIZE, "--batch-size", min=1, help="Images per forward pass when evaluating."),
     out: Path = typer.Option(Path("runs/transfer"), "--out", help="Folder for results, figures and crafted perturbations (reused on re-run)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help=_IMAGE_SIZE_HELP),
-    resize: Optional[int] = typer.Option(None, "--resize", help=_RESIZE_HELP),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=1, help=_IMAGE_SIZE_HELP),
+    resize: Optional[int] = typer.Option(None, "--resize", min=1, help=_RESIZE_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     baselines: str = typer.Option(_DEFAULT_BASELINES, "--baselines", help=_BASELINES_HELP + " Their norm: the largest of the "
                                   "crafted UAPs'; fourier is searched on the crafting images."),
@@ -610,10 +681,14 @@ def transfer_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from uap.methods import make_method
     from uap.transfer import transfer_matrix
+    from uap.universal import check_stop_rule
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
     _check_budget(eps_value, p)
+    check_stop_rule(delta, max_passes)
+    make_method(method)
     chosen = _baseline_names(baselines)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
@@ -633,7 +708,7 @@ def transfer_cmd(
         def on_event(event: str, info: dict) -> None:
             if event == "craft":
                 resumed = info.get("resumed_passes", 0)
-                bar.update(passes, description=f"  crafting on {info['model']}", completed=resumed, visible=True,
+                bar.update(passes, description=f"  crafting on {literal(info['model'])}", completed=resumed, visible=True,
                            info=f"resumed after pass {resumed}" if resumed else "")
             elif event == "craft_step" and info.get("event") == "progress":  # during a pass
                 done = info["pass"] - 1 + info["visited"] / max(1, info["total"])
@@ -646,9 +721,9 @@ def transfer_cmd(
                 bar.update(passes, visible=False)
                 bar.advance(sources)
                 if event == "reused":
-                    console.print(f"reusing the perturbation crafted on {info['model']} ({info['path']})")
+                    console.print(f"reusing the perturbation crafted on {literal(info['model'])} ({literal(info['path'])})")
             elif event == "fourier":
-                bar.update(evals, description=f"fourier search on {info['model']}", visible=True)
+                bar.update(evals, description=f"fourier search on {literal(info['model'])}", visible=True)
             elif event == "evaluate":
                 bar.update(evals, completed=info["done"], total=info["total"], visible=True, info=info["desc"])
 
@@ -658,8 +733,8 @@ def transfer_cmd(
                                  baselines=chosen, callback=on_event)
     result.report.meta.update(command="transfer", data=data, n_images=n_images, n_craft=n_craft,
                               preprocessing=_preprocessing_settings(prep))
-    caption = (f"rows: crafted on ({n_craft} {data} train images), columns: applied to "
-               f"({result.report.n_images} held-out test images); ε={eps}, ℓ{'∞' if p == float('inf') else int(p)}; "
+    caption = (f"rows: crafted on ({n_craft} {literal(data)} train images), columns: applied to "
+               f"({result.report.n_images} held-out test images); ε={literal(eps)}, ℓ{'∞' if p == float('inf') else int(p)}; "
                "baselines: same norm, no crafting (fourier:M searched on M's crafting-set fooling rate)")
     _print_report(result.report, "transfer: fooling rate (%)", caption)
     _write_bundle(out, result.report, result.perturbations, loaded, x_eval, y_eval)
@@ -681,20 +756,20 @@ def _int_list(text: str, option: str) -> List[int]:
 @app.command("sweep")
 @friendly_errors
 def sweep_cmd(
-    model: str = typer.Option("supervised", "--model", help="The target, as for `uap craft --model`."),
+    model: str = typer.Option("supervised", "--model", help="The target, as for `uap craft --model`. " + _FACTORY_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for the model, as for `uap craft`."),
     data: str = typer.Option("cifar10", "--data", help="Dataset: cifar10 or imagefolder:PATH."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Folder that contains the dataset (default: $UAP_DATA_DIR)."),
     methods: str = typer.Option("deepfool,deepfool-batched,sgd,feature", "--methods", help="Crafting methods, comma-separated."),
     n_images: str = typer.Option("100,300,1000,3000,10000", "--n-images", help="The |X| axis (nested random subsets)."),
     eps: str = typer.Option("2/255,4/255,6/255,8/255,10/255,12/255", "--eps", help="The ε axis."),
-    n_base: int = typer.Option(1000, "--n-base", help="|X| of the ε and passes axes."),
+    n_base: int = typer.Option(1000, "--n-base", min=1, help="|X| of the ε and passes axes."),
     eps_base: str = typer.Option("10/255", "--eps-base", help="ε of the |X| and passes axes."),
     norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
-    passes: int = typer.Option(5, "--passes", help="Passes per run (the passes axis is the base run's history)."),
+    passes: int = typer.Option(5, "--passes", min=1, help="Passes per run (the passes axis is the base run's history)."),
     delta: float = typer.Option(0.2, "--delta", help="Stop a run once its fooling rate on X exceeds 1 − δ."),
-    heldout: int = typer.Option(2000, "--heldout", help="Held-out test images every point is measured on."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting orders."),
+    heldout: int = typer.Option(2000, "--heldout", min=1, help="Held-out test images every point is measured on."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting orders."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder: points/ (one resumable run each), "
                              "sweep.json, sweep.csv, sweep.png."),
@@ -717,8 +792,6 @@ def sweep_cmd(
         raise _UsageError("--methods is empty")
     for m in method_names:
         make_method(m)
-    if n_base < 1 or passes < 1 or heldout < 1:
-        raise _UsageError("--n-base, --passes and --heldout must be ≥ 1")
     if not 0 < delta < 1:
         raise _UsageError(f"--delta must be in (0, 1), got {delta}")
     torch_device = _torch_device(device)
@@ -731,9 +804,9 @@ def sweep_cmd(
 
     def on_point(event: dict) -> None:
         s, point = event["summary"], event["point"]
-        console.print(f"[{event['index']}/{event['total']}] {escape(point.method)} |X|={point.n_images} "
+        console.print(f"[{event['index']}/{event['total']}] {literal(point.method)} |X|={point.n_images} "
                       f"ε={point.eps:.4g}: held-out fooling {100 * s['heldout_fooling_rate']:.1f} % "
-                      f"(baseline {escape(s['baseline']['name'])} {100 * s['baseline']['heldout_fooling_rate']:.1f} %), "
+                      f"(baseline {literal(s['baseline']['name'])} {100 * s['baseline']['heldout_fooling_rate']:.1f} %), "
                       f"{s['seconds']:.1f} s")
 
     result = sweep(target, x, held, out, methods=method_names, n_images=counts, eps=eps_values, n_base=n_base,
@@ -742,8 +815,8 @@ def sweep_cmd(
     written = result.save(out)
     for method, axes in result.crossings.items():
         text = ", ".join(f"{axis} ≥ {value:.4g}" if value is not None else f"{axis}: never" for axis, value in axes.items())
-        console.print(f"{escape(method)} reaches the strongest baseline at: {text}")
-    console.print(f"wrote {written['json']}, {written['csv'].name}, {written['png'].name}")
+        console.print(f"{literal(method)} reaches the strongest baseline at: {text}")
+    console.print(f"wrote {literal(written['json'])}, {written['csv'].name}, {written['png'].name}")
 
 
 # ----------------------------------------------------------------------------- train / models
@@ -810,7 +883,7 @@ def train_cmd(
     if strategy not in STRATEGIES:
         raise _UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     train(config, out, resume=resume, console=console, command=command, device=torch_device, strategy=strategy)
-    console.print(f"checkpoint: {out}")
+    console.print(f"checkpoint: {literal(out)}")
     if zoo and distributed.is_main():
         with distributed.alone():  # rank 0 measures and writes the zoo entry by itself
             _zoo_entry(out, zoo)
@@ -822,9 +895,9 @@ def _zoo_entry(out: Path, zoo: str) -> None:
 
     card = build_zoo_entry(out, zoo, console=console)
     if card["builder"] == "clip":
-        console.print(f"zoo entry {zoo}: zero-shot accuracy {card['zero_shot_acc']:.4f}")
+        console.print(f"zoo entry {literal(zoo)}: zero-shot accuracy {card['zero_shot_acc']:.4f}")
     else:
-        console.print(f"zoo entry {zoo}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
+        console.print(f"zoo entry {literal(zoo)}: linear probe {card['linear_probe_acc']:.4f}, kNN {card['knn_acc']:.4f}")
 
 
 @app.command("models")
@@ -854,8 +927,8 @@ def models_cmd(
             v = card.get(key)
             return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "-"
 
-        table.add_row(name, card.get("builder", "-"), str(card.get("method", "-")), str(card.get("backbone", "-")),
-                      str(card.get("epochs", "-")), pct("linear_probe_acc"), pct("knn_acc"), pct("zero_shot_acc"),
+        table.add_row(*map(literal, (name, card.get("builder", "-"), card.get("method", "-"), card.get("backbone", "-"),
+                                     card.get("epochs", "-"))), pct("linear_probe_acc"), pct("knn_acc"), pct("zero_shot_acc"),
                       pct("random_init_linear_probe_acc"), f"{card.get('size_bytes', 0) / 1e6:.1f}")
     console.print(table)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -148,6 +149,11 @@ class TrainConfig:
             if getattr(out, key) is None:
                 setattr(out, key, d[key])
         check_precision(out.precision)
+        for key in ("lr", "weight_decay", "warmup_epochs"):  # NaN would only show up as a NaN loss, later
+            value = getattr(out, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (key == "lr" and value == 0):
+                raise ValueError(f"{key} must be a finite number {'> 0' if key == 'lr' else '≥ 0'}, got {value!r}")
         if out.optimizer not in ("sgd", "lars", "adamw"):
             raise ValueError(f"optimizer must be sgd, lars or adamw, got {out.optimizer!r}")
         return out

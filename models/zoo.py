@@ -34,7 +34,7 @@ from typing import Any, Callable
 from torch import nn
 
 from uap.atomic import atomic_write
-from uap.targets import ModelSource
+from uap.targets import ModelSource, load_state_dict_file
 
 __all__ = ["ZOO_DIR", "MODEL_SOURCE", "register_builder", "available", "cards", "load", "load_card", "resolve",
            "save_entry", "sha256_file"]
@@ -145,8 +145,6 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
     ``NAME@knn`` gives the same encoder with a kNN head (see :data:`KNN_BANK_SIZE`), so an
     attack can be measured on a second downstream head of one encoder.
     """
-    from safetensors.torch import load_file
-
     text = str(name_or_path)
     if text.endswith("@knn"):
         return _load_knn(text[: -len("@knn")], zoo_dir, verify)
@@ -155,11 +153,16 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
     for p in (weights, card_path):
         if not p.is_file():
             raise FileNotFoundError(f"zoo entry is incomplete: {p} is missing")
-    card = json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model card {card_path} is not valid JSON: {e}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"model card {card_path} holds a JSON {type(card).__name__}, not an object")
     if verify and card.get("sha256") and sha256_file(weights) != card["sha256"]:
         raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
     model = _builder(card.get("builder", "probed"))(card)
-    state = load_file(str(weights))
+    state = load_state_dict_file(weights)  # a damaged file is a ValueError naming it
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

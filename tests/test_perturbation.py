@@ -13,7 +13,7 @@ from uap import Perturbation
 
 
 def _pert() -> Perturbation:
-    v = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.01
+    v = (torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.01).clamp(-8 / 255, 8 / 255)
     history = [{"pass": 1, "fooling_rate": 0.5, "heldout_fooling_rate": None, "seconds": 1.5}]
     return Perturbation(v=v, model="m", data="cifar10:train:n=8", eps=8 / 255, norm=math.inf, delta=0.2,
                         method="deepfool", seed=3, history=history, seconds=1.5, extra={"n_images": 8})

@@ -32,6 +32,7 @@ deterministic for a seed; splits never share an image.
 from __future__ import annotations
 
 import hashlib
+import operator
 import os
 import pickle
 import zlib
@@ -181,8 +182,9 @@ def load_split(
     """Like :func:`load` but returns a :class:`Split` that also carries per-image ids."""
     if split not in _SPLITS:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if n is not None and n <= 0:
-        raise ValueError(f"n must be a positive number of images, got {n}")
+    if n is not None:
+        n = _whole(n, "n must be a positive number of images", 1)
+    seed = _whole(seed, "seed must be an integer ≥ 0", 0)
     if preprocessing is not None and not isinstance(preprocessing, Preprocessing):
         raise TypeError(f"preprocessing must be a uap.data.Preprocessing, got {type(preprocessing).__name__}")
     if name == "cifar10":
@@ -201,6 +203,17 @@ def load_split(
     y = torch.from_numpy(labels[index].astype(np.int64))
     return Split(x=chosen if stream else chosen.tensor(), y=y, classes=tuple(classes),
                  ids=tuple(ids[i] for i in index))
+
+
+def _whole(value: object, message: str, minimum: int) -> int:
+    """``value`` as an int ≥ ``minimum`` (numpy integers too), else ``ValueError(message, got …)``."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < minimum:
+        raise ValueError(f"{message}, got {value!r}")
+    return number
 
 
 def balanced_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -264,12 +277,12 @@ def _load_cifar10(split: str, root):
     downloaded = _try_download_cifar10(cache_dir())
     if downloaded is not None:
         return _read_cifar_batches(downloaded, split)
-    listing = "\n  ".join(str(p) for p in dict.fromkeys(tried))
-    raise DataNotFoundError(
+    listing = ", ".join(str(p) for p in dict.fromkeys(tried))
+    raise DataNotFoundError(  # one line: every front end shows it as one
         "CIFAR-10 not found and could not be downloaded (offline?). Looked for "
-        "'cifar10/{train,test}/<class>/*.jpg' or 'cifar-10-batches-py/' in:\n  "
-        f"{listing}\nSet UAP_DATA_DIR to the folder that contains 'cifar10/' "
-        "(e.g. UAP_DATA_DIR=../shared/data) or pass --data-root."
+        f"'cifar10/{{train,test}}/<class>/*.jpg' or 'cifar-10-batches-py/' in: {listing}. "
+        "Set UAP_DATA_DIR to the folder that contains 'cifar10/' (e.g. UAP_DATA_DIR=../shared/data) "
+        "or pass --data-root."
     )
 
 
@@ -339,6 +352,9 @@ def _list_imagefolder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataNotFoundError(f"{folder} has no class sub-folders (expected <class>/<image> files)")
+    if len(classes) == 1:
+        raise ValueError(f"{folder} has a single class sub-folder ({classes[0]!r}): labels and accuracies need at "
+                         "least two classes (expected <class>/<image> files, one sub-folder per class)")
     items = []
     for label, cls in enumerate(classes):
         for f in sorted((folder / cls).iterdir()):
@@ -393,10 +409,16 @@ def _open_cache(cache: Path, count: int) -> np.ndarray | None:
 
 
 def _decode(path: Path, preprocessing: Preprocessing | None) -> np.ndarray:
+    """One image file as an H×W×3 uint8 array; a file that is not a readable image (a text
+    file named ``.jpg``, a truncated download, no read permission) is a ``ValueError`` naming it."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        image = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "not an image"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{path} is not a readable image ({reason}); remove it from the folder or replace it") from None
     if preprocessing is not None:
         image = preprocessing.apply(image)
     return np.asarray(image)

@@ -52,7 +52,7 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch import nn
 
-from uap.forward import BatchLayout, check_images, eval_mode, logits_of, model_device
+from uap.forward import BatchLayout, check_dtype, check_images, eval_mode, logits_of, model_device
 from uap.options import Options, require
 from uap.projection import check_norm
 from uap.targeting import check_target, target_margin
@@ -153,7 +153,7 @@ def deepfool(
         the prediction at ``clip(x_i + r_i, 0, 1)`` differs from the prediction at ``x_i``
         (targeted: when it is the target).
     """
-    check_images(x)
+    check_dtype(model, check_images(x))
     DeepFoolOptions.parse(dict(norm=norm, candidates=candidates, overshoot=overshoot, max_iter=max_iter,
                                precision=precision), owner="deepfool")
     p = check_norm(norm)

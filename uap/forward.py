@@ -6,8 +6,10 @@ methods, DeepFool) goes through here, so they agree on what a target is and how 
 - a target is an ``nn.Module`` taking images in [0, 1] (N×C×H×W) and returning N×C logits
   (:func:`logits_of` checks that), run in eval mode (:func:`eval_mode`) on the device of its
   parameters (:func:`model_device`);
-- image batches are validated once (:func:`check_images`: shape, dtype, finite values in
-  [0, 1]) and run ``DEFAULT_BATCH_SIZE`` at a time (:func:`batches`);
+- image batches are validated once (:func:`check_images`: shape, floating dtype, finite values
+  in [0, 1]; :func:`check_dtype`: the model's own dtype) and run ``DEFAULT_BATCH_SIZE`` at a
+  time (:func:`batches`); a model that raises on valid images (built for another image size)
+  is a :class:`ModelInputError` naming the shape, not a traceback from inside its layers;
 - :class:`Inference` is the gradient-free pass every measurement uses: predicted labels of
   ``x`` or of ``clip(x + v, 0, 1)``, and, for a model with an ``.encoder``
   (:func:`encoder_of`), its embeddings, captured by a forward hook in the same pass when the
@@ -36,7 +38,8 @@ from uap.images import Images, as_rows, is_images
 
 __all__ = [
     "DEFAULT_BATCH_SIZE", "BatchLayout", "Inference", "Outputs", "logits_of", "model_device", "eval_mode",
-    "check_images", "check_perturbation", "batches", "encoder_of", "encoder_features",
+    "check_images", "check_perturbation", "check_dtype", "ModelInputError", "batches", "encoder_of",
+    "encoder_features",
 ]
 
 T = TypeVar("T")
@@ -114,6 +117,34 @@ def check_images(x: torch.Tensor | Images, name: str = "x") -> torch.Tensor | Im
     return x
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (else buffer); None when it has neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def check_dtype(model: nn.Module, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """Validate that the images ``x`` have the floating dtype the model computes in.
+
+    A float64 batch given to a float32 model (``torch.from_numpy`` of a float64 array is the
+    usual way to get one) otherwise fails deep inside the first layer with a message about
+    bias types; a model of its own dtype (a float64 reference model) takes images of that dtype.
+    """
+    dtype = model_dtype(model)
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"{name} is {str(x.dtype).removeprefix('torch.')} but the model computes in "
+                         f"{str(dtype).removeprefix('torch.')}: convert the images with "
+                         f"x.to(torch.{str(dtype).removeprefix('torch.')})")
+    return x
+
+
+class ModelInputError(ValueError):
+    """The model raised an error on a batch of valid images: it does not take images of this shape
+    (a classifier built for another image size or channel count, weights for another input)."""
+
+
 def check_perturbation(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Validate that ``v`` (C×H×W, or 1×C×H×W) fits the images ``x`` (N×C×H×W)."""
     if not torch.is_tensor(v) or not v.is_floating_point():
@@ -178,7 +209,14 @@ class BatchLayout:
                 return fn(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError:
                 self.channels_last = False
-        return fn(x.contiguous())
+        try:
+            return fn(x.contiguous())
+        except torch.cuda.OutOfMemoryError:
+            raise  # about the batch size, not about the images
+        except RuntimeError as e:  # a shape or dtype the model's layers cannot take
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelInputError(f"the model cannot run on images of shape {tuple(x.shape[1:])} "
+                                  f"(batch {tuple(x.shape)}): {detail}") from e
 
 
 def _run(model: nn.Module, x: torch.Tensor, track: bool,
@@ -277,7 +315,7 @@ class Inference:
     def __call__(self, x: torch.Tensor | Images, v: torch.Tensor | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE) -> Outputs:
         """Labels (and embeddings, when asked for and available) on ``clip(x + v, 0, 1)`` or ``x``."""
-        check_images(x)
+        check_dtype(self.model, check_images(x))
         if v is not None:
             v = check_perturbation(v, x).to(device=self.device, dtype=x.dtype)
         n, sharded = x.shape[0], is_distributed() and x.shape[0] >= world()[1]
@@ -301,7 +339,7 @@ class Inference:
     def embeddings(self, x: torch.Tensor | Images, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor | None:
         """Encoder features of ``x`` alone (N×D float32, CPU), without running the classifier;
         ``None`` for a model without an encoder (or an instance made without ``embeddings``)."""
-        check_images(x)
+        check_dtype(self.model, check_images(x))
         if self.encoder is None:
             return None
         n, sharded = x.shape[0], is_distributed() and x.shape[0] >= world()[1]

@@ -153,6 +153,10 @@ class Perturbation:
             meta = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"metadata of {path} is not valid JSON: {e}") from None
+        source = sidecar if sidecar.is_file() else f"the header of {path}"
+        if not isinstance(meta, dict):
+            raise ValueError(f"metadata in {source} is a JSON {type(meta).__name__}, not an object")
+        _check_agrees(v, meta, source)
         return cls.from_metadata(v, meta)
 
     @classmethod
@@ -185,6 +189,36 @@ class Perturbation:
         path = Path(path)
         atomic_write(path, buf.getvalue())
         return path
+
+
+#: Slack of the "‖v‖_p ≤ ε" check of a loaded file: float32 rounding of a projected ``v``.
+_EPS_SLACK = 1e-4
+
+
+def _check_agrees(v: torch.Tensor, meta: dict[str, Any], source: object) -> None:
+    """Refuse a file whose metadata contradicts its tensor: a tensor that is not a finite float
+    C×H×W, another shape than ``meta["shape"]``, an unknown norm, or ``‖v‖_p`` above the ε it
+    claims (a sidecar of another perturbation, a hand-edited file). Fields the metadata does
+    not have (older files, a bare tensor) are not checked."""
+    if not v.is_floating_point() or v.dim() != 3:
+        raise ValueError(f"the tensor of {source} is {str(v.dtype).removeprefix('torch.')} {tuple(v.shape)}; "
+                         "a perturbation is a floating C×H×W tensor")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"the tensor of {source} has NaN or infinite values")
+    shape = meta.get("shape")
+    if shape is not None and list(shape) != list(v.shape):
+        raise ValueError(f"{source} says shape {shape} but its tensor is {list(v.shape)}: the two files do not belong "
+                         "together")
+    try:
+        p = check_norm(meta.get("norm", "inf"))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    eps = meta.get("eps")
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps):
+        size = lp_norm(v.float(), p).item()
+        if eps <= 0 or size > eps * (1 + _EPS_SLACK) + 1e-7:
+            raise ValueError(f"{source} says eps={eps:.6g} (ℓ{norm_name(p)}) but its tensor has "
+                             f"‖v‖_{norm_name(p)} = {size:.6g}: the metadata does not describe this tensor")
 
 
 def _json_default(obj: Any) -> Any:

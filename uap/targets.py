@@ -3,7 +3,9 @@
 A *target* is an ``nn.Module`` taking images in ``[0, 1]`` (N×3×H×W) and returning logits
 (N×C); normalisation lives inside it. :func:`resolve_model` accepts three spellings:
 
-- ``package.module:factory`` — a user's own model: ``factory()`` builds the module, weights
+- ``package.module:factory`` — a user's own model: the module is imported (its top-level code
+  runs) and ``factory()`` is called to build the module, so name only code you trust; an
+  attribute that is not callable, or that needs arguments, is refused without being called; weights
   come from ``weights`` (safetensors, or a state dict read with
   ``torch.load(..., weights_only=True)``, which cannot run code), and ``mean``/``std`` wrap it
   in a normalisation layer (:class:`Normalized`) when it expects normalised input;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import inspect
 import importlib.metadata
 import re
@@ -174,16 +177,37 @@ class Normalized(nn.Module):
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        if len(mean) != len(std):
-            raise ModelSpecError(f"mean has {len(mean)} values but std has {len(std)}", "mean", "std")
-        if any(not s > 0 for s in std):
-            raise ModelSpecError("std values must be > 0", "std")
+        self.check(mean, std)
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    @staticmethod
+    def check(mean: Sequence[float], std: Sequence[float], channels: int | None = None) -> None:
+        """Validate a normalisation: as many finite means as stds, every std finite and > 0, and,
+        given the images' ``channels``, one value per channel (or a single value for all).
+        Errors are :class:`ModelSpecError` about ``mean``/``std``."""
+        try:
+            mean, std = [float(m) for m in mean], [float(s) for s in std]
+        except (TypeError, ValueError):
+            raise ModelSpecError(f"mean and std must be sequences of numbers, got {mean!r} and {std!r}",
+                                 "mean", "std") from None
+        if not mean or not std:
+            raise ModelSpecError("mean and std need at least one value each", "mean", "std")
+        if len(mean) != len(std):
+            raise ModelSpecError(f"mean has {len(mean)} values but std has {len(std)}", "mean", "std")
+        if any(not math.isfinite(m) for m in mean):
+            raise ModelSpecError(f"mean values must be finite numbers, got {mean}", "mean")
+        if any(not (math.isfinite(s) and s > 0) for s in std):
+            raise ModelSpecError(f"std values must be finite and > 0, got {std}", "std")
+        if channels is not None and len(mean) not in (1, channels):
+            raise ModelSpecError(f"mean and std have {len(mean)} values but the images have {channels} channels "
+                                 "(give one value per channel, or one for all)", "mean", "std")
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """``(x - mean) / std``: the normalisation the wrapped model expects, of images in [0, 1]."""
+        if x.dim() >= 2 and self.mean.shape[1] not in (1, x.shape[1]):
+            self.check(self.mean.flatten().tolist(), self.std.flatten().tolist(), channels=x.shape[1])
         return (x - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +222,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # SafetensorError (not an OSError): random bytes, a truncated or foreign file
+            raise ValueError(f"could not read {path} as safetensors (damaged, truncated or not safetensors): "
+                             f"{' '.join(str(e).split())}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusing a global, a corrupt file …
@@ -330,6 +358,8 @@ def _build_factory(spec: str) -> nn.Module:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ModelSpecError(f"cannot import {module_name!r} for {spec}: {e}") from None
+    except (Exception, SystemExit) as e:  # the module's own code failed while importing
+        raise ModelSpecError(f"importing {module_name!r} for {spec} failed: {type(e).__name__}: {e}") from None
     factory = getattr(module, attr, None)
     if factory is None:
         raise ModelSpecError(f"{module_name} has no attribute {attr!r} ({spec})")
@@ -344,4 +374,8 @@ def _build_factory(spec: str) -> nn.Module:
                              "by itself (e.g. a function returning the configured module)") from None
     except ValueError:  # a builtin without a signature: let the call decide
         pass
-    return _checked(factory(), spec)
+    try:
+        built = factory()
+    except Exception as e:  # the user's factory failed: its message, on one line, not a traceback
+        raise ModelSpecError(f"{spec}() raised {type(e).__name__}: {' '.join(str(e).split())}") from None
+    return _checked(built, spec)

@@ -50,6 +50,7 @@ from uap.distributed import alone, broadcast, broadcast_json, world
 from uap.evaluate import as_named_models, evaluate
 from uap.forward import DEFAULT_BATCH_SIZE
 from uap.images import Images, is_images
+from uap.methods import make_method
 from uap.metrics import DEFAULT_CACHE
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
@@ -162,6 +163,8 @@ def transfer_matrix(
     clash = sorted(set(craft_kwargs) & _SET_HERE)
     if clash:
         raise ValueError(f"craft_kwargs cannot set {clash}: transfer_matrix sets them for every source")
+    universal.check_stop_rule(delta, max_passes)  # before out_dir is touched: a bad setting leaves nothing behind
+    make_method(method, craft_kwargs.get("method_options"))
     model_ids = dict(model_ids or {})
     emit = callback or (lambda _event, _info: None)
     runs = ({s: RunFolder(Path(out_dir) / "perturbations", s) for s in sources}  # bad names fail before crafting

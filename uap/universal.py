@@ -43,13 +43,21 @@ from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
 from uap.targeting import check_target, targeted_success_rate
 
-__all__ = ["craft", "visiting_order"]
+__all__ = ["craft", "check_stop_rule", "visiting_order"]
 
 
 def visiting_order(n: int, seed: int, pass_index: int) -> torch.Tensor:
     """The permutation of ``range(n)`` visited in pass ``pass_index`` (1-based) for ``seed``."""
     g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(pass_index))
     return torch.randperm(n, generator=g)
+
+
+def check_stop_rule(delta: float, max_passes: int) -> None:
+    """Validate the stop rule: ``0 < delta < 1`` and ``max_passes`` an integer ≥ 1."""
+    if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
+        raise ValueError(f"max_passes must be an integer ≥ 1, got {max_passes!r}")
 
 
 def craft(
@@ -121,10 +129,7 @@ def craft(
     """
     p = check_norm(norm)
     eps = check_eps(eps, p)
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
-    if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
-        raise ValueError(f"max_passes must be an integer ≥ 1, got {max_passes!r}")
+    check_stop_rule(delta, max_passes)
     check_images(x, "x (the crafting set)")
     pass_method = methods.make_method(method, method_options)
     df = DeepFoolOptions.parse(deepfool_options, owner="DeepFool options (deepfool_options)")
