@@ -40,6 +40,7 @@ from models.precision import autocast, check_precision
 from models.probes import knn_accuracy
 from models.schedules import warmup_cosine_schedule
 from uap.atomic import atomic_write
+from uap.forward import memory_format_for
 
 __all__ = [
     "TrainConfig", "METHODS", "method_class", "check_hparams", "build_method", "build_optimizer",
@@ -288,8 +289,8 @@ def train(
     if monitor_data is not None:
         monitor_data = tuple(t.to(device) for t in monitor_data)
     method = sync_batchnorm_if_distributed(build_method(config)).to(device)
-    if config.backbone == "resnet18":
-        method = method.to(memory_format=torch.channels_last)  # the faster layout for CPU convolutions
+    if config.backbone == "resnet18":  # channels-last where it is faster and safe (uap.forward.memory_format_for)
+        method = method.to(memory_format=memory_format_for(method, device))
     x, y = method.prepare_data(x, y)
     if len(x) < config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(x)} training images")

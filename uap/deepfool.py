@@ -179,7 +179,7 @@ def deepfool(
         classes = None
         active = torch.arange(n, device=device)
         vmap_state = {"ok": True}  # turns False for the call if vmap cannot batch one of the model's layers
-        layout = BatchLayout(device)
+        layout = BatchLayout(device, model)
         for step in range(max_iter + 1):
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
             if auto:  # decided per step: rows drop out, so late steps are small batches
