@@ -29,7 +29,7 @@ def test_narrow_resnets_stay_contiguous_on_the_cpu(width, suitable):
 
 
 def test_the_rule_looks_at_strided_pointwise_convolutions_only():
-    assert not channels_last_suitable(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))  # nothing to speed up
+    assert channels_last_suitable(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)))
     assert channels_last_suitable(nn.Conv2d(3, 4, 3, stride=2))  # a 3×3 stem is fine at any width
     assert channels_last_suitable(nn.Conv2d(4, 8, 1))  # unit stride: no reduce-to-unit-stride workspace
     assert not channels_last_suitable(nn.Conv2d(8, 16, 1, stride=2))

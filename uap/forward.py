@@ -17,8 +17,8 @@ methods, DeepFool) goes through here, so they agree on what a target is and how 
 - on the CPU, oneDNN's convolutions run faster on batches in channels-last memory layout, so
   :class:`BatchLayout` uses it for batches of more than one image (a single image stays
   contiguous: PyTorch's native kernels are as fast at that size) of a model where that layout
-  is safe (:func:`channels_last_suitable`: convolutions, and none of the narrow strided 1×1 ones
-  that oneDNN gets wrong). The layout changes only how a tensor is stored, not its values. Not
+  is safe (:func:`channels_last_suitable`: none of the narrow strided 1×1 convolutions that
+  oneDNN gets wrong in that layout). The layout changes only how a tensor is stored, not its values. Not
   every model accepts it (one that calls ``.view`` on its input raises a ``RuntimeError``);
   :class:`BatchLayout` then falls back to the contiguous layout for the rest of its life, so a
   failing model costs one extra pass, once.
@@ -154,16 +154,14 @@ CHANNELS_LAST_MIN_CHANNELS = 16
 def channels_last_suitable(model: nn.Module) -> bool:
     """Whether channels-last is the layout to run ``model`` in on the CPU.
 
-    True when the model has a 2-D convolution (the only layers the layout speeds up) and no
-    strided 1×1 convolution with fewer than :data:`CHANNELS_LAST_MIN_CHANNELS` input channels
-    per group (the shape oneDNN's channels-last kernel gets wrong, see the constant). A
-    structural rule rather than a trial run: the failure is not always a crash, it can be wrong
-    weight gradients, which a probe would not see.
+    True unless the model has a strided 1×1 convolution with fewer than
+    :data:`CHANNELS_LAST_MIN_CHANNELS` input channels per group (the shape oneDNN's channels-last
+    kernel gets wrong, see the constant). A structural rule rather than a trial run: the failure
+    is not always a crash, it can be wrong weight gradients, which a probe would not see.
     """
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return bool(convs) and not any(
-        tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1 and m.in_channels // m.groups < CHANNELS_LAST_MIN_CHANNELS
-        for m in convs)
+    return not any(
+        isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
+        and m.in_channels // m.groups < CHANNELS_LAST_MIN_CHANNELS for m in model.modules())
 
 
 def memory_format_for(model: nn.Module, device: torch.device | str) -> torch.memory_format:
