@@ -115,6 +115,25 @@ def _float_list(text: Optional[str], option: str) -> Optional[List[float]]:
         raise _UsageError(f"{option} must be comma-separated numbers, got {text!r}") from None
 
 
+def _threads_option(default: Optional[int] = None):
+    """The one ``--threads`` option of every command that runs models."""
+    shown = default if default is not None else "torch's, one per core"
+    return typer.Option(default, "--threads", help=f"torch CPU threads (default: {shown}). On cores shared with other "
+                        "work, fewer threads than cores avoid oversubscription (1 can be many times faster); "
+                        "results do not depend on it.")
+
+
+def _use_threads(threads: Optional[int]) -> None:
+    """Apply ``--threads`` (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise _UsageError(f"--threads must be ≥ 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _torch_device(text: str):
     import torch
 
@@ -218,6 +237,7 @@ def craft_cmd(
                                         help="Attack a copy of the model with batch norm folded into the layers "
                                         "before it (the same function, faster to differentiate)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    threads: Optional[int] = _threads_option(),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
     force: bool = typer.Option(False, "--force", help="Start over: discard the finished run or the checkpoint in --out."),
 ) -> None:
@@ -261,6 +281,7 @@ def craft_cmd(
                           "does not use DeepFool")
     mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
     torch_device = _torch_device(device)
+    _use_threads(threads)  # not part of the run's settings: v does not depend on it
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
         out = Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
@@ -469,6 +490,7 @@ def evaluate_cmd(
                                   "perturbations' (in the norm they were crafted in)."),
     n_craft: int = typer.Option(1000, "--n-craft", help="Images of the train split of --data the fourier baseline "
                                 "is searched on (never the held-out --split images)."),
+    threads: Optional[int] = _threads_option(),
 ) -> None:
     """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine.
 
@@ -481,6 +503,7 @@ def evaluate_cmd(
     from uap.perturbation import Perturbation
     from uap.projection import lp_norm, norm_name
 
+    _use_threads(threads)
     chosen = _baseline_names(baselines)
     loaded_perts: dict = {}
     norms: set = set()
@@ -556,6 +579,7 @@ def transfer_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     baselines: str = typer.Option(_DEFAULT_BASELINES, "--baselines", help=_BASELINES_HELP + " Their norm: the largest of the "
                                   "crafted UAPs'; fourier is searched on the crafting images."),
+    threads: Optional[int] = _threads_option(),
 ) -> None:
     """Cross-model transfer matrix: one UAP per model, each applied to every model, plus baseline rows.
 
@@ -567,6 +591,7 @@ def transfer_cmd(
 
     eps_value, p = parse_eps(eps), parse_norm(norm)
     _check_budget(eps_value, p)
+    _use_threads(threads)
     chosen = _baseline_names(baselines)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
@@ -635,7 +660,7 @@ def train_cmd(
     knn_every: int = typer.Option(5, "--knn-every", help="kNN monitor every N epochs (0: off)."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Use a class-balanced subset of the training set "
                                           "(images a method holds out, e.g. clip's val_size, included)."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
+    threads: int = _threads_option(2),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast for the networks, float32 losses; "
                                                 "faster on CPUs with native bfloat16)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: per-epoch checkpoint + state JSON."),
@@ -667,6 +692,7 @@ def train_cmd(
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
     torch_device = _torch_device(device)
+    _use_threads(threads)
     config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,
