@@ -11,6 +11,7 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -42,7 +43,9 @@ def friendly_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError, _UsageError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             first, *rest = str(msg).strip().splitlines() or ["invalid input"]
@@ -52,6 +55,11 @@ def friendly_errors(fn: Callable) -> Callable:
             raise typer.Exit(2)
 
     return wrapper
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (e.g. bf16 falling back to fp32) as one yellow line on stderr."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def parse_eps(text: str) -> float:
@@ -229,8 +237,9 @@ def craft_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the image subsets and the visiting order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
     precision: str = typer.Option("fp32", "--precision", help="Arithmetic of DeepFool's gradients (deepfool, "
-                                  "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 and on recent "
-                                  "GPUs; the fooled/not-fooled decisions stay fp32)."),
+                                  "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 or AMX and on recent "
+                                  "GPUs; elsewhere it falls back to fp32 with a warning; the fooled/not-fooled "
+                                  "decisions stay fp32)."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
                                    "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
     fold_batchnorm: bool = typer.Option(True, "--fold-batchnorm/--no-fold-batchnorm",
