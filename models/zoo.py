@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,11 +142,12 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
          verify: bool = True) -> nn.Module:
     """The classifier of a zoo entry, in eval mode: images in [0, 1] → logits, with ``.encoder``.
 
-    ``verify`` checks the weights file against the card's sha256.
+    ``verify`` checks the weights file against the card's sha256; a card without one is refused
+    (``ValueError``) rather than loaded unverified.
     ``NAME@knn`` gives the same encoder with a kNN head (see :data:`KNN_BANK_SIZE`), so an
     attack can be measured on a second downstream head of one encoder.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     text = str(name_or_path)
     if text.endswith("@knn"):
@@ -156,10 +158,19 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
         if not p.is_file():
             raise FileNotFoundError(f"zoo entry is incomplete: {p} is missing")
     card = json.loads(card_path.read_text())
-    if verify and card.get("sha256") and sha256_file(weights) != card["sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
+    blob = weights.read_bytes()  # hashed and parsed from one read: a file replaced in between cannot slip through
+    if verify:
+        expected = card.get("sha256")
+        if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected.lower()):
+            raise ValueError(f"{card_path} has no valid sha256 of {weights.name}, so its weights cannot be verified; "
+                             f"add \"sha256\": \"<sha256sum {weights.name}>\" to the card (or load it with verify=False)")
+        if hashlib.sha256(blob).hexdigest() != expected.lower():
+            raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
     model = _builder(card.get("builder", "probed"))(card)
-    state = load_file(str(weights))
+    try:
+        state = load_safetensors(blob)
+    except Exception as e:  # SafetensorError for a damaged file (only reachable with verify=False)
+        raise ValueError(f"could not read {weights} as safetensors: {e}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

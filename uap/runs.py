@@ -81,6 +81,7 @@ from torch import nn
 from uap import universal
 from uap.atomic import atomic_write
 from uap.distributed import alone, broadcast, broadcast_json, is_distributed, is_main
+from uap.fingerprint import tensor_fingerprint
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, norm_name
 
@@ -145,14 +146,6 @@ class UnfinishedRun(RunError):
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-def tensor_fingerprint(x: torch.Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes (identifies a set of images)."""
-    t = x.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
 
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over a model's state dict (names, shapes, bytes): changes when it is retrained."""
