@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import uap
+from uap.atomic import check_output_folder
 
 app = typer.Typer(
     name="uap",
@@ -294,6 +295,7 @@ def craft_cmd(
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
         out = Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
+    check_output_folder(out, "--out")
     settings = {  # what the command line said; the run's record adds every uap.craft argument and fingerprints
         "model": model, "weights": str(weights) if weights else None, "mean": mean_v, "std": std_v,
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
@@ -513,6 +515,7 @@ def evaluate_cmd(
     from uap.projection import lp_norm, norm_name
 
     _use_threads(threads)
+    check_output_folder(out, "--out")
     chosen = _baseline_names(baselines)
     loaded_perts: dict = {}
     norms: set = set()
@@ -601,6 +604,7 @@ def transfer_cmd(
     eps_value, p = parse_eps(eps), parse_norm(norm)
     _check_budget(eps_value, p)
     _use_threads(threads)
+    check_output_folder(out, "--out")
     chosen = _baseline_names(baselines)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
@@ -702,6 +706,7 @@ def train_cmd(
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
     torch_device = _torch_device(device)
     _use_threads(threads)
+    check_output_folder(out, "--out")
     config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,

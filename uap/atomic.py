@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "check_output_folder"]
 
 Content = Union[bytes, str, Callable[[Path], None]]
 
@@ -49,3 +49,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, before any work, that ``path`` can be a folder this process writes into.
+
+    ``path`` must be a writable folder, or not exist yet under a nearest existing ancestor that
+    is a writable folder (so it can be created); nothing is created here. Raises ``ValueError``
+    naming ``what`` and the reason: it is a file, it lies under a file, or a folder on the way
+    is not writable. Commands call it first, so a bad ``--out`` costs nothing instead of a
+    finished computation that cannot be saved.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what} {path} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "it is" if probe == path else f"{probe} is"
+        raise ValueError(f"{what} {path} is not writable: {where} not writable by this user")
+    return path
