@@ -14,10 +14,13 @@ that ``epochs`` may change while the run is still in warm-up (the steps done so 
 exactly those of a fresh run with the new length).
 
 Checkpoint layout (``out_dir``): ``last.ckpt.safetensors`` holds the method's state
-(``model.*``), the optimiser's tensors (``optim.*``) and the RNG states; ``last.json`` holds
-the config, step, epoch, wall time, history (loss, kNN and the method's metrics per epoch)
-and, for a run stopped inside an epoch (``max_steps``), that epoch's losses so far. Both are
-written with :func:`uap.atomic.atomic_write`, so a crash never leaves a half-written file.
+(``model.*``), the optimiser's tensors (``optim.*``) and the RNG states, and in its header the
+state: the config, step, epoch, wall time, history (loss, kNN and the method's metrics per
+epoch) and, for a run stopped inside an epoch (``max_steps``), that epoch's losses so far;
+``last.json`` is a readable copy of that state. Both are written with
+:func:`uap.atomic.atomic_write`, so a crash never leaves a half-written file, and resuming
+reads the state from the weights file, so a crash between the two writes cannot pair new
+weights with the previous epoch's state.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ __all__ = [
 
 CKPT_NAME = "last.ckpt.safetensors"
 STATE_NAME = "last.json"
+_STATE_KEY = "state"  # the checkpoint's state, embedded in the weights file's header
 
 
 METHODS = {
@@ -180,8 +184,11 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()  # GPU augmentations draw from here
     meta = {**state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]}
-    atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, str(p)))
-    atomic_write(out_dir / STATE_NAME, json.dumps(meta, indent=2))
+    text = json.dumps(meta, indent=2)
+    # the state travels inside the weights file (one rename): a kill between the two renames
+    # must not pair new weights with the previous epoch's state; last.json is a readable copy
+    atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, str(p), metadata={_STATE_KEY: text}))
+    atomic_write(out_dir / STATE_NAME, text)
 
 
 def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
@@ -194,11 +201,13 @@ def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
 
 def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_tensors
 
     ckpt, meta_path = _require_checkpoint(out_dir)
-    tensors = load_file(str(ckpt))
-    meta = json.loads(meta_path.read_text())
+    blob = ckpt.read_bytes()  # weights and their state from one read of one file
+    tensors = load_tensors(blob)
+    embedded = (json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")]).get("__metadata__") or {}).get(_STATE_KEY)
+    meta = json.loads(embedded if embedded is not None else meta_path.read_text())  # older checkpoints: the sidecar
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     if optimizer is not None:
         opt = optimizer.state_dict()

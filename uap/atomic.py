@@ -38,11 +38,22 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+        _pause_for_tests()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _pause_for_tests() -> None:
+    """``UAP_TEST_WRITE_PAUSE=SECONDS`` holds every write with its temporary file complete but not
+    yet renamed, so the crash tests can kill a process inside a write. Unset: nothing."""
+    pause = os.environ.get("UAP_TEST_WRITE_PAUSE")
+    if pause:
+        import time
+
+        time.sleep(float(pause))
 
 
 def _umask() -> int:

@@ -417,7 +417,15 @@ class RunFolder:
         # give it a new inode, which other processes would lock independently of this one.
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        self._remove_stale_temporaries()
         return fd
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove temporary files of this run's writes left by a killed writer (``kill -9`` inside
+        :func:`~uap.atomic.atomic_write`); with the lock held no live writer owns one."""
+        for tmp in self.folder.glob(f".{self.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _release(self, fd: int) -> None:
         try:
