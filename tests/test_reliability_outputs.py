@@ -61,10 +61,10 @@ def test_check_output_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()  # nothing is created
     with pytest.raises(ValueError, match="is a file, not a folder"):
         check_output_folder(tmp_path / "file", "--out")
-    with pytest.raises(ValueError, match="cannot be created: .*file is a file"):
+    with pytest.raises(ValueError, match="file is a file, so it cannot be created"):
         check_output_folder(tmp_path / "file" / "run", "--out")
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root every folder is writable
-    with pytest.raises(ValueError, match="is not writable"):
+    with pytest.raises(ValueError, match="not writable by this user"):
         check_output_folder(tmp_path / "new", "--out")
 
 
@@ -91,4 +91,5 @@ def test_a_bad_out_is_refused_before_any_work(command, case, tmp_path, monkeypat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "--out" in result.output and "Traceback" not in result.output
+    assert "cannot use" in result.output
     assert {"file": "is a file", "under-a-file": "cannot be created", "unwritable": "not writable"}[case] in result.output

@@ -73,15 +73,15 @@ def check_output_folder(path: str | os.PathLike, what: str = "output folder") ->
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} is a file, not a folder")
+        raise ValueError(f"cannot use {path} as {what}: it is a file, not a folder")
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise ValueError(f"{what} {path} cannot be created: {probe} is a file")
+        raise ValueError(f"cannot use {path} as {what}: {probe} is a file, so it cannot be created")
     if not os.access(probe, os.W_OK | os.X_OK):
         where = "it is" if probe == path else f"{probe} is"
-        raise ValueError(f"{what} {path} is not writable: {where} not writable by this user")
+        raise ValueError(f"cannot use {path} as {what}: {where} not writable by this user")
     return path
