@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 import uap
+from uap.atomic import check_output_folder
 
 
 def literal(text: object) -> str:
@@ -94,12 +96,19 @@ def friendly_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_line
+                return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError, _UsageError) as e:
             print_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
             raise typer.Exit(2)
 
     return wrapper
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library warning (e.g. bf16 falling back to fp32) as one yellow line on stderr."""
+    err_console.print(f"[bold yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def parse_eps(text: str) -> float:
@@ -177,6 +186,25 @@ def _check_normalisation(mean: Optional[List[float]], std: Optional[List[float]]
         Normalized.check(mean, std, channels=3)
     except ModelSpecError as e:
         raise _UsageError(f"{' and '.join('--' + a for a in e.arguments)}: {e}") from None
+
+
+def _threads_option(default: Optional[int] = None):
+    """The one ``--threads`` option of every command that runs models."""
+    shown = default if default is not None else "torch's, one per core"
+    return typer.Option(default, "--threads", help=f"torch CPU threads (default: {shown}). On cores shared with other "
+                        "work, fewer threads than cores avoid oversubscription (1 can be many times faster); "
+                        "results do not depend on it.")
+
+
+def _use_threads(threads: Optional[int]) -> None:
+    """Apply ``--threads`` (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise _UsageError(f"--threads must be ≥ 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _torch_device(text: str):
@@ -281,8 +309,9 @@ def craft_cmd(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting order."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
     precision: str = typer.Option("fp32", "--precision", help="Arithmetic of DeepFool's gradients (deepfool, "
-                                  "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 and on recent "
-                                  "GPUs; the fooled/not-fooled decisions stay fp32)."),
+                                  "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 or AMX and on recent "
+                                  "GPUs; elsewhere it falls back to fp32 with a warning; the fooled/not-fooled "
+                                  "decisions stay fp32)."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
                                    "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
     fold_batchnorm: bool = typer.Option(True, "--fold-batchnorm/--no-fold-batchnorm",
@@ -291,6 +320,7 @@ def craft_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     probe_data: Optional[str] = typer.Option(None, "--probe-data", help=_PROBE_DATA_HELP),
     probe_images: int = typer.Option(1000, "--probe-images", help=_PROBE_IMAGES_HELP),
+    threads: Optional[int] = _threads_option(),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
     force: bool = typer.Option(False, "--force", help="Start over: discard the finished run or the checkpoint in --out."),
 ) -> None:
@@ -335,9 +365,11 @@ def craft_cmd(
     mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
     _check_normalisation(mean_v, std_v)
     torch_device = _torch_device(device)
+    _use_threads(threads)  # not part of the run's settings: v does not depend on it
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
         out = Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
+    check_output_folder(out, "--out")
     settings = {  # what the command line said; the run's record adds every uap.craft argument and fingerprints
         "model": model, "weights": str(weights) if weights else None, "mean": mean_v, "std": std_v,
         "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
@@ -581,6 +613,7 @@ def evaluate_cmd(
                                 "is searched on (never the held-out --split images)."),
     probe_data: Optional[str] = typer.Option(None, "--probe-data", help=_PROBE_DATA_HELP),
     probe_images: int = typer.Option(1000, "--probe-images", help=_PROBE_IMAGES_HELP),
+    threads: Optional[int] = _threads_option(),
 ) -> None:
     """Evaluate perturbations on several models: fooling rate, accuracies, dominant label, embedding cosine.
 
@@ -593,6 +626,8 @@ def evaluate_cmd(
     from uap.perturbation import Perturbation
     from uap.projection import lp_norm, norm_name
 
+    _use_threads(threads)
+    check_output_folder(out, "--out")
     chosen = _baseline_names(baselines)
     loaded_perts: dict = {}
     norms: set = set()
@@ -674,6 +709,7 @@ def transfer_cmd(
                                   "crafted UAPs'; fourier is searched on the crafting images."),
     probe_data: Optional[str] = typer.Option(None, "--probe-data", help=_PROBE_DATA_HELP),
     probe_images: int = typer.Option(1000, "--probe-images", help=_PROBE_IMAGES_HELP),
+    threads: Optional[int] = _threads_option(),
 ) -> None:
     """Cross-model transfer matrix: one UAP per model, each applied to every model, plus baseline rows.
 
@@ -689,6 +725,8 @@ def transfer_cmd(
     _check_budget(eps_value, p)
     check_stop_rule(delta, max_passes)
     make_method(method)
+    _use_threads(threads)
+    check_output_folder(out, "--out")
     chosen = _baseline_names(baselines)
     specs = _model_specs(models)
     loaded = _load_models(specs, device)
@@ -771,6 +809,7 @@ def sweep_cmd(
     heldout: int = typer.Option(2000, "--heldout", min=1, help="Held-out test images every point is measured on."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting orders."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
+    threads: Optional[int] = _threads_option(),
     out: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep folder: points/ (one resumable run each), "
                              "sweep.json, sweep.csv, sweep.png."),
 ) -> None:
@@ -795,6 +834,8 @@ def sweep_cmd(
     if not 0 < delta < 1:
         raise _UsageError(f"--delta must be in (0, 1), got {delta}")
     torch_device = _torch_device(device)
+    _use_threads(threads)
+    check_output_folder(out, "--out")
     target, model_id = _resolve_target(model, "--model", weights)
     target = target.to(torch_device)
     prep = _preprocessing(data, None, None, [target])
@@ -838,7 +879,7 @@ def train_cmd(
     knn_every: int = typer.Option(5, "--knn-every", help="kNN monitor every N epochs (0: off)."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Use a class-balanced subset of the training set "
                                           "(images a method holds out, e.g. clip's val_size, included)."),
-    threads: int = typer.Option(2, help="torch CPU threads."),
+    threads: int = _threads_option(2),
     precision: str = typer.Option("fp32", help="fp32 | bf16 (bfloat16 autocast for the networks, float32 losses; "
                                                 "faster on CPUs with native bfloat16)."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder: per-epoch checkpoint + state JSON."),
@@ -873,6 +914,8 @@ def train_cmd(
     argv = [a for a in sys.argv[1:] if a != "--resume"]
     command = "uap " + " ".join(shlex.quote(a) for a in argv)
     torch_device = _torch_device(device)
+    _use_threads(threads)
+    check_output_folder(out, "--out")
     config = TrainConfig(method=method, backbone=backbone, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, optimizer=optimizer, warmup_epochs=warmup_epochs, seed=seed,
                          knn_every=knn_every, n_train=n_train, threads=threads, precision=precision,

@@ -33,10 +33,13 @@ share of the batch; a stopped run resumes as the same run, but not bit for bit. 
 
 Checkpoint layout (``out_dir``): ``last.ckpt.safetensors`` holds the method's state
 (``model.*``), the optimiser's tensors (``optim.*``) and the RNG states (``rng.torch``, and
-``rng.torch.ranks`` — one row per rank — for a distributed run); ``last.json`` holds
+``rng.torch.ranks`` — one row per rank — for a distributed run), and in its header the state:
 the config, step, epoch, wall time, history (loss, kNN and the method's metrics per epoch)
-and, for a run stopped inside an epoch (``max_steps``), that epoch's losses so far. Both are
-written with :func:`uap.atomic.atomic_write`, so a crash never leaves a half-written file.
+and, for a run stopped inside an epoch (``max_steps``), that epoch's losses so far;
+``last.json`` is a readable copy of that state. Both are written with
+:func:`uap.atomic.atomic_write`, so a crash never leaves a half-written file, and resuming
+reads the state from the weights file, so a crash between the two writes cannot pair new
+weights with the previous epoch's state.
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ from models.probes import knn_accuracy
 from models.schedules import warmup_cosine_schedule
 from uap.atomic import atomic_write
 from uap.distributed import all_sum, gather_rows, is_main, world
+from uap.forward import memory_format_for
 
 __all__ = [
     "TrainConfig", "METHODS", "method_class", "check_hparams", "build_method", "build_optimizer",
@@ -72,6 +76,7 @@ __all__ = [
 
 CKPT_NAME = "last.ckpt.safetensors"
 STATE_NAME = "last.json"
+_STATE_KEY = "state"  # the checkpoint's state, embedded in the weights file's header
 
 
 METHODS = {
@@ -225,8 +230,11 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         return
     meta = {**state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
             "world_size": ranks}
-    atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, str(p)))
-    atomic_write(out_dir / STATE_NAME, json.dumps(meta, indent=2))
+    text = json.dumps(meta, indent=2)
+    # the state travels inside the weights file (one rename): a kill between the two renames
+    # must not pair new weights with the previous epoch's state; last.json is a readable copy
+    atomic_write(out_dir / CKPT_NAME, lambda p: save_file(tensors, str(p), metadata={_STATE_KEY: text}))
+    atomic_write(out_dir / STATE_NAME, text)
 
 
 def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
@@ -244,11 +252,13 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
     Full tensors are loaded into FSDP-sharded parameters and optimiser state as this rank's
     shards, so a checkpoint resumes under any strategy."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_tensors
 
     ckpt, meta_path = _require_checkpoint(out_dir)
-    tensors = load_file(str(ckpt))
-    meta = json.loads(meta_path.read_text())
+    blob = ckpt.read_bytes()  # weights and their state from one read of one file
+    tensors = load_tensors(blob)
+    embedded = (json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")]).get("__metadata__") or {}).get(_STATE_KEY)
+    meta = json.loads(embedded if embedded is not None else meta_path.read_text())  # older checkpoints: the sidecar
     current = model.state_dict()
     model.load_state_dict({k[6:]: like_param(v, current[k[6:]]) if k[6:] in current else v
                            for k, v in tensors.items() if k.startswith("model.")})
@@ -373,8 +383,8 @@ def train(
     method = sync_batchnorm_if_distributed(build_method(config)).to(device)
     if rank > 0:  # the other ranks draw their own augmentations
         torch.manual_seed(_rank_seed(config.seed, rank, 0))
-    if config.backbone == "resnet18":
-        method = method.to(memory_format=torch.channels_last)  # the faster layout for CPU convolutions
+    if config.backbone == "resnet18":  # channels-last where it is faster and safe (uap.forward.memory_format_for)
+        method = method.to(memory_format=memory_format_for(method, device))
     x, y = method.prepare_data(x, y)
     if len(x) < config.batch_size:
         raise ValueError(f"batch_size {config.batch_size} is larger than the {len(x)} training images")

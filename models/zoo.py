@@ -28,13 +28,14 @@ import hashlib
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
 from torch import nn
 
 from uap.atomic import atomic_write
-from uap.targets import ModelSource, load_state_dict_file
+from uap.targets import ModelSource
 
 __all__ = ["ZOO_DIR", "MODEL_SOURCE", "register_builder", "available", "cards", "load", "load_card", "resolve",
            "save_entry", "sha256_file"]
@@ -141,10 +142,13 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
          verify: bool = True) -> nn.Module:
     """The classifier of a zoo entry, in eval mode: images in [0, 1] → logits, with ``.encoder``.
 
-    ``verify`` checks the weights file against the card's sha256.
+    ``verify`` checks the weights file against the card's sha256; a card without one is refused
+    (``ValueError``) rather than loaded unverified.
     ``NAME@knn`` gives the same encoder with a kNN head (see :data:`KNN_BANK_SIZE`), so an
     attack can be measured on a second downstream head of one encoder.
     """
+    from safetensors.torch import load as load_safetensors
+
     text = str(name_or_path)
     if text.endswith("@knn"):
         return _load_knn(text[: -len("@knn")], zoo_dir, verify)
@@ -159,10 +163,20 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
         raise ValueError(f"model card {card_path} is not valid JSON: {e}") from None
     if not isinstance(card, dict):
         raise ValueError(f"model card {card_path} holds a JSON {type(card).__name__}, not an object")
-    if verify and card.get("sha256") and sha256_file(weights) != card["sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
+    blob = weights.read_bytes()  # hashed and parsed from one read: a file replaced in between cannot slip through
+    if verify:
+        expected = card.get("sha256")
+        if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected.lower()):
+            raise ValueError(f"{card_path} has no valid sha256 of {weights.name}, so its weights cannot be verified; "
+                             f"add \"sha256\": \"<sha256sum {weights.name}>\" to the card (or load it with verify=False)")
+        if hashlib.sha256(blob).hexdigest() != expected.lower():
+            raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
     model = _builder(card.get("builder", "probed"))(card)
-    state = load_state_dict_file(weights)  # a damaged file is a ValueError naming it
+    try:
+        state = load_safetensors(blob)
+    except Exception as e:  # SafetensorError for a damaged file (only reachable with verify=False)
+        raise ValueError(f"could not read {weights} as safetensors (damaged, truncated or not safetensors): "
+                         f"{' '.join(str(e).split())}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

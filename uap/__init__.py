@@ -21,6 +21,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from uap.threads import reproducible_across_threads
+
+reproducible_across_threads()  # before anything runs a model: v must not depend on --threads
+
 from uap import data
 from uap.baselines import build_baselines, chessboard, fourier_search, gaussian_perturbation, random_perturbation
 from uap.deepfool import deepfool

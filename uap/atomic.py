@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "check_output_folder"]
 
 Content = Union[bytes, str, Callable[[Path], None]]
 
@@ -38,6 +38,7 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
             data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+        _pause_for_tests()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -45,7 +46,42 @@ def atomic_write(path: str | os.PathLike, content: Content) -> Path:
     return path
 
 
+def _pause_for_tests() -> None:
+    """``UAP_TEST_WRITE_PAUSE=SECONDS`` holds every write with its temporary file complete but not
+    yet renamed, so the crash tests can kill a process inside a write. Unset: nothing."""
+    pause = os.environ.get("UAP_TEST_WRITE_PAUSE")
+    if pause:
+        import time
+
+        time.sleep(float(pause))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, before any work, that ``path`` can be a folder this process writes into.
+
+    ``path`` must be a writable folder, or not exist yet under a nearest existing ancestor that
+    is a writable folder (so it can be created); nothing is created here. Raises ``ValueError``
+    naming ``what`` and the reason: it is a file, it lies under a file, or a folder on the way
+    is not writable. Commands call it first, so a bad ``--out`` costs nothing instead of a
+    finished computation that cannot be saved.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"cannot use {path} as {what}: it is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"cannot use {path} as {what}: {probe} is a file, so it cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "it is" if probe == path else f"{probe} is"
+        raise ValueError(f"cannot use {path} as {what}: {where} not writable by this user")
+    return path

@@ -25,8 +25,9 @@ Names understood by :func:`load`:
   computation of torchvision's ``weights.transforms()``).
 
 Decoded images are cached as ``uint8`` ``.npy`` files under the cache dir (written image by
-image, read back as a memory map), so a folder of images is decoded once, not on every load; the cache is keyed on the folder, each file's
-name, label, size and modification time, and the preprocessing. Subsets (``n``) are class-balanced and
+image, read back as a memory map), so a folder of images is decoded once, not on every load;
+the cache is keyed on the folder, each file's name, label, size, inode, modification and
+status-change times, and the preprocessing. Subsets (``n``) are class-balanced and
 deterministic for a seed; splits never share an image.
 """
 from __future__ import annotations
@@ -368,14 +369,18 @@ def _list_imagefolder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 def _read_imagefolder_cached(folder: Path, prefix: str = "", preprocessing: Preprocessing | None = None):
     """Decode every image under ``folder`` once; later calls read a uint8 ``.npz`` cache.
 
-    The cache's key covers the folder, every file's name, label, size and modification time,
-    and the preprocessing, so an edited, added or removed image, or other settings, decode anew.
+    The cache's key covers the folder, every file's name, label, size, inode, modification
+    and status-change times, and the preprocessing, so an edited, added or removed image, or
+    other settings, decode anew. The status-change time (``st_ctime_ns``) is what catches an
+    edit that keeps the size and puts the old modification time back (``touch -r``, ``rsync
+    -t``, a copy that preserves times): no program can set it, every write and every ``utime``
+    moves it; the inode catches a file replaced by another (a rename over it).
     """
     classes, items = _list_imagefolder(folder)
     lines = []
     for rel, label in items:
         st = (folder / rel).stat()
-        lines.append(f"{rel}:{label}:{st.st_size}:{st.st_mtime_ns}")
+        lines.append(f"{rel}:{label}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
     listing = "\n".join(lines)
     settings = preprocessing.key() if preprocessing is not None else "as-is"
     stamp = hashlib.sha256(f"{folder.resolve()}\n{settings}\n{listing}".encode()).hexdigest()[:16]

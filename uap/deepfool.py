@@ -45,6 +45,8 @@ strongest rival ``k ≠ t`` at the current point, until ``t`` is the predicted c
 """
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Literal, Protocol, get_args
@@ -57,7 +59,7 @@ from uap.options import Options, require
 from uap.projection import check_norm
 from uap.targeting import check_target, target_margin
 
-__all__ = ["deepfool", "DeepFoolOptions", "GRADIENT_MODES", "PRECISIONS"]
+__all__ = ["deepfool", "DeepFoolOptions", "GRADIENT_MODES", "PRECISIONS", "bf16_slow_reason", "effective_precision"]
 
 #: How the ``candidates − 1`` gradients of a step are computed (see :func:`deepfool`).
 GRADIENT_MODES = ("auto", "batched", "loop", "replicated")
@@ -72,6 +74,56 @@ _TINY = 1e-8  # guards divisions by a vanishing gradient norm, as in the referen
 # and Foolbox pad by 1e-4; 1e-5 gives the same success and keeps a step within 1e-4 relative
 # of the exact minimal step for any boundary distance ≥ 0.1.
 _STEP_PAD = 1e-5
+
+
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which bfloat16 still has native instructions.
+_BF16_ISAS = ("BF16", "AMX", "AVX10", "ALL", "DEFAULT")
+
+
+def bf16_slow_reason(device: torch.device | str) -> str | None:
+    """Why bfloat16 gradients would be *slower* than float32 on ``device``, or None if they are not.
+
+    On a CPU without native bfloat16 arithmetic (AVX512-BF16 or AMX) every bfloat16 operation
+    is converted to and from float32 around float32 arithmetic (reported 7.8–12× slower than
+    float32 on an AVX2-only EPYC). The CPU's flags come from PyTorch's own cpuinfo
+    (``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported``), and a
+    ``ONEDNN_MAX_CPU_ISA`` below them counts as their absence. On CUDA, a GPU without native
+    bfloat16 (before Ampere) is slow the same way.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8:
+            return None
+        return "this GPU has no native bfloat16 arithmetic (needs compute capability 8.0+)"
+    if device.type != "cpu":
+        return None
+    cpu = getattr(torch, "cpu", None)
+    native = any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+                                                                        "_is_amx_tile_supported"))
+    if not native:
+        return f"this CPU has no native bfloat16 arithmetic (AVX512-BF16 or AMX; it has {torch.backends.cpu.get_cpu_capability()})"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and not any(isa in cap for isa in _BF16_ISAS):
+        return f"ONEDNN_MAX_CPU_ISA={cap} leaves oneDNN without the CPU's bfloat16 instructions"
+    return None
+
+
+def effective_precision(precision: str, device: torch.device | str) -> str:
+    """The precision DeepFool's gradients run in on ``device``: ``precision``, except that
+    ``"bf16"`` falls back to ``"fp32"`` where :func:`bf16_slow_reason` says it would be slower
+    (one warning per process and reason: the result is then a float32 result, and says so)."""
+    if precision != "bf16":
+        return precision
+    reason = bf16_slow_reason(device)
+    if reason is None:
+        return precision
+    _warn_once(f"--precision bf16 falls back to fp32: {reason}, so bf16 would be several times slower")
+    return "fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -161,9 +213,9 @@ def deepfool(
         raise ValueError(f"gradients must be one of {', '.join(map(repr, GRADIENT_MODES))}, got {gradients!r}")
     if lookahead is not None and x.shape[0] != 1:
         raise ValueError(f"a lookahead needs a one-image call, got {x.shape[0]} images")
-    autocast = torch.bfloat16 if precision == "bf16" else None
-
     device = model_device(model)
+    autocast = torch.bfloat16 if effective_precision(precision, device) == "bf16" else None
+
     x0 = x.detach().to(device)
     n = x0.shape[0]
     if logits is not None:
@@ -179,7 +231,7 @@ def deepfool(
         classes = None
         active = torch.arange(n, device=device)
         vmap_state = {"ok": True}  # turns False for the call if vmap cannot batch one of the model's layers
-        layout = BatchLayout(device)
+        layout = BatchLayout(device, model)
         for step in range(max_iter + 1):
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
             if auto:  # decided per step: rows drop out, so late steps are small batches

@@ -18,10 +18,12 @@ methods, DeepFool) goes through here, so they agree on what a target is and how 
   and every rank gets all outputs, in order, so every metric is the one-process metric;
 - on the CPU, oneDNN's convolutions run faster on batches in channels-last memory layout, so
   :class:`BatchLayout` uses it for batches of more than one image (a single image stays
-  contiguous: PyTorch's native kernels are as fast at that size). The layout changes only how
-  a tensor is stored, not its values. Not every model accepts it (one that calls ``.view`` on
-  its input raises a ``RuntimeError``); :class:`BatchLayout` then falls back to the contiguous
-  layout for the rest of its life, so a failing model costs one extra pass, once.
+  contiguous: PyTorch's native kernels are as fast at that size) of a model where that layout
+  is safe (:func:`channels_last_suitable`: none of the narrow strided 1×1 convolutions that
+  oneDNN gets wrong in that layout). The layout changes only how a tensor is stored, not its values. Not
+  every model accepts it (one that calls ``.view`` on its input raises a ``RuntimeError``);
+  :class:`BatchLayout` then falls back to the contiguous layout for the rest of its life, so a
+  failing model costs one extra pass, once.
 """
 from __future__ import annotations
 
@@ -37,9 +39,9 @@ from uap.distributed import gather_rows, is_distributed, shard, world
 from uap.images import Images, as_rows, is_images
 
 __all__ = [
-    "DEFAULT_BATCH_SIZE", "BatchLayout", "Inference", "Outputs", "logits_of", "model_device", "eval_mode",
-    "check_images", "check_perturbation", "check_dtype", "ModelInputError", "batches", "encoder_of",
-    "encoder_features",
+    "DEFAULT_BATCH_SIZE", "BatchLayout", "channels_last_suitable", "memory_format_for", "Inference", "Outputs",
+    "logits_of", "model_device", "eval_mode", "check_images", "check_perturbation", "check_dtype", "ModelInputError",
+    "batches", "encoder_of", "encoder_features",
 ]
 
 T = TypeVar("T")
@@ -179,15 +181,48 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+#: Fewest input channels a strided 1×1 convolution may have for channels-last to be safe on the
+#: CPU: oneDNN's 1×1 weight-gradient kernel for channels-last (nhwc) input with a stride reduces
+#: the input to unit stride in a workspace it sizes for a whole channel block, and with fewer
+#: channels than the block (8 floats with AVX2, 16 with AVX-512) writes past it: a segfault, heap
+#: corruption (``free(): invalid next size``), a hang, or silently wrong weight gradients,
+#: depending on the thread count (oneDNN issue #6035; reproduced here with ``resnet18_cifar(width=4)``
+#: under ``ONEDNN_MAX_CPU_ISA=AVX2``: in_channels 3–7 fail, 8–12 pass). 16 covers both block sizes.
+CHANNELS_LAST_MIN_CHANNELS = 16
+
+
+def channels_last_suitable(model: nn.Module) -> bool:
+    """Whether channels-last is the layout to run ``model`` in on the CPU.
+
+    True unless the model has a strided 1×1 convolution with fewer than
+    :data:`CHANNELS_LAST_MIN_CHANNELS` input channels per group (the shape oneDNN's channels-last
+    kernel gets wrong, see the constant). A structural rule rather than a trial run: the failure
+    is not always a crash, it can be wrong weight gradients, which a probe would not see.
+    """
+    return not any(
+        isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1) and max(m.stride) > 1
+        and m.in_channels // m.groups < CHANNELS_LAST_MIN_CHANNELS for m in model.modules())
+
+
+def memory_format_for(model: nn.Module, device: torch.device | str) -> torch.memory_format:
+    """The memory layout to train or run ``model`` in on ``device``: channels-last on CUDA (cuDNN's
+    fast path) and on the CPU where :func:`channels_last_suitable`, else contiguous."""
+    if torch.device(device).type == "cuda" or channels_last_suitable(model):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class BatchLayout:
     """Runs a model on image batches, channels-last on the CPU while the model accepts it.
 
     One instance serves one model for one run (a DeepFool call, a crafting pass, one
-    evaluation): it is where the "this model rejects channels-last" finding is kept.
+    evaluation): it is where the "this model rejects channels-last" finding is kept. Given the
+    model, channels-last is tried only where :func:`channels_last_suitable` says it is safe;
+    without it (a caller that knows its model runs no weight gradients), on every CPU batch.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.channels_last = device.type == "cpu"
+    def __init__(self, device: torch.device, model: nn.Module | None = None) -> None:
+        self.channels_last = device.type == "cpu" and (model is None or channels_last_suitable(model))
 
     def logits(self, model: nn.Module, x: torch.Tensor, *, track: bool = False,
                autocast: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,7 +343,7 @@ class Inference:
         self.model, self.name = model, name
         self.encoder = encoder_of(model) if embeddings else None
         self.device = model_device(model)
-        self.layout = BatchLayout(self.device)
+        self.layout = BatchLayout(self.device, model)
         #: None: not decided yet (first batch); True: the hook's capture is used; False: direct calls.
         self.use_hook: bool | None = None if isinstance(self.encoder, nn.Module) else False
 

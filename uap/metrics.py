@@ -10,10 +10,12 @@ separate functions: :func:`fooling_rate` and :func:`accuracy`.)
 
 Clean predictions are cached so that evaluating a perturbation costs one forward pass per
 image. :class:`CleanPredictions` is the cache; :func:`clean_predictions` reads the shared
-default instance. An entry is keyed by the *identity* of the model and of the data tensor
-and by their version counters (every in-place update of a parameter, buffer or of the data
-bumps ``tensor._version``), so training the model or editing the data in place invalidates
-it, and entries die with the model (weak references). Other modules (``uap.evaluate``)
+default instance. An entry is keyed by the *identity* of the model and its parameters'
+version counters (every in-place update of a parameter or buffer bumps ``tensor._version``,
+so training the model invalidates it; entries die with the model, weak references) and by
+the *content* of the data (:func:`uap.fingerprint.tensor_fingerprint`): images edited in
+place — also through ``.data`` or a NumPy view, which no version counter sees — are new
+images, and an equal copy of the same images is a hit. Other modules (``uap.evaluate``)
 should call :func:`clean_predictions` rather than re-running the model.
 
 Every function takes the images as a float tensor or as a :class:`uap.images.Images` set
@@ -28,6 +30,7 @@ import weakref
 import torch
 from torch import nn
 
+from uap.fingerprint import tensor_fingerprint
 from uap.forward import DEFAULT_BATCH_SIZE, Inference, check_images, check_perturbation
 from uap.images import Images, is_images
 
@@ -52,12 +55,12 @@ def predict(
 
 
 class CleanPredictions:
-    """Cache of clean predictions ``k̂(x)``, keyed by model and data identity + versions.
+    """Cache of clean predictions ``k̂(x)``, keyed by model identity + versions and data content.
 
-    ``cache.get(model, x)`` returns the cached labels when neither the model's parameters and
-    buffers nor ``x`` changed since they were computed (checked with the tensors' version
-    counters), otherwise computes them with :func:`predict` and stores them. Entries are
-    dropped when the model is garbage-collected. Use one shared instance
+    ``cache.get(model, x)`` returns the cached labels when the model's parameters and buffers
+    did not change (their version counters) and ``x`` holds the same bytes (its fingerprint)
+    as when they were computed, otherwise computes them with :func:`predict` and stores them.
+    Entries are dropped when the model is garbage-collected. Use one shared instance
     (:data:`DEFAULT_CACHE`, via :func:`clean_predictions`) so that crafting and evaluation
     share work.
     """
@@ -76,7 +79,7 @@ class CleanPredictions:
     def _data_key(x: torch.Tensor | Images) -> tuple:
         if is_images(x):  # read-only pixels: identity and selection suffice
             return (id(x), id(x.pixels), tuple(x.shape), len(x.rows))
-        return (id(x), x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, str(x.device), x._version)
+        return (tensor_fingerprint(x), str(x.device))
 
     def get(self, model: nn.Module, x: torch.Tensor, *, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
         """Clean predicted labels of ``model`` on ``x`` (int64, CPU), cached."""
@@ -85,14 +88,12 @@ class CleanPredictions:
         key = self._data_key(x)
         stamp = self._model_stamp(model)
         hit = entries.get(key)
-        if hit is not None:
-            ref, cached_stamp, labels = hit
-            if ref() is x and cached_stamp == stamp:
-                self.hits += 1
-                return labels
+        if hit is not None and hit[0] == stamp:
+            self.hits += 1
+            return hit[1].clone()  # a caller that edits the labels must not edit the cache
         self.misses += 1
         labels = predict(model, x, batch_size=batch_size)
-        entries[key] = (weakref.ref(x), stamp, labels)
+        entries[key] = (stamp, labels.clone())
         return labels
 
     def clear(self) -> None:

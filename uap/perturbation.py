@@ -2,11 +2,14 @@
 
 An artefact is two files side by side, and nothing in them is ever unpickled:
 
-- ``NAME.safetensors`` — the tensor ``v`` (C×H×W, float32) under the key ``"v"``; the
-  metadata is also embedded in the safetensors header (key ``"uap"``) so the tensor file
-  alone is self-describing;
-- ``NAME.json`` — the same metadata, human-readable (model id, data, ε, p, δ, method, seed,
-  per-pass history, time, package version).
+- ``NAME.safetensors`` — the tensor ``v`` (C×H×W, float32) under the key ``"v"``, and its
+  metadata in the safetensors header (key ``"uap"``): one file, written by one atomic
+  rename, so tensor and metadata can never be from different writes;
+- ``NAME.json`` — a human-readable copy of the same metadata (model id, data, ε, p, δ,
+  method, seed, per-pass history, time, package version), for people and tools; :meth:`load`
+  trusts the header, so a reader that opens the pair while a writer replaces it (the sidecar
+  is renamed a moment after the tensor file) still gets a matching tensor and metadata. A file
+  from before the header copy existed is read with its sidecar.
 
 ``to_png`` renders ``v`` as in Fig. 4 of Moosavi-Dezfooli et al. (CVPR 2017): the
 perturbation is scaled to the full [0, 255] range for visibility (its true magnitude is
@@ -128,27 +131,33 @@ class Perturbation:
     def load(cls, path: str | os.PathLike) -> "Perturbation":
         """Read a perturbation written by :meth:`save` (no pickle involved).
 
-        The ``.json`` sidecar is preferred; without it the header copy is used.
+        The metadata comes from the tensor file's own header (written with the tensor, so it
+        always matches it); the ``.json`` sidecar only for a file without one.
         """
-        from safetensors import safe_open
+        from safetensors.torch import load as load_tensors
 
         path = Path(path)
         if path.suffix != ".safetensors" and not path.exists():
             path = path.with_name(path.name + ".safetensors")
         if not path.is_file():
             raise FileNotFoundError(f"perturbation file {path} does not exist")
+        # One read of the whole file, then parsing from memory: a file opened by name (or mapped)
+        # can be read partly from the file a concurrent writer renamed over it, so header and
+        # tensor bytes would come from different writes.
+        blob = path.read_bytes()
         try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                if _TENSOR_KEY not in f.keys():
-                    raise ValueError(f"{path} has no tensor named {_TENSOR_KEY!r}")
-                v = f.get_tensor(_TENSOR_KEY)
-        except ValueError:
-            raise
+            tensors = load_tensors(blob)
+            size = int.from_bytes(blob[:8], "little")
+            header = json.loads(blob[8:8 + size]).get("__metadata__") or {}
         except Exception as e:  # SafetensorError (not an OSError) for a damaged or foreign file
             raise ValueError(f"could not read {path} as safetensors: {e}") from None
+        if _TENSOR_KEY not in tensors:
+            raise ValueError(f"{path} has no tensor named {_TENSOR_KEY!r}")
+        v = tensors[_TENSOR_KEY]
         sidecar = path.with_suffix(".json")
-        text = sidecar.read_text() if sidecar.is_file() else header.get(_HEADER_KEY, "{}")
+        text = header.get(_HEADER_KEY)
+        if text is None:
+            text = sidecar.read_text() if sidecar.is_file() else "{}"
         try:
             meta = json.loads(text)
         except json.JSONDecodeError as e:

@@ -81,7 +81,8 @@ from torch import nn
 from uap import universal
 from uap.atomic import atomic_write
 from uap.distributed import alone, broadcast, broadcast_json, is_distributed, is_main
-from uap.images import Images, is_images
+from uap.fingerprint import tensor_fingerprint
+from uap.images import is_images
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, norm_name
 
@@ -146,23 +147,6 @@ class UnfinishedRun(RunError):
 
 
 # --------------------------------------------------------------------------- fingerprints
-
-def tensor_fingerprint(x: torch.Tensor | Images) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes (identifies a set of images).
-
-    An :class:`uap.images.Images` set is hashed batch by batch as the float tensor it stands
-    for, so it has the fingerprint of the same images loaded as one tensor.
-    """
-    if is_images(x):
-        h = hashlib.sha256(f"{tuple(x.shape)}|{x.dtype}|".encode())
-        for xb in x.batches(256):
-            h.update(xb.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
-    t = x.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}|".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
 
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over a model's state dict (names, shapes, bytes): changes when it is retrained."""
@@ -434,7 +418,15 @@ class RunFolder:
         # give it a new inode, which other processes would lock independently of this one.
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        self._remove_stale_temporaries()
         return fd
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove temporary files of this run's writes left by a killed writer (``kill -9`` inside
+        :func:`~uap.atomic.atomic_write`); with the lock held no live writer owns one."""
+        for tmp in self.folder.glob(f".{self.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     def _release(self, fd: int) -> None:
         try:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from uap import methods
-from uap.deepfool import DeepFoolOptions
+from uap.deepfool import DeepFoolOptions, effective_precision
 from uap.distributed import broadcast
 from uap.forward import DEFAULT_BATCH_SIZE, check_images, check_perturbation, eval_mode, logits_of, model_device
 from uap.methods.base import AttackedModels, Callback, CraftContext, Method
@@ -144,6 +144,8 @@ def craft(
     hx, hy = _split_heldout(heldout, x)
 
     device = model_device(model)
+    # bf16 gradients only where they are faster (else fp32, one warning); the result records the one used
+    precision = effective_precision(df.precision, device) if "precision" in pass_method.deepfool_settings else df.precision
     history: list[dict] = []
     v = torch.zeros(x.shape[1:], dtype=x.dtype, device=device)
     if resume is not None:
@@ -217,7 +219,8 @@ def craft(
     extra: dict[str, Any] = {
         "n_images": int(x.shape[0]),
         "n_heldout": None if hx is None else int(hx.shape[0]),
-        "deepfool": {k: (norm_name(v_) if k == "norm" else v_) for k, v_ in df.to_dict().items()},
+        "deepfool": {**{k: (norm_name(v_) if k == "norm" else v_) for k, v_ in df.to_dict().items()},
+                     "precision": precision},
         "method_options": dict(method_options or {}),
         "max_passes": max_passes,
         **({"batchnorm_folded": folded} if folded is not None else {}),  # BatchNorm layers attacked folded

@@ -191,7 +191,7 @@ class CraftContext:
     def logits(self, idx: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         """The classifier's logits at ``clip(x[idx] + v, 0, 1)``, in one gradient-free pass."""
         if self._layout is None:
-            self._layout = BatchLayout(self.x.device)
+            self._layout = BatchLayout(self.x.device, self.classifier)
         return self._layout.logits(self.classifier, self.perturbed(idx, v))[1]
 
     def is_fooled(self, idx: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
