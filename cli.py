@@ -801,6 +801,8 @@ def sweep_cmd(
     methods: str = typer.Option("deepfool,deepfool-batched,sgd,feature", "--methods", help="Crafting methods, comma-separated."),
     n_images: str = typer.Option("100,300,1000,3000,10000", "--n-images", help="The |X| axis (nested random subsets)."),
     eps: str = typer.Option("2/255,4/255,6/255,8/255,10/255,12/255", "--eps", help="The ε axis."),
+    n_limit: List[str] = typer.Option([], "--n-limit", help="METHOD=N: the largest |X| for a slow method "
+                                      "(its |X| curve stops there), repeatable, e.g. --n-limit deepfool=1000."),
     n_base: int = typer.Option(1000, "--n-base", min=1, help="|X| of the ε and passes axes."),
     eps_base: str = typer.Option("10/255", "--eps-base", help="ε of the |X| and passes axes."),
     norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
@@ -826,11 +828,20 @@ def sweep_cmd(
     for e in eps_values + [eps_base_value]:
         _check_budget(e, p)
     counts = _int_list(n_images, "--n-images")
+    limits = {}
+    for item in n_limit:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise _UsageError(f"--n-limit must look like METHOD=N, got {item!r}")
+        limits[name.strip()] = _int_list(value, "--n-limit")[0]
     method_names = [m.strip() for m in methods.split(",") if m.strip()]
     if not method_names:
         raise _UsageError("--methods is empty")
     for m in method_names:
         make_method(m)
+    for m, limit in limits.items():
+        if m not in method_names or limit < n_base:
+            raise _UsageError(f"--n-limit {m}={limit}: name one of --methods, with a limit ≥ --n-base ({n_base})")
     if not 0 < delta < 1:
         raise _UsageError(f"--delta must be in (0, 1), got {delta}")
     torch_device = _torch_device(device)
@@ -852,7 +863,8 @@ def sweep_cmd(
 
     result = sweep(target, x, held, out, methods=method_names, n_images=counts, eps=eps_values, n_base=n_base,
                    eps_base=eps_base_value, norm=p, passes=passes, delta=delta, seed=seed, model_id=model_id,
-                   data=f"{data}:train:seed={seed}", settings={"command": "sweep"}, callback=on_point)
+                   data=f"{data}:train:seed={seed}", settings={"command": "sweep"}, n_limits=limits,
+                   callback=on_point)
     written = result.save(out)
     for method, axes in result.crossings.items():
         text = ", ".join(f"{axis} ≥ {value:.4g}" if value is not None else f"{axis}: never" for axis, value in axes.items())

@@ -78,3 +78,14 @@ def damaged_safetensors(folder: Path) -> dict[str, Path]:
     raw = good.read_bytes()
     truncated.write_bytes(raw[: len(raw) // 2])
     return {"random": random_bytes, "truncated": truncated}
+
+
+def rewrite_metadata(path: Path, text: str) -> Path:
+    """Give the perturbation file ``path`` the metadata ``text`` (JSON, or not), in its header —
+    the copy a reader trusts — and in its ``.json`` sidecar alike."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    save_file(tensors, str(path), metadata={"uap": text})
+    path.with_suffix(".json").write_text(text)
+    return path

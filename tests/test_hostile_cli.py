@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import cli
-from tests.hostile import MODEL, damaged_safetensors, invoke, one_line_error, pickle_payloads
+from tests.hostile import MODEL, damaged_safetensors, invoke, one_line_error, pickle_payloads, rewrite_metadata
 from uap import Perturbation
 
 SMALL = ["--n-images", "12", "--heldout", "10", "--max-passes", "1", "--method", "sgd"]
@@ -302,12 +302,9 @@ def perturbations(tmp_path) -> dict[str, Path]:
                        "l2": {"norm": "2"}}.items():
         path = good.save(folder / name)
         meta = json.loads(path.with_suffix(".json").read_text())
-        path.with_suffix(".json").write_text(json.dumps({**meta, **edit}))
-        files[name] = path
-    files["list"] = good.save(folder / "list")
-    files["list"].with_suffix(".json").write_text("[1, 2]")
-    files["bad-json"] = good.save(folder / "bad-json")
-    files["bad-json"].with_suffix(".json").write_text("{not json")
+        files[name] = rewrite_metadata(path, json.dumps({**meta, **edit}))
+    files["list"] = rewrite_metadata(good.save(folder / "list"), "[1, 2]")
+    files["bad-json"] = rewrite_metadata(good.save(folder / "bad-json"), "{not json")
     files.update(damaged_safetensors(folder))
     files["small"] = Perturbation(v=torch.zeros(3, 16, 16), eps=8 / 255).save(folder / "small")
     return files

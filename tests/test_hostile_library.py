@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import uap
-from tests.hostile import damaged_safetensors, pickle_payloads
+from tests.hostile import damaged_safetensors, pickle_payloads, rewrite_metadata
 from uap.forward import ModelInputError
 from uap.targets import ModelSpecError, Normalized, load_state_dict_file
 
@@ -148,8 +148,7 @@ def _saved(tmp_path, **edit):
     v = torch.full((3, 4, 4), 0.01)
     path = uap.Perturbation(v=v, eps=0.02, norm="inf").save(tmp_path / "p")
     meta = json.loads(path.with_suffix(".json").read_text())
-    path.with_suffix(".json").write_text(json.dumps({**meta, **edit}))
-    return path
+    return rewrite_metadata(path, json.dumps({**meta, **edit}))
 
 
 @pytest.mark.parametrize("edit,words", [

@@ -105,6 +105,26 @@ def test_decoded_image_cache_sees_a_same_size_edit_with_the_mtime_put_back(tmp_p
     assert not torch.equal(first.x, second.x)
 
 
+def test_a_damaged_decoded_image_cache_is_rebuilt(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("UAP_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(1)
+    for cls in ("a", "b"):
+        (folder / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "train" / cls / f"{i}.png")
+    first = data.load_split(f"imagefolder:{folder}", "train")
+    caches = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert caches
+    for damage in (b"", b"not an array", b"\x93NUMPY" + bytes(40)):
+        for p in caches:
+            p.write_bytes(damage)
+        again = data.load_split(f"imagefolder:{folder}", "train")
+        assert torch.equal(again.x, first.x)
+
+
 def _entry(tmp_path):
     card = {"builder": "probed", "method": "supervised",
             "architecture": {"backbone": "resnet18", "width": 4, "num_classes": 10}}

@@ -73,6 +73,21 @@ def test_crossings_follow_the_rows(setup):
     assert made.crossings["m"] == {"n_images": 8, "eps": None, "passes": None}
 
 
+def test_n_limits_stop_a_methods_curve_and_craft_nothing_beyond(tmp_path):
+    model = EncoderTarget(seed=1)
+    x, _ = images(n=10, seed=10)
+    out = tmp_path / "limited"
+    grid = {**GRID, "n_images": (4, 8, 10)}
+    result = sweep(model, x, images(n=6, seed=11), out, **grid, n_limits={"deepfool-batched": 8})
+    assert [v for v, _ in result.curve("deepfool-batched", "n_images")] == [4, 8]
+    assert [v for v, _ in result.curve("sgd", "n_images")] == [4, 8, 10]
+    assert not (out / "points" / "deepfool-batched-n10-eps0.25").exists()
+    with pytest.raises(ValueError, match="n_base"):
+        sweep(model, x, images(n=6, seed=11), tmp_path / "bad", **grid, n_limits={"sgd": 4})
+    with pytest.raises(ValueError, match="not one of"):
+        sweep(model, x, images(n=6, seed=11), tmp_path / "bad", **grid, n_limits={"feature": 8})
+
+
 def test_a_second_sweep_reuses_every_point(setup, monkeypatch):
     model, x, held, out, result = setup
     monkeypatch.setattr(uap.universal, "craft", lambda *a, **k: pytest.fail("a finished point was recrafted"))

@@ -407,7 +407,7 @@ def _open_cache(cache: Path, count: int) -> np.ndarray | None:
         return None
     try:
         images = np.load(cache, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # empty, truncated or not an array
         return None  # a damaged cache is rebuilt
     ok = images.dtype == np.uint8 and images.ndim == 4 and len(images) == count
     return images if ok else None

@@ -156,13 +156,13 @@ class Perturbation:
         v = tensors[_TENSOR_KEY]
         sidecar = path.with_suffix(".json")
         text = header.get(_HEADER_KEY)
-        if text is None:
-            text = sidecar.read_text() if sidecar.is_file() else "{}"
+        source = f"the header of {path}"
+        if text is None:  # a file from before metadata travelled in the header
+            text, source = (sidecar.read_text(), str(sidecar)) if sidecar.is_file() else ("{}", source)
         try:
             meta = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"metadata of {path} is not valid JSON: {e}") from None
-        source = sidecar if sidecar.is_file() else f"the header of {path}"
         if not isinstance(meta, dict):
             raise ValueError(f"metadata in {source} is a JSON {type(meta).__name__}, not an object")
         _check_agrees(v, meta, source)

@@ -58,11 +58,14 @@ class SweepPoint:
 
 
 def sweep_points(methods: Sequence[str], n_images: Sequence[int], eps: Sequence[float], *, n_base: int,
-                 eps_base: float) -> list[SweepPoint]:
-    """The distinct runs of a sweep, each method's base point first (it gives the passes axis)."""
+                 eps_base: float, n_limits: Mapping[str, int] | None = None) -> list[SweepPoint]:
+    """The distinct runs of a sweep, each method's base point first (it gives the passes axis);
+    ``n_limits`` caps the |X| axis of some methods (``{"deepfool": 1000}``)."""
     points: list[SweepPoint] = []
+    limits = dict(n_limits or {})
     for method in methods:
-        for point in ([SweepPoint(method, n_base, eps_base)] + [SweepPoint(method, n, eps_base) for n in n_images]
+        counts = [n for n in n_images if n <= limits.get(method, n)]
+        for point in ([SweepPoint(method, n_base, eps_base)] + [SweepPoint(method, n, eps_base) for n in counts]
                       + [SweepPoint(method, n_base, e) for e in eps]):
             if point not in points:
                 points.append(point)
@@ -172,6 +175,7 @@ def sweep(
     data: str | None = None,
     settings: Mapping[str, Any] | None = None,
     resume: bool = True,
+    n_limits: Mapping[str, int] | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     **craft_kwargs: Any,
 ) -> Sweep:
@@ -188,6 +192,8 @@ def sweep(
         n_images, eps: the values of the two axes; ``n_base``/``eps_base`` the base point.
         norm, passes, delta, seed: as in :func:`uap.craft` (``passes`` is ``max_passes``).
         resume: continue an interrupted point from its checkpoint (finished points are always reused).
+        n_limits: ``{method: largest |X|}`` for methods too slow for the whole |X| axis (their
+            curve stops there); each limit must be at least ``n_base``.
         callback: called with ``{"event": "point", "index", "total", "point", "summary"}`` after each run.
         **craft_kwargs: further :func:`uap.craft` arguments for every run (``batch_size`` …).
     """
@@ -205,8 +211,15 @@ def sweep(
         raise ValueError(f"the sweep needs {max(counts)} crafting images, x has {len(x)}")
     if heldout is None:
         raise ValueError("a sweep measures held-out fooling rates: give held-out images")
+    limits = dict(n_limits or {})
+    for m, limit in limits.items():
+        if m not in methods:
+            raise ValueError(f"n_limits names {m!r}, which is not one of the sweep's methods {list(methods)}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < n_base:
+            raise ValueError(f"the |X| limit of {m!r} must be an integer ≥ n_base ({n_base}), got {limit!r}")
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    points = sweep_points(list(methods), counts, eps_values, n_base=n_base, eps_base=_eps_key(eps_base))
+    points = sweep_points(list(methods), counts, eps_values, n_base=n_base, eps_base=_eps_key(eps_base),
+                          n_limits=limits)
     summaries: dict[SweepPoint, dict[str, Any]] = {}
     out = Path(out_dir)
     for k, point in enumerate(points):
@@ -225,7 +238,8 @@ def sweep(
         baselines.setdefault(_eps_key(point.eps), s["baseline"])
     for method in methods:
         base = summaries[SweepPoint(method, n_base, _eps_key(eps_base))]
-        for axis, values in (("n_images", counts), ("eps", eps_values)):  # both include the base point
+        capped = [n for n in counts if n <= limits.get(method, n)]
+        for axis, values in (("n_images", capped), ("eps", eps_values)):  # both include the base point
             for value in values:
                 point = (SweepPoint(method, value, _eps_key(eps_base)) if axis == "n_images"
                          else SweepPoint(method, n_base, value))
@@ -239,7 +253,7 @@ def sweep(
                          "heldout_accuracy": last.get("heldout_accuracy"), "passes": i})
     record = {"model": model_id, "data": data, "norm": norm_name(p), "methods": list(methods), "n_images": counts,
               "eps": eps_values, "n_base": n_base, "eps_base": _eps_key(eps_base), "passes": passes, "delta": delta,
-              "seed": seed, "n_heldout": len(heldout[0] if isinstance(heldout, (tuple, list)) else heldout),
+              "seed": seed, "n_limits": limits, "n_heldout": len(heldout[0] if isinstance(heldout, (tuple, list)) else heldout),
               **dict(settings or {})}
     return Sweep(rows=rows, baselines=baselines, settings=record)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import math
+import warnings
 import inspect
 import importlib.metadata
 import re
@@ -228,9 +229,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"could not read {path} as safetensors (damaged, truncated or not safetensors): "
                              f"{' '.join(str(e).split())}") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the outcome says all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusing a global, a corrupt file …
-        raise ValueError(f"could not read {path} as a state dict (weights_only): {e}") from None
+        reason = " ".join(str(e).split())
+        raise ValueError(f"could not read {path} as a state dict (weights_only): {reason}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
