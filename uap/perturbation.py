@@ -216,8 +216,8 @@ def _check_agrees(v: torch.Tensor, meta: dict[str, Any], source: object) -> None
         raise ValueError(f"the tensor of {source} has NaN or infinite values")
     shape = meta.get("shape")
     if shape is not None and list(shape) != list(v.shape):
-        raise ValueError(f"{source} says shape {shape} but its tensor is {list(v.shape)}: the two files do not belong "
-                         "together")
+        raise ValueError(f"{source} says shape {shape} but its tensor is {list(v.shape)}: the metadata does not "
+                         "describe this tensor")
     try:
         p = check_norm(meta.get("norm", "inf"))
     except ValueError as e:
