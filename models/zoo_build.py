@@ -31,6 +31,7 @@ from torch import nn
 
 from models.method import Method
 from models.probes import ProbedClassifier, accuracy, extract_features, knn_predict, train_linear_probe
+from models.supervised import Supervised
 from models.train import STATE_NAME, TrainConfig, build_method, load_checkpoint
 from models.zoo import save_entry
 
@@ -100,7 +101,7 @@ def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir
 
 
 def _backbone_name(config: TrainConfig) -> str:
-    return f"resnet18 (width {config.width})" if config.backbone == "resnet18" else config.backbone
+    return f"{config.backbone} (width {config.width})" if config.backbone in ("resnet18", "airbench") else config.backbone
 
 
 def _cifar10(splits: tuple[str, ...]) -> tuple[list[torch.Tensor], dict[str, Any]]:
@@ -136,7 +137,7 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
     _, rand = probe_encoder(random_method.backbone, train_x, train_y, test_x, test_y,
                             probe_epochs=probe_epochs, seed=config.seed)
 
-    if config.method == "supervised":
+    if isinstance(method, Supervised):  # supervised and airbench ship the head they trained
         head, head_kind = method.head, "supervised cross-entropy head (trained with the backbone)"
     else:
         head, head_kind = probe, "linear probe on frozen features (standardisation folded in)"
@@ -157,7 +158,7 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
         "input": "images in [0, 1], N×3×32×32; CIFAR-10 normalisation is inside the model",
         "classifier_head": head_kind,
         "accuracy": shipped_acc,
-        "linear_probe_acc": metrics["linear_probe_acc"] if config.method != "supervised" else shipped_acc,
+        "linear_probe_acc": shipped_acc if isinstance(method, Supervised) else metrics["linear_probe_acc"],
         "linear_probe_on_frozen_features_acc": metrics["linear_probe_acc"],
         "linear_probe_train_acc": metrics["linear_probe_train_acc"],
         "knn_acc": metrics["knn_acc"],
