@@ -69,7 +69,7 @@ class ConvGroup(nn.Module):
 def patch_second_moment(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
     """``E[p pᵀ]`` over every ``patch``×``patch`` patch (stride 1) of the images ``x`` (N×C×H×W):
     a ``(C·patch²)``² matrix, flattened in the order of a conv filter (channel, row, column)."""
-    p = F.unfold(x.float(), patch)                      # N × (C·k·k) × L, rows ordered like conv weights
+    p = F.unfold(x.to(torch.promote_types(x.dtype, torch.float32)), patch)  # N × (C·k·k) × L, conv order
     p = p.transpose(1, 2).reshape(-1, p.shape[1])       # every patch a row
     return p.T @ p / len(p)
 
@@ -77,13 +77,13 @@ def patch_second_moment(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
 def whitening_filters(x: torch.Tensor, patch: int = 2, eps: float = WHITENING_EPS) -> torch.Tensor:
     """Conv filters ``2·C·patch²`` × C × patch × patch that whiten ``x``'s patches: the
     eigenvectors ``v_i`` of :func:`patch_second_moment` scaled by ``1 / sqrt(λ_i + eps)``
-    (largest eigenvalue first), followed by their negations. The first half maps the patches
+    (largest eigenvalue first), followed by their negations, in float32 (float64 for float64 ``x``). The first half maps the patches
     to coordinates with second moment ``diag(λ / (λ + eps))`` ≈ identity."""
     c = x.shape[1]
     eigenvalues, eigenvectors = torch.linalg.eigh(patch_second_moment(x, patch).double())
     order = eigenvalues.argsort(descending=True)
     scaled = eigenvectors[:, order].T / torch.sqrt(eigenvalues[order].clamp(min=0) + eps)[:, None]
-    filters = scaled.float().reshape(-1, c, patch, patch)
+    filters = scaled.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, c, patch, patch)
     return torch.cat([filters, -filters])
 
 

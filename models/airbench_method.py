@@ -48,6 +48,12 @@ class Airbench(Supervised):
     """Backbone (``--backbone airbench``) + bias-free linear head, trained by the airbench recipe."""
 
     name = "airbench"
+    #: :mod:`models.zoo_build` measures test-time augmentation for the card (the entry ships without it)
+    report_tta = True
+    recipe = ("airbench (Jordan 2024): frozen 2x2 patch-whitening conv fitted on training images, three conv "
+              "groups (max-pool, BatchNorm with bias only, GELU), label-smoothed cross-entropy, Nesterov SGD with a "
+              "triangular lr and a larger lr on BatchNorm biases, alternating flip + reflect-padded translation, "
+              "lookahead; the values are in hyperparameters.method_hparams")
     defaults = {"optimizer": "sgd", "lr": _PAPER_LR_PER_256_MEAN, "weight_decay": PAPER_WEIGHT_DECAY / PAPER_LR,
                 "warmup_epochs": 2.0}
 

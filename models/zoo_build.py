@@ -32,6 +32,7 @@ from torch import nn
 from models.method import Method
 from models.probes import ProbedClassifier, accuracy, extract_features, knn_predict, train_linear_probe
 from models.supervised import Supervised
+from models.tta import FlipTranslateTTA
 from models.train import STATE_NAME, TrainConfig, build_method, load_checkpoint
 from models.zoo import save_entry
 
@@ -144,8 +145,17 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
     classifier = ProbedClassifier(encoder, nn.Linear(encoder.out_dim, NUM_CLASSES))
     classifier.head.load_state_dict(head.state_dict())
     classifier.eval()
-    with torch.no_grad():
-        shipped_acc = accuracy(torch.cat([classifier(test_x[i:i + 1000]) for i in range(0, len(test_x), 1000)]), test_y)
+    shipped_acc = _batched_accuracy(classifier, test_x, test_y)
+    extra: dict[str, Any] = {}
+    if getattr(method, "report_tta", False):
+        say("measuring test-time augmentation (mirror; mirror + 1-pixel translations) …")
+        extra["tta_accuracy"] = {f"level_{lv}": _batched_accuracy(FlipTranslateTTA(classifier, lv), test_x, test_y)
+                                 for lv in (1, 2)}
+        extra["tta"] = ("none: the shipped classifier is the plain network (what an attack on this entry sees); "
+                        "tta_accuracy is the same weights inside models.tta.FlipTranslateTTA, level 1 = mean over "
+                        "the image and its mirror, level 2 = airbench's mirror + 1-pixel translations")
+    if getattr(method, "recipe", None):
+        extra["training_recipe"] = method.recipe
     say(f"accuracy {shipped_acc:.4f}, linear probe {metrics['linear_probe_acc']:.4f}, kNN {metrics['knn_acc']:.4f}; "
         f"random init: linear {rand['linear_probe_acc']:.4f}, kNN {rand['knn_acc']:.4f}")
     return classifier, {
@@ -168,7 +178,13 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
         "linear_probe": {"optimizer": "AdamW", "epochs": probe_epochs, "lr": 1e-2, "weight_decay": 1e-4,
                          "batch_size": 1024, "augmentation": "none (frozen features of un-augmented images)"},
         "data": data_desc,
+        **extra,
     }
+
+
+def _batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    with torch.no_grad():
+        return accuracy(torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]), y)
 
 
 def _zero_shot_entry(method: Method, config: TrainConfig, data: Data | None, say: Callable[[str], None],
