@@ -109,7 +109,7 @@ def test_tta_is_the_mean_of_the_explicit_views():
 
 
 def _config(**kw) -> TrainConfig:
-    base = dict(method="airbench", backbone="airbench", width=4, epochs=2, batch_size=32, knn_every=0,
+    base = dict(method="airbench", backbone="airbench", width=4, epochs=2, batch_size=32, knn_every=0, threads=1,
                 warmup_epochs=0.5, hparams={"whitening_images": 64, "lookahead_every": 2, "whiten_bias_epochs": 1.0})
     return TrainConfig(**{**base, **kw})
 
