@@ -8,7 +8,9 @@ checkpoint and ships the classifier its :attr:`~models.method.Method.zoo_builder
   train and test splits give a weighted kNN (k=200, T=0.1) and a linear probe
   (:mod:`models.probes`); the *random-init* backbone (same seed, same architecture) is
   measured the same way — the baseline an SSL method must beat. The entry is ``encoder +
-  head``: the supervised baseline's own trained head, or the linear probe.
+  head``: the supervised methods' own trained head, or the linear probe. A method with
+  ``report_tta`` (airbench) also gets its accuracy under mirror / mirror + translate test-time
+  augmentation (:mod:`models.tta`) on the card; the entry itself ships without it.
 - ``"clip"``: the zero-shot classifier (prompt ensemble of the held-out templates,
   :func:`models.clip.zero_shot_classifier`), with zero-shot accuracy and retrieval recall@1
   on the test split (:func:`models.clip_eval.evaluate_clip`).
@@ -32,8 +34,8 @@ from torch import nn
 from models.method import Method
 from models.probes import ProbedClassifier, accuracy, extract_features, knn_predict, train_linear_probe
 from models.supervised import Supervised
-from models.tta import FlipTranslateTTA
 from models.train import STATE_NAME, TrainConfig, build_method, load_checkpoint
+from models.tta import FlipTranslateTTA
 from models.zoo import save_entry
 
 __all__ = ["build_zoo_entry", "probe_encoder"]
@@ -183,6 +185,7 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
 
 
 def _batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, evaluated in batches without gradients."""
     with torch.no_grad():
         return accuracy(torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]), y)
 
