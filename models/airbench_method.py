@@ -94,6 +94,7 @@ class Airbench(Supervised):
                  "momentum": self.momentum}]
 
     def learning_rate(self, step: int, max_steps: int, warmup_steps: int, peak: float) -> float:
+        """The paper's triangular schedule: 0.2 · peak → peak over the warm-up, then linearly to 0."""
         return triangular_schedule(step, max_steps, warmup_steps, peak)
 
     def prepare_data(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +110,14 @@ class Airbench(Supervised):
         return torch.where(coin[:, None, None, None], x.flip(-1), x), y
 
     def _epoch(self, step: int, batch_size: int) -> int:
+        """The epoch of ``step``: the loop runs ``n_train // batch_size`` full batches per epoch."""
         if self._n_train is None:
             raise RuntimeError("prepare_data must run before training (the loop calls it)")
         return step // (self._n_train // batch_size)
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
+        """Label-smoothed cross-entropy on the batch, mirrored on odd epochs and translated; the
+        whitening bias takes gradients only during its first ``whiten_bias_epochs``."""
         epoch = self._epoch(step, len(x))
         steps_per_epoch = self._n_train // len(x)
         self.backbone.whiten.bias.requires_grad_(step < self.whiten_bias_epochs * steps_per_epoch)
@@ -123,8 +127,9 @@ class Airbench(Supervised):
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def after_step(self, step: int, max_steps: int) -> None:
+        """Lookahead every ``lookahead_every`` steps; after the last step the network is the slow average."""
         done = step + 1
         if done % self.lookahead_every == 0:
             lookahead_update(self._trained(), self.lookahead, lookahead_decay(done, max_steps))
         if done == max_steps:
-            lookahead_update(self._trained(), self.lookahead, decay=1.0)  # the network becomes the average
+            lookahead_update(self._trained(), self.lookahead, decay=1.0)
