@@ -15,7 +15,9 @@ the paper:
   so every parameter decays at the same rate per step) and the **triangular schedule**
   (0.2 → 1 over the warm-up, then linearly to 0; warm-up = 2 of 10 epochs);
 - **lookahead** (:mod:`models.lookahead`) every ``lookahead_every`` steps; after the last step
-  the network *is* the slow average.
+  the network *is* the slow average. Its decay depends on the run's length, so a resume that
+  changes ``--epochs`` during the warm-up is close to (decay ≤ 0.006 there), not exactly, a
+  fresh run of the new length.
 
 The learning rate and weight decay are the paper's, for this repo's mean (not summed) loss:
 the paper's ``lr = 11.5`` per 1 024 summed examples with momentum 0.85 is ``1.5`` per mean over
