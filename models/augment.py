@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "random_resized_crop", "random_crop_flip", "color_jitter", "random_grayscale",
+    "random_resized_crop", "random_crop_flip", "random_translate", "color_jitter", "random_grayscale",
     "SSLAugment", "MultiCrop", "grayscale",
 ]
 
@@ -87,6 +87,25 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, flip_p: float = 0.5,
     theta[:, 1, 1], theta[:, 1, 2] = 1.0, 2 * dy / hgt
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def random_translate(x: torch.Tensor, shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift each image by an independent integer offset in ``[-shift, shift]`` along each axis,
+    filling the border by reflection (``F.pad(..., mode="reflect")``): airbench's translate
+    augmentation. Pixels are copied exactly (two gathers, no interpolation)."""
+    _check_images(x)
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0, got {shift}")
+    if shift == 0:
+        return x
+    n, c, hgt, wid = x.shape
+    dev = x.device
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * shift + 1, (n,), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * shift + 1, (n,), generator=generator, device=dev)
+    rows = (dy[:, None] + torch.arange(hgt, device=dev))[:, None, :, None].expand(n, c, hgt, wid + 2 * shift)
+    cols = (dx[:, None] + torch.arange(wid, device=dev))[:, None, None, :].expand(n, c, hgt, wid)
+    return padded.gather(2, rows).gather(3, cols)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

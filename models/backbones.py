@@ -212,11 +212,18 @@ def vit_small_cifar(dim: int = 192, depth: int = 6, heads: int = 3, patch: int =
     return VisionTransformer(patch=patch, dim=dim, depth=depth, heads=heads, drop_path=drop_path, **kwargs)
 
 
-BACKBONES = {"resnet18": resnet18_cifar, "vit_small": vit_small_cifar}
+def _airbench(width: int = 64) -> nn.Module:
+    from models.airbench import airbench_net  # that module builds on this one's Normalize
+
+    return airbench_net(width)
+
+
+BACKBONES = {"resnet18": resnet18_cifar, "vit_small": vit_small_cifar, "airbench": _airbench}
 
 
 def build_backbone(name: str, width: int = 16) -> nn.Module:
-    """Build a backbone by name (``resnet18`` with ``width``, or ``vit_small``).
+    """Build a backbone by name (``resnet18`` with ``width``, ``vit_small``, or ``airbench``
+    with ``width`` channels in its first block: :mod:`models.airbench`).
 
     The module records its arguments in ``.spec`` (``{"backbone": name, "width": width}``),
     so a model that wraps it can write a card that rebuilds it."""
@@ -224,6 +231,8 @@ def build_backbone(name: str, width: int = 16) -> nn.Module:
         net: nn.Module = resnet18_cifar(width=width)
     elif name == "vit_small":
         net = vit_small_cifar()
+    elif name == "airbench":
+        net = _airbench(width)
     else:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     net.spec = {"backbone": name, "width": width}

@@ -7,7 +7,8 @@ The loop calls, in this order:
 - :meth:`Method.param_groups` once, to build the optimiser;
 - :meth:`Method.prepare_data` once per call of the loop (fresh run or resume), with the
   training images, to set aside what the method validates on;
-- :meth:`Method.training_step` and :meth:`Method.after_step` for every batch;
+- :meth:`Method.learning_rate`, :meth:`Method.training_step` and :meth:`Method.after_step`
+  for every batch;
 - :meth:`Method.on_epoch_end` after every epoch; its metrics join the epoch's record.
 
 Augmentations happen inside the method because each paper defines its own views. Whatever a
@@ -20,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from models.schedules import warmup_cosine_schedule
 
 __all__ = ["Method"]
 
@@ -54,7 +57,8 @@ class Method(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups: ``weight_decay`` on weight matrices and kernels, none on
         biases and normalisation parameters (1-D tensors), as in SimCLR/BYOL/DINO. A group may
-        carry any per-group optimiser option (e.g. AdamW's ``betas``)."""
+        carry any per-group optimiser option (e.g. AdamW's ``betas``) and an ``lr_scale``: the
+        loop sets its learning rate to ``lr_scale`` × :meth:`learning_rate`."""
         params = [p for p in self.parameters() if p.requires_grad]
         return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
@@ -64,6 +68,11 @@ class Method(nn.Module):
         them. The default trains on everything; a method that validates on held-out training
         images keeps them here. Must be deterministic: it runs again on resume."""
         return x, y
+
+    def learning_rate(self, step: int, max_steps: int, warmup_steps: int, peak: float) -> float:
+        """The learning rate of ``step`` (a pure function of the step, so runs resume exactly):
+        linear warm-up to ``peak`` over ``warmup_steps``, then cosine decay to 0."""
+        return warmup_cosine_schedule(step, max_steps, warmup_steps, peak)
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         """Loss for one batch of raw training images ``x`` in [0, 1] (labels ``y`` are only

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_schedule", "warmup_cosine_schedule", "linear_warmup"]
+__all__ = ["cosine_schedule", "warmup_cosine_schedule", "linear_warmup", "triangular_schedule"]
 
 
 def cosine_schedule(step: int, max_steps: int, start: float, end: float) -> float:
@@ -45,3 +45,21 @@ def warmup_cosine_schedule(step: int, max_steps: int, warmup_steps: int, peak: f
     if step < warmup_steps:
         return peak * step / warmup_steps
     return cosine_schedule(step - warmup_steps, max_steps - warmup_steps, peak, end)
+
+
+def triangular_schedule(step: int, max_steps: int, warmup_steps: int, peak: float, start: float = 0.2) -> float:
+    """Linear from ``start · peak`` (step 0) up to ``peak`` at ``warmup_steps``, then linear down to 0
+    at ``max_steps``: the short triangular schedule of airbench (Jordan 2024; ``start = 0.2``,
+    warm-up over the first fifth of the run).
+
+    Examples:
+        >>> triangular_schedule(0, 10, 2, 1.0), triangular_schedule(2, 10, 2, 1.0), triangular_schedule(6, 10, 2, 1.0)
+        (0.2, 1.0, 0.5)
+    """
+    if not 0 <= warmup_steps < max_steps:
+        raise ValueError(f"need 0 <= warmup_steps < max_steps, got {warmup_steps}, {max_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step < warmup_steps:
+        return peak * (start + (1 - start) * step / warmup_steps)
+    return peak * max(0.0, (max_steps - step) / (max_steps - warmup_steps))

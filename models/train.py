@@ -63,7 +63,6 @@ from models.method import Method
 from models.parallel import full_tensor, like_param, parallelize, rank_rows, rank_share, unsharded
 from models.precision import autocast, check_precision
 from models.probes import knn_accuracy
-from models.schedules import warmup_cosine_schedule
 from uap.atomic import atomic_write
 from uap.distributed import all_sum, gather_rows, is_main, world
 from uap.forward import memory_format_for
@@ -86,6 +85,7 @@ METHODS = {
     "byol": "models.byol:BYOL",
     "dino": "models.dino:DINO",
     "clip": "models.clip_method:CLIPMethod",
+    "airbench": "models.airbench_method:Airbench",
 }
 
 
@@ -438,8 +438,9 @@ def train(
             t0 = time.perf_counter()
             for i in range(first, steps_per_epoch):
                 step = state["step"]
+                step_lr = method.learning_rate(step, total_steps, warmup, lr)
                 for g in optimizer.param_groups:
-                    g["lr"] = warmup_cosine_schedule(step, total_steps, warmup, lr)
+                    g["lr"] = step_lr * g.get("lr_scale", 1.0)
                 idx = order[i * config.batch_size:(i + 1) * config.batch_size][rows]
                 loss = optimisation_step(method, optimizer, x[idx], y[idx], step, total_steps, config.precision,
                                          forward=stepper, share=share)

@@ -8,7 +8,9 @@ checkpoint and ships the classifier its :attr:`~models.method.Method.zoo_builder
   train and test splits give a weighted kNN (k=200, T=0.1) and a linear probe
   (:mod:`models.probes`); the *random-init* backbone (same seed, same architecture) is
   measured the same way — the baseline an SSL method must beat. The entry is ``encoder +
-  head``: the supervised baseline's own trained head, or the linear probe.
+  head``: the supervised methods' own trained head, or the linear probe. A method with
+  ``report_tta`` (airbench) also gets its accuracy under mirror / mirror + translate test-time
+  augmentation (:mod:`models.tta`) on the card; the entry itself ships without it.
 - ``"clip"``: the zero-shot classifier (prompt ensemble of the held-out templates,
   :func:`models.clip.zero_shot_classifier`), with zero-shot accuracy and retrieval recall@1
   on the test split (:func:`models.clip_eval.evaluate_clip`).
@@ -31,7 +33,9 @@ from torch import nn
 
 from models.method import Method
 from models.probes import ProbedClassifier, accuracy, extract_features, knn_predict, train_linear_probe
+from models.supervised import Supervised
 from models.train import STATE_NAME, TrainConfig, build_method, load_checkpoint
+from models.tta import FlipTranslateTTA
 from models.zoo import save_entry
 
 __all__ = ["build_zoo_entry", "probe_encoder"]
@@ -100,7 +104,7 @@ def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir
 
 
 def _backbone_name(config: TrainConfig) -> str:
-    return f"resnet18 (width {config.width})" if config.backbone == "resnet18" else config.backbone
+    return f"{config.backbone} (width {config.width})" if config.backbone in ("resnet18", "airbench") else config.backbone
 
 
 def _cifar10(splits: tuple[str, ...]) -> tuple[list[torch.Tensor], dict[str, Any]]:
@@ -136,15 +140,24 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
     _, rand = probe_encoder(random_method.backbone, train_x, train_y, test_x, test_y,
                             probe_epochs=probe_epochs, seed=config.seed)
 
-    if config.method == "supervised":
+    if isinstance(method, Supervised):  # supervised and airbench ship the head they trained
         head, head_kind = method.head, "supervised cross-entropy head (trained with the backbone)"
     else:
         head, head_kind = probe, "linear probe on frozen features (standardisation folded in)"
     classifier = ProbedClassifier(encoder, nn.Linear(encoder.out_dim, NUM_CLASSES))
     classifier.head.load_state_dict(head.state_dict())
     classifier.eval()
-    with torch.no_grad():
-        shipped_acc = accuracy(torch.cat([classifier(test_x[i:i + 1000]) for i in range(0, len(test_x), 1000)]), test_y)
+    shipped_acc = _batched_accuracy(classifier, test_x, test_y)
+    extra: dict[str, Any] = {}
+    if getattr(method, "report_tta", False):
+        say("measuring test-time augmentation (mirror; mirror + 1-pixel translations) …")
+        extra["tta_accuracy"] = {f"level_{lv}": _batched_accuracy(FlipTranslateTTA(classifier, lv), test_x, test_y)
+                                 for lv in (1, 2)}
+        extra["tta"] = ("none: the shipped classifier is the plain network (what an attack on this entry sees); "
+                        "tta_accuracy is the same weights inside models.tta.FlipTranslateTTA, level 1 = mean over "
+                        "the image and its mirror, level 2 = airbench's mirror + 1-pixel translations")
+    if getattr(method, "recipe", None):
+        extra["training_recipe"] = method.recipe
     say(f"accuracy {shipped_acc:.4f}, linear probe {metrics['linear_probe_acc']:.4f}, kNN {metrics['knn_acc']:.4f}; "
         f"random init: linear {rand['linear_probe_acc']:.4f}, kNN {rand['knn_acc']:.4f}")
     return classifier, {
@@ -157,7 +170,7 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
         "input": "images in [0, 1], N×3×32×32; CIFAR-10 normalisation is inside the model",
         "classifier_head": head_kind,
         "accuracy": shipped_acc,
-        "linear_probe_acc": metrics["linear_probe_acc"] if config.method != "supervised" else shipped_acc,
+        "linear_probe_acc": shipped_acc if isinstance(method, Supervised) else metrics["linear_probe_acc"],
         "linear_probe_on_frozen_features_acc": metrics["linear_probe_acc"],
         "linear_probe_train_acc": metrics["linear_probe_train_acc"],
         "knn_acc": metrics["knn_acc"],
@@ -167,7 +180,14 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
         "linear_probe": {"optimizer": "AdamW", "epochs": probe_epochs, "lr": 1e-2, "weight_decay": 1e-4,
                          "batch_size": 1024, "augmentation": "none (frozen features of un-augmented images)"},
         "data": data_desc,
+        **extra,
     }
+
+
+def _batched_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, evaluated in batches without gradients."""
+    with torch.no_grad():
+        return accuracy(torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]), y)
 
 
 def _zero_shot_entry(method: Method, config: TrainConfig, data: Data | None, say: Callable[[str], None],
