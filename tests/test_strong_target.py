@@ -1,7 +1,6 @@
 """The airbench target: whitening layer, recipe pieces against closed forms, exact resume, zoo card."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
