@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from tests.test_distributed import _free_port
 
-B, SIZE = 64, 16  # global batch, image side
+B, SIZE = 128, 16  # global batch (2 ranks × 64 against one process × 128), image side
 TOL = 1e-5
 
 
@@ -55,7 +55,7 @@ def _method(kind: str):
     elif kind == "moco":
         from models.moco import MoCo
 
-        method = MoCo(backbone, queue_size=320, proj_dim=16, hidden_dim=32, bn_splits=2)  # more slots than 2 steps fill
+        method = MoCo(backbone, queue_size=640, proj_dim=16, hidden_dim=32, bn_splits=2)  # more slots than 2 steps fill
         method.augment = _Views()
     elif kind == "clip":
         method = _FixedCaptionCLIP(backbone, embed_dim=16, text_width=16, text_layers=1, text_heads=2, val_size=0)
