@@ -82,16 +82,24 @@ def test_fingerprint_reads_bytes_shape_and_dtype():
     assert tensor_fingerprint(y) != tensor_fingerprint(x)
 
 
-def test_decoded_image_cache_sees_a_same_size_edit_with_the_mtime_put_back(tmp_path, monkeypatch):
+def _image_folder(tmp_path, monkeypatch, suffix: str, seed: int):
+    """Two classes of two random 8×8 images under ``tmp_path/imgs/train``, with a fresh cache dir."""
     from PIL import Image
 
     monkeypatch.setenv("UAP_CACHE_DIR", str(tmp_path / "cache"))
     folder = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for cls in ("a", "b"):
         (folder / "train" / cls).mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "train" / cls / f"{i}.bmp")
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "train" / cls / f"{i}{suffix}")
+    return folder, rng
+
+
+def test_decoded_image_cache_sees_a_same_size_edit_with_the_mtime_put_back(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder, rng = _image_folder(tmp_path, monkeypatch, ".bmp", seed=0)
     first = data.load_split(f"imagefolder:{folder}", "train")
     target = folder / "train" / "a" / "0.bmp"
     st = target.stat()
@@ -106,15 +114,7 @@ def test_decoded_image_cache_sees_a_same_size_edit_with_the_mtime_put_back(tmp_p
 
 
 def test_a_damaged_decoded_image_cache_is_rebuilt(tmp_path, monkeypatch):
-    from PIL import Image
-
-    monkeypatch.setenv("UAP_CACHE_DIR", str(tmp_path / "cache"))
-    folder = tmp_path / "imgs"
-    rng = np.random.default_rng(1)
-    for cls in ("a", "b"):
-        (folder / "train" / cls).mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / "train" / cls / f"{i}.png")
+    folder, _ = _image_folder(tmp_path, monkeypatch, ".png", seed=1)
     first = data.load_split(f"imagefolder:{folder}", "train")
     caches = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert caches

@@ -242,8 +242,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: nn.Module, weights: str | Path, spec: str) -> nn.Module:
-    """Load the state dict in ``weights`` into ``model`` (built for ``spec``), strictly.
+def load_weights(model: nn.Module, weights: str | Path, spec: str,
+                 adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Load the state dict in ``weights`` into ``model`` (built for ``spec``), strictly;
+    ``adapt`` may rename or reshape the file's tensors first (a source's own checkpoint layout).
 
     A missing file is a ``FileNotFoundError``; an unreadable one, or weights of another
     architecture (missing, unexpected or mis-shaped tensors), is a :class:`ModelSpecError`
@@ -254,6 +256,8 @@ def load_weights(model: nn.Module, weights: str | Path, spec: str) -> nn.Module:
         state = load_state_dict_file(weights)
     except ValueError as e:
         raise ModelSpecError(f"{e} (weights for {spec})", "weights") from None
+    if adapt is not None:
+        state = adapt(state)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -36,7 +36,7 @@ from torch import nn
 
 from uap.adapters.base import INTERPOLATIONS, AdaptedClassifier
 from uap.prompts import ZERO_SHOT_TEMPLATES, class_text_weights
-from uap.targets import ModelSource, ModelSpecError, load_state_dict_file
+from uap.targets import ModelSource, ModelSpecError, load_weights
 
 __all__ = ["SOURCE", "names", "load", "OpenCLIPClassifier", "cache_candidates"]
 
@@ -174,22 +174,15 @@ def load(name: str, weights: Path | None = None) -> nn.Module | None:
 
 def _load_checkpoint(net: nn.Module, weights: Path, spec: str) -> None:
     """open_clip weights from ``weights`` (state dict, training checkpoint or safetensors), strictly."""
-    try:
-        state = load_state_dict_file(weights)
-    except ValueError as e:
-        raise ModelSpecError(f"{e} (weights for {spec})", "weights") from None
-    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    if "logit_scale" in state and torch.is_tensor(state["logit_scale"]):  # scalar or 1-d, as open_clip allows
-        state["logit_scale"] = state["logit_scale"].reshape(net.logit_scale.shape)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        detail = detail if len(detail) <= 240 else detail[:240] + " …"
-        raise ModelSpecError(f"weights in {weights} do not fit {spec} (weights of another architecture?): {detail}",
-                             "weights") from None
 
+    def adapt(state: dict) -> dict:
+        if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+            state = {k[len("module."):]: v for k, v in state.items()}
+        if "logit_scale" in state and torch.is_tensor(state["logit_scale"]):  # scalar or 1-d, as open_clip allows
+            state["logit_scale"] = state["logit_scale"].reshape(net.logit_scale.shape)
+        return state
+
+    load_weights(net, weights, spec, adapt)
 
 def _preprocessing(cfg: dict, spec: str) -> dict:
     """open_clip's evaluation transform: shorter side resized to the input size, centre crop."""
