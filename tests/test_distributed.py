@@ -58,11 +58,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_two_ranks(worker, folder) -> dict:
+    """Run ``worker(rank, 2, port, path)`` on two spawned processes; returns what rank 0 saved at ``path``."""
+    path = str(folder / "rank0.pt")
+    mp.spawn(worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    return torch.load(path, weights_only=True)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dist") / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
-    return torch.load(path, weights_only=True)
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ from unittest import mock
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.test_distributed import _free_port
+from tests.test_distributed import _free_port, spawn_two_ranks
 
 B, SIZE = 128, 16  # global batch (2 ranks × 64 against one process × 128), image side
 TOL = 1e-5
@@ -187,9 +186,7 @@ def _worker(rank: int, size: int, port: int, path: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("dist-train") / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2, join=True)
-    return torch.load(path, weights_only=True)
+    return spawn_two_ranks(_worker, tmp_path_factory.mktemp("dist-train"))
 
 
 @pytest.fixture(scope="module")
