@@ -61,7 +61,13 @@ def _free_port() -> int:
 def spawn_two_ranks(worker, folder) -> dict:
     """Run ``worker(rank, 2, port, path)`` on two spawned processes; returns what rank 0 saved at ``path``."""
     path = str(folder / "rank0.pt")
-    mp.spawn(worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    for attempt in range(3):  # the free port can be taken between its probe and rank 0's bind
+        try:
+            mp.spawn(worker, args=(2, _free_port(), path), nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException as e:
+            if "address already in use" not in str(e).lower() or attempt == 2:
+                raise
     return torch.load(path, weights_only=True)
 
 
@@ -98,8 +104,8 @@ def _torchrun(args: list[str], data_root, timeout: float = 120):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "UAP_DIST_TIMEOUT": "30"}
     uap_script = shutil.which("uap") or pytest.skip("the uap console script is not installed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "--no-python", uap_script, *args, "--data-root", str(data_root)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "--no-python", uap_script, *args, "--data-root", str(data_root)]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.test_distributed import _free_port, spawn_two_ranks
+from tests.test_distributed import spawn_two_ranks
 
 B, SIZE = 128, 16  # global batch (2 ranks × 64 against one process × 128), image side
 TOL = 1e-5
@@ -247,8 +247,8 @@ def _torchrun(args: list[str], timeout: float = 150) -> subprocess.CompletedProc
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "UAP_DIST_TIMEOUT": "30"}
     entry = str(root / "tests" / "train_entry.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), entry, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           entry, *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 
