@@ -878,11 +878,11 @@ def sweep_cmd(
 @app.command("train")
 @friendly_errors
 def train_cmd(
-    method: str = typer.Argument(..., help="supervised | simclr | moco | byol | dino | clip"),
+    method: str = typer.Argument(..., help="supervised | airbench | simclr | moco | byol | dino | clip"),
     epochs: int = typer.Option(30, help="Training epochs over CIFAR-10 train."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per step (lr scales linearly from 256)."),
-    backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem) or vit_small (patch 4)."),
-    width: int = typer.Option(16, help="ResNet width multiplier: channels of the first stage."),
+    backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem), vit_small (patch 4) or airbench."),
+    width: int = typer.Option(16, help="Channels of the first stage (resnet18, airbench)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate for batch 256 (default: the method's)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default: the method's."),
     optimizer: Optional[str] = typer.Option(None, help="sgd | lars | adamw (default: the method's)."),
