@@ -13,14 +13,19 @@ contract: normalisation lives inside the model) and return a feature vector per 
   :func:`torch.nn.functional.scaled_dot_product_attention`; stochastic depth (Huang et al.
   2016) skips the dropped samples' residual branch entirely rather than computing and
   masking it, which saves compute in proportion to the drop rate.
+  :meth:`VisionTransformer.forward_packed` runs several crops of each image (DINO's
+  multi-crop) as one packed sequence per image, one pass through the blocks for all of them
+  (:mod:`models.packing`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.packing import block_diagonal_mask
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "Normalize", "BasicBlock", "ResNetCIFAR", "resnet18_cifar",
@@ -110,6 +115,8 @@ class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention`` (fused kernel).
 
     ``causal=True`` lets position ``t`` attend to positions ``≤ t`` only (text transformer).
+    ``forward(x, mask)`` takes an optional boolean T×T mask instead (``True`` = may attend),
+    shared by every sequence and head: the block-diagonal mask of packed crops.
     """
 
     def __init__(self, dim: int, heads: int, causal: bool = False):
@@ -121,10 +128,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None and self.causal:
+            raise ValueError("causal attention builds its own mask; pass mask=None")
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -133,7 +142,9 @@ class Block(nn.Module):
 
     In training, each sample's branch is kept with probability ``1 - drop_path``; the branch
     is evaluated only on the kept samples (``index_add``) and scaled by ``1 / (1 - p)``, so
-    dropped samples cost nothing. In eval the branch always runs, unscaled.
+    dropped samples cost nothing. In eval the branch always runs, unscaled. A sample is one
+    sequence: in a packed batch (``mask`` given, passed to the attention) all the crops packed
+    into a sequence are kept or dropped together.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
@@ -147,7 +158,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = drop_path
 
-    def _residual(self, x: torch.Tensor, branch: nn.Module, norm: nn.Module) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor],
+                  norm: nn.Module) -> torch.Tensor:
         if not self.training or self.drop_path == 0.0:
             return x + branch(norm(x))
         keep = torch.rand(x.shape[0], device=x.device) >= self.drop_path
@@ -157,13 +169,16 @@ class Block(nn.Module):
         update = branch(norm(x.index_select(0, idx))) / (1.0 - self.drop_path)
         return x.index_add(0, idx, update)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._residual(x, self.attn, self.norm1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._residual(x, lambda h: self.attn(h, mask), self.norm1)
         return self._residual(x, self.mlp, self.norm2)
 
 
 class VisionTransformer(nn.Module):
-    """ViT on patches of ``patch``×``patch`` pixels; returns the final [CLS] token (``out_dim = dim``)."""
+    """ViT on patches of ``patch``×``patch`` pixels; returns the final [CLS] token (``out_dim = dim``).
+
+    Any image size that is a multiple of ``patch`` works (position embeddings are resized);
+    :meth:`forward_packed` encodes several crops of each image in one pass."""
 
     def __init__(self, image_size: int = 32, patch: int = 4, dim: int = 192, depth: int = 6, heads: int = 3,
                  mlp_ratio: float = 4.0, drop_path: float = 0.1,
@@ -198,12 +213,45 @@ class VisionTransformer(nn.Module):
         grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The input sequences of images ``x`` (N×3×H×W in [0, 1]): normalised, patch-embedded,
+        a [CLS] token in front, position embeddings for their grid added; N×(1 + HW/p²)×dim."""
         tokens = self.patch_embed(self.normalize(x))
         h, w = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self._pos_embed(h, w)
-        return self.norm(self.blocks(tokens))[:, 0]
+        return torch.cat([self.cls_token.expand(len(tokens), -1, -1), tokens], dim=1) + self._pos_embed(h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self._tokens(x)))[:, 0]
+
+    def forward_packed(self, crops: Sequence[torch.Tensor], tokens: bool = False) -> list[torch.Tensor]:
+        """Encode several crops of the same N images in one pass through the blocks.
+
+        ``crops`` holds N×3×hᵢ×wᵢ batches (one N, any sizes that are multiples of ``patch``,
+        e.g. DINO's 2 global and k local crops). Each crop is tokenised as in :meth:`forward`
+        (its own [CLS], its own resized position embeddings); image n's crops are concatenated
+        into one sequence of L = Σᵢ (1 + hᵢwᵢ/p²) tokens, and a block-diagonal mask
+        (:func:`models.packing.block_diagonal_mask`) lets each crop attend only to itself, so
+        every crop's output is the one :meth:`forward` gives it alone (up to rounding), while
+        all crops share one call of each block instead of one per resolution. The attention is
+        computed densely over the L×L matrix and masked, so its cost grows with L² rather than
+        with Σᵢ Tᵢ²; the linear layers cost the same either way. Stochastic depth drops per
+        sequence: all the crops of an image together.
+
+        Returns one tensor per crop, in order: its final [CLS] feature (N×dim), or with
+        ``tokens=True`` all its final tokens, [CLS] first (N×(1 + hᵢwᵢ/p²)×dim)."""
+        if not crops:
+            raise ValueError("forward_packed needs at least one crop")
+        if len({len(c) for c in crops}) != 1:
+            raise ValueError(f"every crop needs the same batch size, got {[len(c) for c in crops]}")
+        sequences = [self._tokens(c) for c in crops]
+        lengths = [s.shape[1] for s in sequences]
+        x = torch.cat(sequences, dim=1)
+        mask = block_diagonal_mask(lengths, device=x.device)
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        parts = self.norm(x).split(lengths, dim=1)
+        return list(parts) if tokens else [p[:, 0] for p in parts]
 
 
 def vit_small_cifar(dim: int = 192, depth: int = 6, heads: int = 3, patch: int = 4,

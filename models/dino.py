@@ -6,6 +6,12 @@ Self-distillation without labels: a student (backbone + DINO head) sees all mult
 The student matches the teacher's centred and sharpened distribution on every *other* view
 (:class:`models.losses.DINOLoss`); centring + low teacher temperature prevent collapse.
 
+With a ViT backbone the student encodes all its views in one packed forward and the teacher
+its two global views in another (``packed=True``; sequence packing as in DINOv2:
+:meth:`models.backbones.VisionTransformer.forward_packed`); each view still attends only to
+itself. ``packed=False``, and backbones without ``forward_packed`` (ResNets, whose BatchNorm
+statistics are per forward), take one forward per crop resolution instead.
+
 Defaults are set for short CIFAR-10 schedules rather than the paper's long ImageNet one:
 AdamW lr 2e-3, 4 096 prototypes, 2 local crops, teacher momentum 0.96 → 1 and a fixed
 teacher temperature of 0.04, because the paper's values (lr 5e-4, momentum 0.996, teacher
@@ -35,7 +41,7 @@ class DINO(Method):
 
     def __init__(self, backbone: nn.Module, out_dim: int = 4096, momentum: float = 0.96, n_local: int = 2,
                  student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_steps: int = 1000, center_momentum: float = 0.9):
+                 warmup_teacher_steps: int = 1000, center_momentum: float = 0.9, packed: bool = True):
         super().__init__(backbone)
         self.head = DINOHead(backbone.out_dim, out_dim)
         self.teacher_backbone = momentum_copy(self.backbone)
@@ -44,19 +50,27 @@ class DINO(Method):
                                   warmup_teacher_steps, center_momentum)
         self.multicrop = MultiCrop(n_local=n_local)
         self.momentum = momentum
+        self.packed = packed
         self._hparams = {"out_dim": out_dim, "momentum": momentum, "n_local": n_local, "student_temp": student_temp,
                          "teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp,
-                         "warmup_teacher_steps": warmup_teacher_steps, "center_momentum": center_momentum}
+                         "warmup_teacher_steps": warmup_teacher_steps, "center_momentum": center_momentum,
+                         "packed": packed}
+
+    def _encode(self, backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``head(backbone(v))`` for every view ``v`` (2 global views first, then the local ones):
+        one packed forward over all of them when the backbone packs and ``packed`` is set,
+        otherwise one forward per resolution (the global views together, the local views together)."""
+        n = len(views[0])
+        if self.packed and hasattr(backbone, "forward_packed"):
+            return list(head(torch.cat(backbone.forward_packed(views))).split(n))
+        groups = (views[:2], views[2:])
+        return [z for group in groups if group for z in head(backbone(torch.cat(group))).split(n)]
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         views = self.multicrop(x)
-        n = len(x)
-        global_views, local_views = torch.cat(views[:2]), views[2:]
         with torch.no_grad():
-            teacher = self.teacher_head(self.teacher_backbone(global_views)).chunk(2)
-        student = list(self.head(self.backbone(global_views)).chunk(2))
-        if local_views:  # local crops share a resolution: one forward pass for all of them
-            student += list(self.head(self.backbone(torch.cat(local_views))).split(n))
+            teacher = self._encode(self.teacher_backbone, self.teacher_head, views[:2])
+        student = self._encode(self.backbone, self.head, views)
         return self.criterion(student, teacher, step)
 
     def after_step(self, step: int, max_steps: int) -> None:

@@ -51,6 +51,12 @@ def _method(kind: str):
 
         method = BYOL(backbone, proj_dim=16, hidden_dim=32)
         method.augment = _Views()
+    elif kind == "vit-dino":  # the packed multi-crop forward through FSDP's per-block units
+        from models.augment import MultiCrop
+        from models.dino import DINO
+
+        method = DINO(backbone, out_dim=64, n_local=2, warmup_teacher_steps=0)
+        method.multicrop = MultiCrop(global_size=SIZE, local_size=SIZE // 2, n_local=2)
     elif kind == "moco":
         from models.moco import MoCo
 
@@ -150,7 +156,7 @@ def _two_rank_cases() -> dict:
         out["clip-local-negatives"] = _steps("clip")
     with _local(MoCo, "_keys"):
         out["moco-local-shuffle"] = _steps("moco")
-    for kind in ("vit-simclr", "vit-byol"):
+    for kind in ("vit-simclr", "vit-byol", "vit-dino"):
         for strategy in ("ddp", "fsdp"):
             out[f"{kind}-{strategy}"] = _steps(kind, strategy, steps=3)
     return out
@@ -222,7 +228,7 @@ def test_the_parameter_update_is_not_negligible(one_process):
     assert float((one_process["simclr"]["params"] - before).abs().max()) > 1000 * TOL
 
 
-@pytest.mark.parametrize("kind", ["vit-simclr", "vit-byol"])
+@pytest.mark.parametrize("kind", ["vit-simclr", "vit-byol", "vit-dino"])
 def test_fsdp_takes_the_ddp_steps(two_ranks, kind):
     assert _difference(two_ranks[f"{kind}-fsdp"], two_ranks[f"{kind}-ddp"]) <= TOL
 
