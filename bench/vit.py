@@ -5,7 +5,8 @@ Two comparisons on the same ViT, each against a baseline measured in the same ru
 1. **DINO step** (multi-crop augmentation, student and teacher forwards, loss, backward,
    AdamW step, EMA update: :func:`models.train.optimisation_step`, fp32) of DINO on the zoo
    ViT (``vit_small``: :func:`models.backbones.vit_small_cifar`), ``-H packed=true``
-   (one packed forward over all crops, :meth:`~models.backbones.VisionTransformer.forward_packed`)
+   (one packed forward over all crops, :meth:`~models.backbones.VisionTransformer.forward_packed`,
+   its crops kept apart by segment attention or by a dense block-diagonal mask)
    against ``packed=false`` (one forward per crop resolution), on 2 global 32×32 and
    ``--n-local`` local 16×16 crops of ``--batch-size`` images. Each variant runs in a fresh
    child process per round, the two alternating (``--repeats`` rounds, order reversed every
@@ -47,7 +48,8 @@ import torch
 from bench.common import machine, write_results
 from models.backbones import Block, VisionTransformer, build_backbone
 
-VARIANTS = ("packed", "per-crop")
+#: DINO variants: packed with segment attention, packed with a dense block-diagonal mask, per crop
+VARIANTS = ("packed-segments", "packed-mask", "per-crop")
 
 
 class ComputeAndMaskBlock(Block):
@@ -92,7 +94,10 @@ def _dino_child(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    method = DINO(build_backbone("vit_small"), n_local=args.n_local, packed=args.child == "packed").to(device).train()
+    method = DINO(build_backbone("vit_small"), n_local=args.n_local, packed=args.child != "per-crop").to(device).train()
+    if args.child != "per-crop":
+        for vit in (method.backbone, method.teacher_backbone):
+            vit.packed_attention = args.child.removeprefix("packed-")
     optimizer = build_optimizer(method, "adamw", 1e-4, 0.04)
     x = torch.rand(args.batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed)).to(device)
     y = torch.zeros(args.batch_size, dtype=torch.long, device=device)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.packing import block_diagonal_mask
+from models.packing import PACKED_ATTENTION, block_diagonal_mask, segment_attention
 
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "Normalize", "BasicBlock", "ResNetCIFAR", "resnet18_cifar",
@@ -116,7 +116,9 @@ class Attention(nn.Module):
 
     ``causal=True`` lets position ``t`` attend to positions ``≤ t`` only (text transformer).
     ``forward(x, mask)`` takes an optional boolean T×T mask instead (``True`` = may attend),
-    shared by every sequence and head: the block-diagonal mask of packed crops.
+    shared by every sequence and head: the block-diagonal mask of packed crops; or
+    ``forward(x, segments=lengths)`` attends within consecutive segments of the token axis
+    without a mask (:func:`models.packing.segment_attention`).
     """
 
     def __init__(self, dim: int, heads: int, causal: bool = False):
@@ -128,12 +130,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if mask is not None and self.causal:
-            raise ValueError("causal attention builds its own mask; pass mask=None")
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                segments: Sequence[int] | None = None) -> torch.Tensor:
+        if (mask is not None or segments is not None) and self.causal:
+            raise ValueError("causal attention builds its own mask; pass neither mask nor segments")
+        if mask is not None and segments is not None:
+            raise ValueError("pass a mask or segments, not both")
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
+        if segments is not None:
+            out = segment_attention(q, k, v, segments)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         return self.proj(out.transpose(1, 2).reshape(n, t, d))
 
 
@@ -143,7 +151,7 @@ class Block(nn.Module):
     In training, each sample's branch is kept with probability ``1 - drop_path``; the branch
     is evaluated only on the kept samples (``index_add``) and scaled by ``1 / (1 - p)``, so
     dropped samples cost nothing. In eval the branch always runs, unscaled. A sample is one
-    sequence: in a packed batch (``mask`` given, passed to the attention) all the crops packed
+    sequence: in a packed batch (``mask`` or ``segments`` given, passed to the attention) all the crops packed
     into a sequence are kept or dropped together.
     """
 
@@ -169,8 +177,9 @@ class Block(nn.Module):
         update = branch(norm(x.index_select(0, idx))) / (1.0 - self.drop_path)
         return x.index_add(0, idx, update)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._residual(x, lambda h: self.attn(h, mask), self.norm1)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                segments: Sequence[int] | None = None) -> torch.Tensor:
+        x = self._residual(x, lambda h: self.attn(h, mask, segments), self.norm1)
         return self._residual(x, self.mlp, self.norm2)
 
 
@@ -195,6 +204,8 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, r) for r in rates])
         self.norm = nn.LayerNorm(dim)
         self.out_dim = dim
+        #: how :meth:`forward_packed` keeps crops apart by default (``models.packing.PACKED_ATTENTION``)
+        self.packed_attention = "segments"
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
@@ -224,22 +235,27 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.blocks(self._tokens(x)))[:, 0]
 
-    def forward_packed(self, crops: Sequence[torch.Tensor], tokens: bool = False) -> list[torch.Tensor]:
+    def forward_packed(self, crops: Sequence[torch.Tensor], tokens: bool = False,
+                       attention: str | None = None) -> list[torch.Tensor]:
         """Encode several crops of the same N images in one pass through the blocks.
 
         ``crops`` holds N×3×hᵢ×wᵢ batches (one N, any sizes that are multiples of ``patch``,
         e.g. DINO's 2 global and k local crops). Each crop is tokenised as in :meth:`forward`
         (its own [CLS], its own resized position embeddings); image n's crops are concatenated
-        into one sequence of L = Σᵢ (1 + hᵢwᵢ/p²) tokens, and a block-diagonal mask
-        (:func:`models.packing.block_diagonal_mask`) lets each crop attend only to itself, so
-        every crop's output is the one :meth:`forward` gives it alone (up to rounding), while
-        all crops share one call of each block instead of one per resolution. The attention is
-        computed densely over the L×L matrix and masked, so its cost grows with L² rather than
-        with Σᵢ Tᵢ²; the linear layers cost the same either way. Stochastic depth drops per
+        into one sequence of L = Σᵢ (1 + hᵢwᵢ/p²) tokens, and each crop attends only to itself,
+        so every crop's output is the one :meth:`forward` gives it alone (up to rounding), while
+        the linear layers of every block run once over all crops instead of once per resolution.
+        ``attention`` (default: the module's ``packed_attention``) says how the crops are kept
+        apart: ``"segments"`` runs SDPA within each crop (:func:`models.packing.segment_attention`,
+        Σᵢ Tᵢ² scores), ``"mask"`` runs it once over the L×L matrix with a block-diagonal mask
+        (:func:`models.packing.block_diagonal_mask`, L² scores). Stochastic depth drops per
         sequence: all the crops of an image together.
 
         Returns one tensor per crop, in order: its final [CLS] feature (N×dim), or with
         ``tokens=True`` all its final tokens, [CLS] first (N×(1 + hᵢwᵢ/p²)×dim)."""
+        attention = self.packed_attention if attention is None else attention
+        if attention not in PACKED_ATTENTION:
+            raise ValueError(f"attention must be one of {PACKED_ATTENTION}, got {attention!r}")
         if not crops:
             raise ValueError("forward_packed needs at least one crop")
         if len({len(c) for c in crops}) != 1:
@@ -247,9 +263,12 @@ class VisionTransformer(nn.Module):
         sequences = [self._tokens(c) for c in crops]
         lengths = [s.shape[1] for s in sequences]
         x = torch.cat(sequences, dim=1)
-        mask = block_diagonal_mask(lengths, device=x.device)
+        if attention == "mask":
+            keep_apart = {"mask": block_diagonal_mask(lengths, device=x.device)}
+        else:
+            keep_apart = {"segments": lengths}
         for block in self.blocks:
-            x = block(x, mask=mask)
+            x = block(x, **keep_apart)
         parts = self.norm(x).split(lengths, dim=1)
         return list(parts) if tokens else [p[:, 0] for p in parts]
 

@@ -12,7 +12,8 @@ import torch
 import models.backbones as backbones
 from models.backbones import resnet18_cifar, vit_small_cifar
 from models.dino import DINO
-from models.packing import block_diagonal_mask
+import models.packing as packing
+from models.packing import PACKED_ATTENTION, block_diagonal_mask, segment_attention
 from models.train import TrainConfig, build_method, check_hparams
 
 N = 3
@@ -51,9 +52,23 @@ def test_block_diagonal_mask_is_the_explicit_loop():
             block_diagonal_mask(bad)
 
 
+def test_segment_attention_is_attention_with_the_block_diagonal_mask():
+    g = torch.Generator().manual_seed(4)
+    lengths = [5, 5, 2, 3, 2]  # repeated lengths share one call
+    q, k, v = (torch.randn(3, 2, sum(lengths), 4, generator=g, dtype=torch.float64) for _ in range(3))
+    masked = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_diagonal_mask(lengths))
+    torch.testing.assert_close(segment_attention(q, k, v, lengths), masked, rtol=0, atol=1e-12)
+    torch.testing.assert_close(segment_attention(q, k, v, [sum(lengths)]),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not cover"):
+        segment_attention(q, k, v, [5, 5])
+
+
+@pytest.mark.parametrize("attention", PACKED_ATTENTION)
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_packed_outputs_are_the_per_crop_outputs(mode):
+def test_packed_outputs_are_the_per_crop_outputs(mode, attention):
     vit = _vit(drop_path=0.2)
+    vit.packed_attention = attention
     if mode == "train":
         vit.train()
         for block in vit.blocks:
@@ -88,8 +103,21 @@ def test_stochastic_depth_drops_all_the_crops_of_an_image_together():
     assert max(float((a - b).abs().max()) for a, b in zip(packed, other)) > 1e-3  # the drops do matter
 
 
-def test_a_crop_cannot_attend_to_another(monkeypatch):
+def _attend_to_everything(monkeypatch, attention: str) -> None:
+    """Undo the separation of crops for ``attention`` (the control of the next test)."""
+    if attention == "mask":
+        monkeypatch.setattr(backbones, "block_diagonal_mask",
+                            lambda lengths, device=None: torch.ones(sum(lengths), sum(lengths), dtype=torch.bool,
+                                                                    device=device))
+    else:
+        monkeypatch.setattr(backbones, "segment_attention",
+                            lambda q, k, v, lengths: packing.segment_attention(q, k, v, [sum(lengths)]))
+
+
+@pytest.mark.parametrize("attention", PACKED_ATTENTION)
+def test_a_crop_cannot_attend_to_another(monkeypatch, attention):
     vit = _vit().eval()
+    vit.packed_attention = attention
     crops = _crops()
     changed = [c.clone() for c in crops]
     changed[2] = torch.rand_like(changed[2])
@@ -98,17 +126,17 @@ def test_a_crop_cannot_attend_to_another(monkeypatch):
         for i in (0, 1, 3):
             torch.testing.assert_close(after[i], before[i], rtol=0, atol=1e-6)
         assert float((after[2] - before[2]).abs().max()) > 1e-3
-        # the control: without the block-diagonal mask the same change reaches the other crops
-        monkeypatch.setattr(backbones, "block_diagonal_mask",
-                            lambda lengths, device=None: torch.ones(sum(lengths), sum(lengths), dtype=torch.bool,
-                                                                    device=device))
+        # the control: without the separation the same change reaches the other crops
+        _attend_to_everything(monkeypatch, attention)
         before, after = vit.forward_packed(crops, tokens=True), vit.forward_packed(changed, tokens=True)
     for i in (0, 1, 3):
         assert float((after[i] - before[i]).abs().max()) > 1e-3
 
 
-def test_packed_and_per_crop_give_the_same_parameter_gradients():
+@pytest.mark.parametrize("attention", PACKED_ATTENTION)
+def test_packed_and_per_crop_give_the_same_parameter_gradients(attention):
     vit = _vit().eval()
+    vit.packed_attention = attention
     crops = _crops()
     g = torch.Generator().manual_seed(2)  # a random weighting: the plain sum of LayerNorm outputs hardly moves
     weights = [torch.randn(N, 1 + h * w // 16, 32, generator=g, dtype=torch.float64) for h, w in SIZES]
@@ -132,6 +160,8 @@ def test_forward_packed_refuses_mixed_batches():
         vit.forward_packed([torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.rand(3, 3, 16, 16, dtype=torch.float64)])
     with pytest.raises(ValueError, match="at least one crop"):
         vit.forward_packed([])
+    with pytest.raises(ValueError, match="attention must be one of"):
+        vit.forward_packed([torch.rand(2, 3, 32, 32, dtype=torch.float64)], attention="dense")
 
 
 def _dino(backbone, packed: bool) -> DINO:
