@@ -878,10 +878,12 @@ def sweep_cmd(
 @app.command("train")
 @friendly_errors
 def train_cmd(
-    method: str = typer.Argument(..., help="supervised | airbench | simclr | moco | byol | dino | clip"),
+    method: str = typer.Argument(..., help="supervised | airbench | simclr | moco | byol | dino | dino-distill "
+                                 "(a smaller backbone against a finished dino run's frozen teacher: -H teacher=RUN) | clip"),
     epochs: int = typer.Option(30, help="Training epochs over CIFAR-10 train."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per step (lr scales linearly from 256)."),
-    backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem), vit_small (patch 4) or airbench."),
+    backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem), vit_small or vit_tiny (patch 4; vit_tiny "
+                                 "has a quarter of vit_small's parameters) or airbench."),
     width: int = typer.Option(16, help="Channels of the first stage (resnet18, airbench)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate for batch 256 (default: the method's)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default: the method's."),
@@ -899,7 +901,8 @@ def train_cmd(
                                 "change during warm-up)."),
     zoo: Optional[str] = typer.Option(None, "--zoo", help="When done, measure and write models/zoo/NAME.{safetensors,json}."),
     hparam: List[str] = typer.Option([], "--hparam", "-H", help="Method hyper-parameter KEY=VALUE (repeatable), "
-                                     "e.g. clip: embed_dim, text_width, text_layers, text_heads, word_dropout, val_size."),
+                                     "e.g. clip: embed_dim, text_width, text_layers, text_heads, word_dropout, val_size; "
+                                     "dino-distill: teacher=RUN_FOLDER."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (networks, data and augmentations)."),
     strategy: str = typer.Option("ddp", "--strategy", help="Under torchrun: ddp (gradients all-reduced) or fsdp "
                                  "(parameters, gradients and optimiser state sharded per block). --batch-size is the "

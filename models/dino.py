@@ -11,6 +11,7 @@ its two global views in another (``packed=True``; sequence packing as in DINOv2:
 :meth:`models.backbones.VisionTransformer.forward_packed`); each view still attends only to
 itself. ``packed=False``, and backbones without ``forward_packed`` (ResNets, whose BatchNorm
 statistics are per forward), take one forward per crop resolution instead.
+:func:`encode_views` is that forward; :mod:`models.dino_distill` reuses it with a frozen teacher.
 
 Defaults are set for short CIFAR-10 schedules rather than the paper's long ImageNet one:
 AdamW lr 2e-3, 4 096 prototypes, 2 local crops, teacher momentum 0.96 → 1 and a fixed
@@ -30,7 +31,19 @@ from models.method import Method
 from models.momentum import momentum_copy, update_momentum
 from models.schedules import cosine_schedule
 
-__all__ = ["DINO"]
+__all__ = ["DINO", "encode_views"]
+
+
+def encode_views(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor],
+                 packed: bool = True) -> list[torch.Tensor]:
+    """``head(backbone(v))`` for every view ``v`` (2 global views first, then the local ones):
+    one packed forward over all of them when the backbone packs and ``packed`` is set,
+    otherwise one forward per resolution (the global views together, the local views together)."""
+    n = len(views[0])
+    if packed and hasattr(backbone, "forward_packed"):
+        return list(head(torch.cat(backbone.forward_packed(views))).split(n))
+    groups = (views[:2], views[2:])
+    return [z for group in groups if group for z in head(backbone(torch.cat(group))).split(n)]
 
 
 class DINO(Method):
@@ -56,21 +69,11 @@ class DINO(Method):
                          "warmup_teacher_steps": warmup_teacher_steps, "center_momentum": center_momentum,
                          "packed": packed}
 
-    def _encode(self, backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``head(backbone(v))`` for every view ``v`` (2 global views first, then the local ones):
-        one packed forward over all of them when the backbone packs and ``packed`` is set,
-        otherwise one forward per resolution (the global views together, the local views together)."""
-        n = len(views[0])
-        if self.packed and hasattr(backbone, "forward_packed"):
-            return list(head(torch.cat(backbone.forward_packed(views))).split(n))
-        groups = (views[:2], views[2:])
-        return [z for group in groups if group for z in head(backbone(torch.cat(group))).split(n)]
-
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         views = self.multicrop(x)
         with torch.no_grad():
-            teacher = self._encode(self.teacher_backbone, self.teacher_head, views[:2])
-        student = self._encode(self.backbone, self.head, views)
+            teacher = encode_views(self.teacher_backbone, self.teacher_head, views[:2], self.packed)
+        student = encode_views(self.backbone, self.head, views, self.packed)
         return self.criterion(student, teacher, step)
 
     def after_step(self, step: int, max_steps: int) -> None:

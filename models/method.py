@@ -54,6 +54,13 @@ class Method(nn.Module):
         """Method-specific hyper-parameters (recorded in checkpoints and model cards)."""
         return dict(self._hparams)
 
+    @classmethod
+    def check_hparam_values(cls, hparams: dict[str, Any]) -> None:
+        """``ValueError`` for a hyper-parameter value that cannot work, found without building
+        anything (e.g. a path that does not exist); :func:`models.train.check_hparams` calls it
+        with the hyper-parameters a run sets, before any data is loaded. The default checks
+        nothing."""
+
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups: ``weight_decay`` on weight matrices and kernels, none on
         biases and normalisation parameters (1-D tensors), as in SimCLR/BYOL/DINO. A group may

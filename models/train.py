@@ -1,4 +1,4 @@
-"""The one training loop for every method (supervised, SimCLR, MoCo, BYOL, DINO, CLIP):
+"""The one training loop for every method (supervised, SimCLR, MoCo, BYOL, DINO, DINO distillation, CLIP):
 per-step schedules, rich progress, kNN monitor, per-epoch atomic checkpoints and exact resume.
 
 The loop keeps the whole training split in memory as a float tensor and draws each epoch's
@@ -84,6 +84,7 @@ METHODS = {
     "moco": "models.moco:MoCo",
     "byol": "models.byol:BYOL",
     "dino": "models.dino:DINO",
+    "dino-distill": "models.dino_distill:DINODistill",
     "clip": "models.clip_method:CLIPMethod",
     "airbench": "models.airbench_method:Airbench",
 }
@@ -99,8 +100,10 @@ def method_class(name: str) -> type[Method]:
 
 def check_hparams(name: str, hparams: dict[str, Any]) -> None:
     """``ValueError`` unless every key of ``hparams`` is a hyper-parameter of method ``name``
-    (a keyword argument of its ``__init__``) with a value of its default's type."""
-    params = inspect.signature(method_class(name).__init__).parameters.values()
+    (a keyword argument of its ``__init__``) with a value of its default's type, and the
+    method's own checks of the values (:meth:`Method.check_hparam_values`) pass."""
+    cls = method_class(name)
+    params = inspect.signature(cls.__init__).parameters.values()
     known = {p.name: p.default for p in params if p.name not in ("self", "backbone")
              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = sorted(set(hparams) - set(known))
@@ -118,6 +121,7 @@ def check_hparams(name: str, hparams: dict[str, Any]) -> None:
             ok = True
         if not ok:
             raise ValueError(f"{name} hyper-parameter {key} must be {type(default).__name__}, got {value!r}")
+    cls.check_hparam_values(hparams)
 
 
 @dataclass
@@ -245,10 +249,13 @@ def _require_checkpoint(out_dir: Path) -> tuple[Path, Path]:
     return ckpt, meta_path
 
 
-def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    rng: bool = True) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the JSON state, with
     ``"rng_restored"``: whether this process got its own generator state back (a rank other
-    than 0 does not when the run was saved with another number of ranks).
+    than 0 does not when the run was saved with another number of ranks). ``rng=False``
+    loads the weights only and leaves this process's generators alone (reading a finished
+    run's model inside another run, e.g. a distillation teacher).
 
     Full tensors are loaded into FSDP-sharded parameters and optimiser state as this rank's
     shards, so a checkpoint resumes under any strategy."""
@@ -273,6 +280,9 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
                 state.setdefault(int(idx), {})[name] = like_param(v, param) if v.ndim and v.ndim == param.ndim else v
         groups = [{**saved, "params": g["params"]} for saved, g in zip(meta["param_groups"], opt["param_groups"])]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if not rng:
+        meta["rng_restored"] = False
+        return meta
     rank, ranks = world()
     same_ranks = meta.get("world_size", 1) == ranks
     restored = rank == 0 or same_ranks

@@ -4,13 +4,16 @@ The card is produced by code, never by hand. For a run folder written by
 :func:`models.train.train` this rebuilds the method from the run's config, loads its last
 checkpoint and ships the classifier its :attr:`~models.method.Method.zoo_builder` names:
 
-- ``"probed"`` (supervised, SimCLR, MoCo, BYOL, DINO): frozen features of the full CIFAR-10
-  train and test splits give a weighted kNN (k=200, T=0.1) and a linear probe
+- ``"probed"`` (supervised, SimCLR, MoCo, BYOL, DINO, DINO distillation): frozen features of
+  the full CIFAR-10 train and test splits give a weighted kNN (k=200, T=0.1) and a linear probe
   (:mod:`models.probes`); the *random-init* backbone (same seed, same architecture) is
   measured the same way — the baseline an SSL method must beat. The entry is ``encoder +
   head``: the supervised methods' own trained head, or the linear probe. A method with
   ``report_tta`` (airbench) also gets its accuracy under mirror / mirror + translate test-time
   augmentation (:mod:`models.tta`) on the card; the entry itself ships without it.
+  A distilled student (``dino-distill``) ships its own backbone; its card records the teacher
+  (run folder, architecture, and the teacher run's zoo entry with its accuracies when the
+  zoo holds one).
 - ``"clip"``: the zero-shot classifier (prompt ensemble of the held-out templates,
   :func:`models.clip.zero_shot_classifier`), with zero-shot accuracy and retrieval recall@1
   on the test split (:func:`models.clip_eval.evaluate_clip`).
@@ -88,6 +91,8 @@ def build_zoo_entry(run_dir: str | os.PathLike, name: str, console=None, zoo_dir
         raise ValueError(f"method {config.method} ships a {method.zoo_builder!r} classifier, which the zoo "
                          f"cannot build (known: {', '.join(_ENTRY_KINDS)})")
     classifier, card = _ENTRY_KINDS[method.zoo_builder](method, config, data, say, probe_epochs)
+    if "teacher" in card:
+        card["teacher"]["zoo_entry"] = _teacher_zoo_entry(card["teacher"], zoo_dir)
     card.update({
         "epochs": config.epochs,
         "hyperparameters": {**asdict(config), "method_hparams": method.hparams,
@@ -158,6 +163,10 @@ def _probed_entry(method: Method, config: TrainConfig, data: Data | None, say: C
                         "the image and its mirror, level 2 = airbench's mirror + 1-pixel translations")
     if getattr(method, "recipe", None):
         extra["training_recipe"] = method.recipe
+    if getattr(method, "teacher_card", None):  # a distilled student: what it was distilled from
+        extra["teacher"] = dict(method.teacher_card)
+        extra["compute"] = ("wall_time_s and train_images_per_s include the frozen teacher's forwards "
+                            "on the 2 global views of every image")
     say(f"accuracy {shipped_acc:.4f}, linear probe {metrics['linear_probe_acc']:.4f}, kNN {metrics['knn_acc']:.4f}; "
         f"random init: linear {rand['linear_probe_acc']:.4f}, kNN {rand['knn_acc']:.4f}")
     return classifier, {
@@ -221,6 +230,20 @@ def _zero_shot_entry(method: Method, config: TrainConfig, data: Data | None, say
 
 #: :attr:`Method.zoo_builder` → the function that makes the classifier and its card
 _ENTRY_KINDS = {"probed": _probed_entry, "clip": _zero_shot_entry}
+
+
+def _teacher_zoo_entry(teacher: dict[str, Any], zoo_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Name and accuracies of the zoo entry built from the teacher's run, if the zoo has one:
+    the entry whose ``train_command`` is the teacher run's (recorded, or rebuilt from its config
+    for a run started without one)."""
+    from models.zoo import cards
+
+    config = TrainConfig(**teacher["config"])
+    for name, card in cards(zoo_dir).items():
+        expected = teacher.get("train_command") or _reconstruct_command(config, Path(teacher["run"]), name)
+        if card.get("method") == teacher["method"] and card.get("train_command") == expected:
+            return {"name": name, **{k: card.get(k) for k in ("accuracy", "linear_probe_acc", "knn_acc", "sha256")}}
+    return None
 
 
 def _reconstruct_command(config: TrainConfig, run_dir: Path, name: str) -> str:
