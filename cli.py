@@ -296,7 +296,7 @@ def craft_cmd(
     heldout: int = typer.Option(2000, "--heldout", help="Held-out test images to measure after each pass (0: none)."),
     eps: str = typer.Option("8/255", "--eps", help="Radius ε of the ℓp ball; fractions like 8/255 are fine."),
     norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
-    delta: float = typer.Option(0.2, "--delta", help="Stop once the fooling rate on X exceeds 1 − δ."),
+    delta: float = typer.Option(0.2, "--delta", help="Stop once the fooling rate on X exceeds 1 − δ (0: run all --max-passes)."),
     max_passes: int = typer.Option(10, "--max-passes", help="At most this many passes over X."),
     method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, sgd, feature, "
                                "deepfool-targeted or foolbox:<AttackName> (e.g. foolbox:L2CarliniWagnerAttack)."),
@@ -344,8 +344,8 @@ def craft_cmd(
         raise _UsageError(f"--n-images must be > 0, got {n_images}")
     if heldout < 0:
         raise _UsageError(f"--heldout must be ≥ 0, got {heldout}")
-    if not 0 < delta < 1:
-        raise _UsageError(f"--delta must be in (0, 1), got {delta}")
+    if not 0 <= delta < 1:
+        raise _UsageError(f"--delta must be in [0, 1) (0: every pass, a fixed budget), got {delta}")
     if max_passes < 1:
         raise _UsageError(f"--max-passes must be ≥ 1, got {max_passes}")
     method_options: dict = {} if batch_size is None else {"batch_size": batch_size}
@@ -842,8 +842,8 @@ def sweep_cmd(
     for m, limit in limits.items():
         if m not in method_names or limit < n_base:
             raise _UsageError(f"--n-limit {m}={limit}: name one of --methods, with a limit ≥ --n-base ({n_base})")
-    if not 0 < delta < 1:
-        raise _UsageError(f"--delta must be in (0, 1), got {delta}")
+    if not 0 <= delta < 1:
+        raise _UsageError(f"--delta must be in [0, 1) (0: every pass, a fixed budget), got {delta}")
     torch_device = _torch_device(device)
     _use_threads(threads)
     check_output_folder(out, "--out")

@@ -54,8 +54,8 @@ def _refused(out: Path, *args: str) -> str:
     (["--eps", "1/0"], "--eps must be a number or a fraction like 8/255, got '1/0'"),
     (["--eps", "300/255"], "the [0, 1] pixel scale"),
     (["--norm", "l3"], "--norm must be inf, 2 or 1"),
-    (["--delta", "nan"], "--delta must be in (0, 1)"),
-    (["--delta", "1"], "--delta must be in (0, 1)"),
+    (["--delta", "nan"], "--delta must be in [0, 1)"),
+    (["--delta", "1"], "--delta must be in [0, 1)"),
     (["--n-images", "0"], "--n-images must be > 0"),
     (["--n-images", "abc"], "Invalid value for '--n-images'"),
     (["--heldout", "-1"], "--heldout must be ≥ 0"),
@@ -113,7 +113,7 @@ def test_train_refuses_non_finite_hyper_parameters_before_any_work(args, words, 
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--delta", "2"], "delta must be in (0, 1)"), (["--max-passes", "0"], "max_passes must be an integer ≥ 1"),
+    (["--delta", "2"], "delta must be in [0, 1)"), (["--max-passes", "0"], "max_passes must be an integer ≥ 1"),
     (["--method", "nope"], "unknown method 'nope'"),
 ])
 def test_transfer_refuses_a_bad_stop_rule_or_method_before_any_work(args, words, out, nothing_loads):

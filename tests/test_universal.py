@@ -284,3 +284,16 @@ def test_empty_set_and_bad_model_output():
         craft(tiny_mlp(), torch.rand(0, 3, 8, 8), eps=0.1)
     with pytest.raises(ValueError, match="N×C"):
         craft(_Flat(), _images(8), eps=0.1)
+
+
+def test_delta_zero_is_a_fixed_budget_of_passes():
+    """δ = 0 never stops early, not even with every image fooled: a fixed number of passes, as
+    in published budgets of "k epochs"; a loose δ stops as soon as the rule is met."""
+    torch.manual_seed(0)
+    model, x = tiny_mlp(), _images()
+    loose = craft(model, x, eps=0.5, max_passes=4, delta=0.99, method="sgd", seed=0)
+    fixed = craft(model, x, eps=0.5, max_passes=4, delta=0.0, method="sgd", seed=0)
+    assert len(loose.history) == 1
+    assert len(fixed.history) == 4 and fixed.history[-2]["fooling_rate"] == 1.0
+    with pytest.raises(ValueError, match=r"delta must be in \[0, 1\)"):
+        craft(model, x, eps=0.5, delta=-0.1)

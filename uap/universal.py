@@ -53,9 +53,10 @@ def visiting_order(n: int, seed: int, pass_index: int) -> torch.Tensor:
 
 
 def check_stop_rule(delta: float, max_passes: int) -> None:
-    """Validate the stop rule: ``0 < delta < 1`` and ``max_passes`` an integer ≥ 1."""
-    if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and 0 < delta < 1):
-        raise ValueError(f"delta must be in (0, 1), got {delta!r}")
+    """Validate the stop rule: ``0 ≤ delta < 1`` (0: run all ``max_passes`` passes)
+    and ``max_passes`` an integer ≥ 1."""
+    if isinstance(delta, bool) or not (isinstance(delta, (int, float)) and 0 <= delta < 1):
+        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
         raise ValueError(f"max_passes must be an integer ≥ 1, got {max_passes!r}")
 
@@ -89,7 +90,8 @@ def craft(
         x: the crafting set X (images in [0, 1]).
         eps: radius ε of the ℓp ball.
         norm: p ∈ {1, 2, inf} of the ball.
-        delta: stop once the fooling rate on X exceeds ``1 − delta`` (0 < δ < 1).
+        delta: stop once the fooling rate on X exceeds ``1 − delta`` (0 ≤ δ < 1; 0 runs all
+            ``max_passes`` passes, a fixed budget).
         max_passes: at most this many passes over X.
         method: a registered method name (``"deepfool"``, ``"deepfool-batched"``, ``"sgd"``,
             ``"feature"``, ``"foolbox:<Attack>"`` …; :func:`uap.methods.available_methods`) or a
