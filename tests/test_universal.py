@@ -267,7 +267,7 @@ class _Flat(nn.Module):
 @pytest.mark.parametrize("kwargs,match", [
     ({"eps": 0}, "eps"), ({"eps": -1}, "eps"), ({"eps": 2}, "pixel scale"), ({"eps": float("nan")}, "eps"),
     ({"norm": 3}, "norm"), ({"norm": "l7"}, "norm"),
-    ({"delta": 0}, "delta"), ({"delta": 1.0}, "delta"), ({"delta": 1.5}, "delta"),
+    ({"delta": -0.1}, "delta"), ({"delta": 1.0}, "delta"), ({"delta": 1.5}, "delta"),
     ({"max_passes": 0}, "max_passes"), ({"method": "nope"}, "unknown method"),
     ({"deepfool_options": {"steps": 3}}, "DeepFool option"),
     ({"heldout": torch.rand(4, 3, 9, 9)}, "held-out"),
