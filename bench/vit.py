@@ -23,7 +23,7 @@ Two comparisons on the same ViT, each against a baseline measured in the same ru
    ramps it linearly from 0 in the first block). Steps alternate over the variants in one
    process; medians.
 
-Images are random pixels: a step's cost does not depend on what they show. Prints markdown
+Images are random pixels: a step's cost does not depend on what they show. Prints
 tables and writes ``runs/bench/vit.json``.
 
     python -m bench.vit --batch-size 64 --n-local 6 --repeats 3 --steps 5 --threads 2
@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import machine, write_results
+from bench.common import machine, print_table, write_results
 from models.backbones import Block, VisionTransformer, build_backbone
 
 #: DINO variants: packed with segment attention, packed with a dense block-diagonal mask, per crop
@@ -175,14 +175,6 @@ def _drop_path_times(args: argparse.Namespace, device: torch.device) -> dict[str
 # --------------------------------------------------------------------------- output
 
 
-def _markdown(title: str, columns: list[str], rows: list[list[str]]) -> None:
-    print(f"\n**{title}**\n")
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -227,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                                  speedup_vs_per_crop=base / s, median_peak_mb=mb)
             rows.append([variant, f"{1000 * s:.1f}", f"{args.batch_size / s:.1f}", f"{base / s:.2f}", f"{mb:.0f}"])
         results["dino"] = {"memory": memory, **runs}
-        _markdown(f"DINO step, vit_small, batch {args.batch_size}, 2 × 32² + {args.n_local} × 16² crops, fp32, {where}; "
+        print_table(f"DINO step, vit_small, batch {args.batch_size}, 2 × 32² + {args.n_local} × 16² crops, fp32, {where}; "
                   f"median of {args.repeats} × {args.steps} steps; memory: {memory}",
                   ["variant", "ms / step", "images/s", "× per-crop speed", "peak memory (MB)"], rows)
 
@@ -241,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([name, f"{1000 * med[name]:.1f}", f"{med['no drop'] / med[name]:.2f}",
                              f"{mask / med[name]:.2f}"])
         results["drop_path"] = {name: {"median_seconds": med[name], "all_seconds": times[name]} for name in times}
-        _markdown(f"vit_small forward + backward, batch {args.batch_size} × 32², {where}; stochastic depth at the same "
+        print_table(f"vit_small forward + backward, batch {args.batch_size} × 32², {where}; stochastic depth at the same "
                   f"rate in every block; median of {args.repeats * args.steps} alternating steps",
                   ["variant", "ms / step", "× no-drop speed", "× compute-and-mask speed"], rows)
 
