@@ -178,7 +178,8 @@ class Block(nn.Module):
         if idx.numel() == 0:
             return x
         update = branch(norm(x.index_select(0, idx))) / (1.0 - self.drop_path)
-        return x.index_add(0, idx, update)
+        # Under autocast the branch may come back in a lower precision than the residual stream.
+        return x.index_add(0, idx, update.to(x.dtype))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 segments: Sequence[int] | None = None) -> torch.Tensor:

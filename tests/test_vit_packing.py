@@ -217,3 +217,18 @@ def test_packed_is_a_recorded_hyperparameter_and_old_dino_cards_still_build():
     method = build_method(TrainConfig(**saved).resolved())
     assert method.hparams["packed"] is True
     assert not any("packed" in k for k in method.state_dict())  # checkpoints keep their keys
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_stochastic_depth_trains_under_bfloat16_autocast(packed):
+    """The kept samples' branch comes back in bfloat16 under autocast; it is added to the float32
+    residual stream of the skipped samples without a dtype clash, and gradients reach every block."""
+    torch.manual_seed(0)
+    vit = vit_small_cifar(dim=32, depth=2, heads=2, drop_path=0.3).train()
+    crops = [c.float() for c in _crops()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = vit.forward_packed(crops) if packed else [vit(c) for c in crops]
+        loss = sum(o.float().square().mean() for o in out)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in vit.blocks.parameters())
