@@ -171,6 +171,8 @@ def test_a_control_character_in_a_path_is_escaped(tmp_path, out):
     ("os:getcwd", "did not give an nn.Module (got str)"),
     ("no_such_module_xyz:factory", "cannot import 'no_such_module_xyz'"),
     ("tests.tiny_models:no_such_factory", "has no attribute 'no_such_factory'"),
+    ("torch.nn:LazyBatchNorm2d", "has parameters whose shapes are not set yet"),
+    ("torch.nn:LazyInstanceNorm1d", "has parameters whose shapes are not set yet"),
 ])
 def test_model_specs_that_are_not_factories(spec, words, out):
     line = _refused(out, "craft", "--model", spec, *SMALL, "--out", str(out))

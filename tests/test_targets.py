@@ -184,3 +184,16 @@ def test_uap_never_imports_models():
     imports = [f"{p.relative_to(REPO)}: {line.strip()}" for p in (REPO / "uap").rglob("*.py")
                for line in p.read_text().splitlines() if re.match(r"\s*(import|from)\s+models\b", line)]
     assert imports == []
+
+
+def test_a_lazy_module_is_refused_unless_weights_set_its_shapes(tmp_path):
+    with pytest.raises(ModelSpecError, match="shapes are not set yet") as info:
+        resolve_model("torch.nn:LazyBatchNorm2d")
+    assert info.value.arguments == ("spec",)
+    from safetensors.torch import save_file
+
+    state = {"weight": torch.ones(3), "bias": torch.zeros(3), "running_mean": torch.zeros(3),
+             "running_var": torch.ones(3), "num_batches_tracked": torch.tensor(0)}
+    save_file(state, tmp_path / "w.safetensors")
+    model, _ = resolve_model("torch.nn:LazyBatchNorm2d", weights=tmp_path / "w.safetensors")
+    assert model(torch.rand(2, 3, 4, 4)).shape == (2, 3, 4, 4)

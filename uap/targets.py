@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import itertools
 import math
 import warnings
 import inspect
@@ -46,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 __all__ = [
     "ENTRY_POINT_GROUP", "ModelSource", "ModelSpecError", "UnknownModelError", "Normalized",
@@ -297,6 +299,10 @@ def resolve_model(
             load_weights(model, weights, spec)
     else:
         model = _from_sources(spec, source_name, weights)
+    if any(is_lazy(t) for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ModelSpecError(f"{spec!r} has parameters whose shapes are not set yet (a lazy module, e.g. "
+                             "torch.nn.LazyLinear): build it with one forward pass in the factory, or give "
+                             "weights that set them", "spec")
     if mean is not None:
         model = Normalized(model, mean, std)
     model.eval()
