@@ -119,12 +119,16 @@ def test_model_specs_resolve_or_are_a_model_spec_error(data):
     imported = __import__(module, fromlist=["_"])
     attr = data.draw(st.one_of(st.sampled_from(sorted(a for a in dir(imported) if not a.startswith("_"))),
                                st.text(alphabet=string.ascii_letters + "_[]/", min_size=1, max_size=8)))
-    spec = data.draw(st.sampled_from([f"{module}:{attr}", f"{module}:", f":{attr}", attr, f"[{attr}]"]))
+    _resolves_or_is_a_model_spec_error(
+        data.draw(st.sampled_from([f"{module}:{attr}", f"{module}:", f":{attr}", attr, f"[{attr}]"])))
+
+
+def _resolves_or_is_a_model_spec_error(spec: str) -> None:
     try:
         model, model_id = resolve_model(spec)
     except (ModelSpecError, FileNotFoundError):
         return
-    assert isinstance(model, torch.nn.Module) and model_id == spec and not model.training
+    assert isinstance(model, torch.nn.Module) and model_id == spec and not model.training, spec
 
 
 def test_every_public_attribute_of_the_safe_modules_resolves_or_is_a_model_spec_error():
@@ -133,12 +137,7 @@ def test_every_public_attribute_of_the_safe_modules_resolves_or_is_a_model_spec_
     for module in SAFE_MODULES:
         imported = __import__(module, fromlist=["_"])
         for attr in sorted(a for a in dir(imported) if not a.startswith("_")):
-            spec = f"{module}:{attr}"
-            try:
-                model, model_id = resolve_model(spec)
-            except (ModelSpecError, FileNotFoundError):
-                continue
-            assert isinstance(model, torch.nn.Module) and model_id == spec and not model.training, spec
+            _resolves_or_is_a_model_spec_error(f"{module}:{attr}")
 
 
 # ---------------------------------------------------------------------------- the library's validators
