@@ -79,7 +79,7 @@ def test_zoo_checkpoint_reproduces_its_card(name, data_root):
     assert abs(acc - card["linear_probe_acc"]) <= 0.03, f"{name}: {acc:.4f} vs card {card['linear_probe_acc']:.4f}"
     if card["method"] in ("supervised", "airbench") and not card["backbone"].startswith("vit"):
         assert card["linear_probe_acc"] >= 0.85
-    else:  # what a self-supervised encoder (or a ViT trained on CIFAR-10 at this budget) must reach to be a useful target
+    else:  # what an SSL encoder (or a ViT trained on CIFAR-10 at this budget) must reach to be a useful target
         assert card["linear_probe_acc"] >= 0.60
         assert card["linear_probe_acc"] >= card["random_init_linear_probe_acc"] + 0.20
 
