@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -29,18 +30,18 @@ def test_version():
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.5", 0.5), ("10", 10.0)])
 def test_parse_eps(text, value):
-    assert cli.parse_eps(text) == pytest.approx(value)
+    assert cli.options.parse_eps(text) == pytest.approx(value)
 
 
 @pytest.mark.parametrize("text", ["0", "-1/255", "abc", "1/0", "8/"])
 def test_parse_eps_rejects(text):
-    with pytest.raises(cli._UsageError):
-        cli.parse_eps(text)
+    with pytest.raises(cli.UsageError):
+        cli.options.parse_eps(text)
 
 
 @pytest.mark.parametrize("text,p", [("inf", float("inf")), ("linf", float("inf")), ("2", 2.0), ("l1", 1.0)])
 def test_parse_norm(text, p):
-    assert cli.parse_norm(text) == p
+    assert cli.options.parse_norm(text) == p
 
 
 def test_friendly_errors_one_line_exit_2():
@@ -56,5 +57,5 @@ def test_friendly_errors_one_line_exit_2():
 
 
 def test_console_script_runs_without_traceback():
-    out = subprocess.run([sys.executable, "-m", "cli", "--version"], capture_output=True, text=True, cwd=cli.__file__.rsplit("/", 1)[0])
+    out = subprocess.run([sys.executable, "-m", "cli", "--version"], capture_output=True, text=True, cwd=str(Path(cli.__file__).parent.parent))
     assert out.returncode == 0 and uap.__version__ in out.stdout

@@ -152,16 +152,16 @@ def test_models_all_means_every_zoo_model(monkeypatch):
     assert cli._model_specs("all") == MODELS.split(",")
     assert list(cli._load_models(cli._model_specs("all"))) == NAMES
     monkeypatch.setattr(models, "available", lambda: [], raising=False)
-    with pytest.raises(cli._UsageError, match="no models"):
+    with pytest.raises(cli.UsageError, match="no models"):
         cli._model_specs("all")
-    with pytest.raises(cli._UsageError, match="twice"):
+    with pytest.raises(cli.UsageError, match="twice"):
         cli._model_specs("a,b,a")
 
 
 def test_library_errors_are_told_in_option_names():
-    with pytest.raises(cli._UsageError, match="^--mean and --std: give both mean and std"):
-        cli._resolve_target("tests.eval_models:linear_target", "--model", mean=[0.5])
-    with pytest.raises(cli._UsageError, match="^--weights: "):
-        cli._resolve_target("no-such-zoo-model", "--model", weights=Path("w.safetensors"))
-    with pytest.raises(cli._UsageError, match="^--model: cannot import"):
-        cli._resolve_target("nosuchpkg.mod:f", "--model")
+    with pytest.raises(cli.UsageError, match="^--mean and --std: give both mean and std"):
+        cli.options.resolve_target("tests.eval_models:linear_target", "--model", mean=[0.5])
+    with pytest.raises(cli.UsageError, match="^--weights: "):
+        cli.options.resolve_target("no-such-zoo-model", "--model", weights=Path("w.safetensors"))
+    with pytest.raises(cli.UsageError, match="^--model: cannot import"):
+        cli.options.resolve_target("nosuchpkg.mod:f", "--model")

@@ -63,8 +63,8 @@ def _contract(result) -> bool:
 @given(text=st.one_of(JUNK, NUMBERS))
 def test_parse_eps_is_a_finite_positive_number_or_a_usage_error(text):
     try:
-        value = cli.parse_eps(text)
-    except cli._UsageError as e:
+        value = cli.options.parse_eps(text)
+    except cli.UsageError as e:
         assert str(e).startswith("--eps") and "\n" not in str(e).replace(repr(text), "")
         return
     assert math.isfinite(value) and value > 0
@@ -76,8 +76,8 @@ def test_parse_eps_is_a_finite_positive_number_or_a_usage_error(text):
 @given(text=st.one_of(JUNK, st.sampled_from(["inf", "linf", "L2", "l1", "2", "1", "∞", "Infinity", "3", "l0"])))
 def test_parse_norm_is_one_of_three_or_a_usage_error(text):
     try:
-        p = cli.parse_norm(text)
-    except cli._UsageError as e:
+        p = cli.options.parse_norm(text)
+    except cli.UsageError as e:
         assert str(e).startswith("--norm must be inf, 2 or 1")
         return
     assert p in (1.0, 2.0, math.inf) and p == check_norm(text if text != "∞" else "inf")

@@ -27,7 +27,7 @@ def _start(args: list[str], pause: float = 0.0) -> subprocess.Popen:
     env.pop("UAP_TEST_WRITE_PAUSE", None)
     if pause:
         env["UAP_TEST_WRITE_PAUSE"] = str(pause)
-    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -36,9 +36,11 @@ import hashlib
 import operator
 import os
 import pickle
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -126,6 +128,30 @@ class Preprocessing:
             raise ValueError(f"resize ({resize}) must be at least the image size ({image_size}): the crop is taken "
                              "from the resized image")
         return cls(int(resize), int(image_size))
+
+    @classmethod
+    def choose(cls, data: str, models: Sequence[object] = (), image_size: int | None = None,
+               resize: int | None = None) -> Preprocessing | None:
+        """The resize + crop that images of dataset ``data`` get for ``models``.
+
+        Explicit sizes (:meth:`from_sizes`) win; else, for an ``imagefolder:`` dataset, the
+        preprocessing of the first model that declares one (an adapter's weights transforms,
+        :meth:`of`), with a warning when the models declare different ones; else None (the
+        images as they are; cifar10 is always 32×32).
+        """
+        explicit = cls.from_sizes(image_size, resize)
+        if explicit is not None or not data.startswith("imagefolder:"):
+            return explicit
+        declared = [p for m in models if (p := cls.of(m)) is not None]
+        if len(set(declared)) > 1:
+            warnings.warn(f"the models preprocess differently; images are resized to {declared[0].resize} and "
+                          f"centre-cropped to {declared[0].crop} (the first model's; give image_size/resize to choose)",
+                          stacklevel=2)
+        return declared[0] if declared else None
+
+    def settings(self) -> dict[str, object]:
+        """The settings as a JSON-ready dict (as run records and reports store them)."""
+        return {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation}
 
     def key(self) -> str:
         """A stable text of the settings (part of the decoded-image cache's key)."""

@@ -223,6 +223,22 @@ class Report:
         atomic_write(path, self.to_json() + "\n")
         return Path(path)
 
+    def save(self, out_dir: str | os.PathLike, perturbations: Any, models: Any, x: Any, y: Any = None) -> list[Path]:
+        """Write the whole result into ``out_dir``: ``results.json``, ``results.csv`` and the
+        figures of :func:`uap.plots.write_figures` (heat map, the perturbations, examples of
+        ``x`` under them). Under ``torch.distributed`` rank 0 writes, by itself; the others
+        write nothing and get ``[]``. Returns the paths written."""
+        from uap import distributed
+        from uap.plots import write_figures
+
+        if not distributed.is_main():
+            return []
+        out = Path(out_dir)
+        with distributed.alone():
+            written = [self.save_json(out / "results.json"), self.save_csv(out / "results.csv")]
+            written += list(write_figures(out, self, perturbations, models, x, y=y).values())
+        return written
+
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> Report:
         path = Path(path)

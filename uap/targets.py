@@ -393,3 +393,51 @@ def _build_factory(spec: str) -> nn.Module:
     except Exception as e:  # the user's factory failed: its message, on one line, not a traceback
         raise ModelSpecError(f"{spec}() raised {type(e).__name__}: {' '.join(str(e).split())}") from None
     return _checked(built, spec)
+
+
+# --- TEMPORARY (cli worktree): replaced by the registry branch's versions at merge ---------------
+def split_weights(item: str):
+    from pathlib import Path as _P
+    spec, sep, weights = item.rpartition("=")
+    if not sep:
+        return item, None
+    if not spec.strip() or not weights.strip():
+        raise ModelSpecError(f"{item!r} is not SPEC=WEIGHTS_FILE", "spec")
+    return spec.strip(), _P(weights.strip())
+
+
+def short_name(model_id: str) -> str:
+    from pathlib import Path as _P
+    model_id = split_weights(model_id)[0] if "=" in model_id else model_id
+    head = model_id.partition(":")[0]
+    if head in ("torchvision", "timm", "open_clip"):
+        return model_id.partition(":")[2]
+    if head == "hub":
+        return model_id.partition("?")[0].rpartition(":")[2]
+    if ":" in model_id and not _P(model_id).exists():
+        return model_id.rsplit(":", 1)[-1]
+    return _P(model_id).name.split(".")[0] if ("/" in model_id or "." in _P(model_id).name) else model_id
+
+
+def parse_model_list(text: str) -> list:
+    specs = [s.strip() for s in text.split(",") if s.strip()]
+    if specs == ["all"]:
+        specs = [n for s in model_sources().values() if s.bare for n in s.names()]
+        if not specs:
+            raise ModelSpecError("all: the model zoo has no models yet (see `uap models`)", "spec")
+    if not specs:
+        raise ModelSpecError("empty: give zoo names separated by commas, or 'all'", "spec")
+    if len(set(specs)) != len(specs):
+        raise ModelSpecError(f"names a model twice: {text}", "spec")
+    return specs
+
+
+def load_models(specs, device="cpu") -> dict:
+    loaded = {}
+    for item in specs:
+        spec, weights = split_weights(item)
+        model, _ = resolve_model(spec, weights)
+        model = model.to(device)
+        name = short_name(item)
+        loaded[name if name not in loaded else item] = model
+    return loaded

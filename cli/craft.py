@@ -1,0 +1,141 @@
+"""``uap craft``: one universal perturbation into a resumable run folder (:func:`uap.runs.craft_run`)."""
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cli import command
+from cli import options as o
+from cli.console import console, literal
+from cli.show import craft_progress, craft_table
+
+__all__ = ["craft_cmd", "check_stop_rule", "default_out"]
+
+
+def check_stop_rule(delta: float, max_passes: int) -> None:
+    """:func:`uap.universal.check_stop_rule`, each error named by its option."""
+    from uap.universal import check_stop_rule as check
+
+    o.flagged("--delta", check, delta, 1)
+    o.flagged("--max-passes", check, 0.0, max_passes)
+
+
+def default_out(model: str, p: float, method: str) -> Path:
+    """``runs/MODEL-lNORM-METHOD``: the folder a run goes to when ``--out`` is not given."""
+    from uap.projection import norm_name
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
+    return Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
+
+
+def _method_options(method: str, batch_size: Optional[int], items: List[str], precision: str) -> dict:
+    """The method's options from ``--batch-size``, ``--method-option`` and ``--precision``, checked
+    by building the method (an unknown method or option fails before anything loads)."""
+    from uap.methods import make_method
+
+    chosen = {} if batch_size is None else {"batch_size": batch_size}
+    chosen.update(o.key_values(items, "--method-option"))
+    make_method(method, chosen)
+    if precision != "fp32":  # DeepFool's gradient arithmetic: an option of the methods that run DeepFool
+        chosen["precision"] = precision
+        o.flagged("--precision", make_method, method, chosen)
+    return chosen
+
+
+@command("craft")
+def craft_cmd(
+    model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, package.module:factory, "
+                              "torchvision:NAME[:WEIGHTS], timm:NAME, open_clip:ARCH[:TAG] or hub:DIR:ENTRY (see "
+                              "`uap models --external`). " + o.FACTORY_HELP),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory or SOURCE:NAME model "
+                                           "(safetensors, or a state dict read with weights_only=True)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, e.g. 0.49,0.48,0.45."),
+    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (with --mean)."),
+    data: str = o.data_option(),
+    data_root: Optional[Path] = o.data_root_option(),
+    image_size: Optional[int] = o.image_size_option(),
+    resize: Optional[int] = o.resize_option(),
+    n_images: int = typer.Option(1000, "--n-images", min=1, help="Crafting images X (class-balanced, from the train split)."),
+    heldout: int = typer.Option(2000, "--heldout", min=0, help="Held-out test images to measure after each pass (0: none)."),
+    eps: str = typer.Option("8/255", "--eps", help="Radius ε of the ℓp ball; fractions like 8/255 are fine."),
+    norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
+    delta: float = typer.Option(0.2, "--delta", help="Stop once the fooling rate on X exceeds 1 − δ (0: run all --max-passes)."),
+    max_passes: int = typer.Option(10, "--max-passes", help="At most this many passes over X."),
+    method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, sgd, feature, "
+                               "deepfool-targeted or foolbox:<AttackName> (e.g. foolbox:L2CarliniWagnerAttack)."),
+    target_class: Optional[int] = typer.Option(None, "--target", min=0, help="Targeted UAP: send images to this class "
+                                               "(deepfool, sgd, foolbox:…); the stop rule uses the targeted success rate."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step: DeepFool call "
+                                             "(deepfool-batched), gradient step (sgd, feature: default 32) or Foolbox call (default 1)."),
+    method_option: List[str] = typer.Option([], "--method-option", help="KEY=VALUE option of the method (JSON value), "
+                                            "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting order."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
+    precision: str = typer.Option("fp32", "--precision", help="Arithmetic of DeepFool's gradients (deepfool, "
+                                  "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 or AMX and on recent "
+                                  "GPUs; elsewhere it falls back to fp32 with a warning; the fooled/not-fooled "
+                                  "decisions stay fp32). The same as --method-option precision=bf16."),
+    keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
+                                   "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
+    fold_batchnorm: bool = typer.Option(True, "--fold-batchnorm/--no-fold-batchnorm",
+                                        help="Attack a copy of the model with batch norm folded into the layers "
+                                        "before it (the same function, faster to differentiate)."),
+    device: str = o.device_option(),
+    probe_data: Optional[str] = o.probe_data_option(),
+    probe_images: int = o.probe_images_option(),
+    threads: Optional[int] = o.threads_option(),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out (same settings)."),
+    force: bool = typer.Option(False, "--force", help="Start over: discard the finished run or the checkpoint in --out."),
+) -> None:
+    """Craft a universal perturbation (Algorithm 1 of Moosavi-Dezfooli et al., CVPR 2017).
+
+    Example: uap craft --model supervised --n-images 1000 --eps 8/255 --norm inf --method deepfool --out runs/sup-linf8
+    """
+    from uap.atomic import check_output_folder
+    from uap.distributed import is_main
+    from uap.inputs import load_inputs
+    from uap.projection import norm_name
+    from uap.runs import RunFolder, craft_run
+
+    eps_value, p = o.parse_eps(eps), o.parse_norm(norm)
+    o.check_budget(eps_value, p)
+    check_stop_rule(delta, max_passes)
+    method_options = _method_options(method, batch_size, method_option, precision)
+    mean_v, std_v = o.float_list(mean, "--mean"), o.float_list(std, "--std")
+    o.check_normalisation(mean_v, std_v)
+    torch_device = o.torch_device(device)
+    o.use_threads(threads)  # not part of the run's settings: v does not depend on it
+    out = out if out is not None else default_out(model, p, method)
+    check_output_folder(out, "--out")
+    settings = {  # what the command line said; the run's record adds every uap.craft argument and fingerprints
+        "model": model, "weights": str(weights) if weights else None, "mean": mean_v, "std": std_v,
+        "data": data, "n_images": n_images, "heldout": heldout, "eps": eps_value, "norm": norm_name(p),
+        "delta": delta, "max_passes": max_passes, "method": method, "batch_size": batch_size, "seed": seed,
+        "target": target_class, "method_options": method_options, "keep_best": keep_best, "precision": precision,
+        "image_size": image_size, "resize": resize, "probe_data": probe_data, "probe_images": probe_images,
+    }
+    progress, on_event = craft_progress(out, n_images, max_passes)
+    run = RunFolder(out)
+    # A bad --out, or a run another process is writing: one line, before loading anything (rank 0 writes).
+    with run.lock() if is_main() else contextlib.nullcontext():
+        target, model_id = o.resolve_target(model, "--model", weights, mean_v, std_v)
+        target = target.to(torch_device)
+        inputs = load_inputs([target], data, n_train=n_images, n_test=heldout, seed=seed, root=data_root,
+                             image_size=image_size, resize=resize, stream_test=False, probe_data=probe_data,
+                             probe_images=probe_images, log=lambda line: console.print(f"[dim]{literal(line)}[/]"))
+        settings["preprocessing"] = inputs.settings()
+        try:
+            result = craft_run(run, target, inputs.x, settings=settings, heldout=inputs.heldout, resume=resume,
+                               force=force, callback=on_event, eps=eps_value, norm=p, delta=delta,
+                               max_passes=max_passes, method=method, seed=seed, model_id=model_id,
+                               data=f"{data}:train:n={n_images}:seed={seed}", method_options=method_options,
+                               target=target_class, keep_best=keep_best, fold_batchnorm=fold_batchnorm)
+        finally:
+            progress.stop()
+    console.print(craft_table(result.summary))
+    if not result.reused:
+        console.print(f"wrote {literal(out)}/perturbation.safetensors, perturbation.json, perturbation.png, summary.json")

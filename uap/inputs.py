@@ -1,0 +1,80 @@
+"""The images an experiment runs on, prepared for its targets, in one call.
+
+Crafting, evaluating, a transfer matrix and a budget sweep all start the same way: choose how
+the dataset's images are resized for the targets (:meth:`uap.data.Preprocessing.choose`),
+load the crafting images (train split) and the held-out images (test split), and give the
+targets the heads the data decides (:func:`uap.heads.attach_heads`). :func:`load_inputs` is
+that start, so the command line and a script do exactly the same thing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from uap import data as datasets
+from uap.data import Preprocessing
+from uap.heads import attach_heads
+from uap.images import Images
+
+__all__ = ["Inputs", "load_inputs"]
+
+
+@dataclass
+class Inputs:
+    """What :func:`load_inputs` gives.
+
+    Attributes:
+        x: the crafting images (train split), or None when none were asked for.
+        heldout: ``(images, labels)`` of the held-out split, or None when none were asked for.
+        classes: the dataset's class names in label order.
+        preprocessing: the resize + crop the images got (None: as they are).
+    """
+
+    x: torch.Tensor | Images | None
+    heldout: tuple[torch.Tensor | Images, torch.Tensor] | None
+    classes: tuple[str, ...]
+    preprocessing: Preprocessing | None
+
+    def settings(self) -> dict[str, object] | None:
+        """The preprocessing as JSON (what run records and reports store)."""
+        return None if self.preprocessing is None else self.preprocessing.settings()
+
+
+def load_inputs(models: Sequence[nn.Module], data: str = "cifar10", *, n_train: int = 0, n_test: int = 0,
+                seed: int = 0, root: str | os.PathLike | None = None, image_size: int | None = None,
+                resize: int | None = None, test_split: str = "test", stream_test: bool | None = None,
+                probe_data: str | None = None, probe_images: int = 1000,
+                log: Callable[[str], None] | None = None) -> Inputs:
+    """Load ``data`` for ``models`` and attach their data-dependent heads.
+
+    Args:
+        models: the targets the images are for (their declared preprocessing is used).
+        data: ``cifar10`` or ``imagefolder:PATH``.
+        n_train: crafting images from the train split (class-balanced for ``seed``); 0: none.
+        n_test: held-out images from ``test_split``; 0: none.
+        image_size, resize: explicit sizes (see :meth:`Preprocessing.choose`).
+        test_split: the split the held-out images come from.
+        stream_test: keep the held-out images as uint8 :class:`~uap.images.Images` (floats per
+            batch); default: for an imagefolder, whose images may be large.
+        probe_data, probe_images, log: see :func:`uap.heads.attach_heads`.
+    """
+    for name, n in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name} must be a number of images ≥ 0, got {n!r}")
+    if n_train == 0 and n_test == 0:
+        raise ValueError("load_inputs needs crafting (n_train) or held-out (n_test) images")
+    prep = Preprocessing.choose(data, models, image_size, resize)
+    stream = data.startswith("imagefolder:") if stream_test is None else stream_test
+    x = classes = heldout = None
+    if n_train:
+        x, _, classes = datasets.load(data, "train", n=n_train, seed=seed, root=root, preprocessing=prep)
+    if n_test:
+        hx, hy, classes = datasets.load(data, test_split, n=n_test, seed=seed, root=root, preprocessing=prep, stream=stream)
+        heldout = (hx, hy)
+    attach_heads(models, classes, data=data, probe_data=probe_data, probe_images=probe_images, seed=seed, root=root,
+                 preprocessing=prep, heldout_split=test_split if n_test else "test", log=log)
+    return Inputs(x=x, heldout=heldout, classes=tuple(classes), preprocessing=prep)
