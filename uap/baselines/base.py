@@ -129,7 +129,7 @@ class BaselineContext:
     model_name: str | None = None
 
     def scaled(self, r: torch.Tensor) -> torch.Tensor:
-        """``r`` (any non-zero pattern) rescaled to ``‖r‖p = eps``, computed in float64, float32."""
+        """``r`` (any non-zero pattern) rescaled to ``‖r‖p = eps``: computed in float64, returned in float32."""
         return _to_norm(r.to(torch.float64), self.eps, self.p, torch.float32)
 
 
