@@ -258,3 +258,177 @@ def test_negated_chessboards_are_the_boards_with_the_other_sign():
     assert torch.equal(chessboard((3, 8, 8), 1.0, 2, sign=-1), -chessboard((3, 8, 8), 1.0, 2))
     with pytest.raises(ValueError, match="sign"):
         chessboard((3, 8, 8), 0.1, sign=0)
+
+
+# ---------------------------------------------------------------------------- the registry
+
+def test_the_registry_holds_every_built_in_baseline_in_row_order():
+    import uap.baselines
+    from uap.baselines import DATA_FREE, available_baselines, data_free_baselines, get_baseline, needs_of, row_names
+
+    assert available_baselines() == BASELINES == ("random", "gaussian", *CHESSBOARDS, "fourier")
+    assert DATA_FREE == data_free_baselines() == ("random", "gaussian", *CHESSBOARDS)
+    assert parse_baselines("data-free") == DATA_FREE and parse_baselines("chessboard") == CHESSBOARDS
+    assert get_baseline("chessboard4n") is get_baseline("chessboard") is uap.baselines.Chessboard
+    assert needs_of("random,chessboard") == frozenset() and needs_of("all") == {"models", "x_craft"}
+    assert row_names("fourier,random", ["a", "b"]) == ["random", "fourier:a", "fourier:b"]
+    assert row_names("all") == list(DATA_FREE)  # no models, no per-model rows
+    with pytest.raises(ValueError, match="unknown baseline 'stripes'"):
+        get_baseline("stripes")
+
+
+class Stripes:
+    """The body of a baseline defined in a test: vertical stripes one pixel wide, a pattern no
+    built-in baseline has (the chessboards alternate along both axes)."""
+
+    @staticmethod
+    def pattern(shape):
+        c, h, w = shape
+        return (1.0 - 2.0 * (torch.arange(w) % 2).to(torch.float64)).expand(c, h, w)
+
+
+@pytest.fixture
+def stripes():
+    """Registers ``stripes`` by one class and one decorator, as a user would; removes it after."""
+    from uap.baselines import Baseline, available_baselines, register_baseline, unregister_baseline
+
+    before = available_baselines()
+
+    @register_baseline()
+    class StripesBaseline(Baseline):
+        name = "stripes"
+
+        def make(self, variant, ctx):
+            return ctx.scaled(Stripes.pattern(ctx.shape))
+
+    yield StripesBaseline
+    unregister_baseline("stripes")
+    assert available_baselines() == before
+
+
+class StripeDetector(nn.Module):
+    """Two classes; the logit difference is the image's correlation with the stripes, so the
+    stripes pattern is the single most harmful direction at any budget."""
+
+    def __init__(self, shape=(3, 8, 8)):
+        super().__init__()
+        self.register_buffer("w", Stripes.pattern(shape).float().flatten() / math.prod(shape))
+
+    def forward(self, x):
+        m = (x - 0.5).flatten(1) @ self.w
+        return torch.stack([m, torch.zeros_like(m)], dim=1)
+
+
+def test_a_new_baseline_is_one_class_and_one_registration(stripes):
+    import uap
+    from uap.baselines import DATA_FREE, needs_of, strongest_baseline
+
+    assert parse_baselines("all") == (*BASELINES, "stripes") and parse_baselines("stripes,random") == ("random", "stripes")
+    assert DATA_FREE[-1] == "stripes" and parse_baselines("data-free")[-1] == "stripes"
+    assert needs_of("stripes") == frozenset()
+
+    built = build_baselines("random,stripes", (3, 8, 8), 0.1, math.inf)
+    assert list(built.perturbations) == ["random", "stripes"]
+    v = built.perturbations["stripes"]
+    assert torch.equal(v, (Stripes.pattern((3, 8, 8)) * 0.1).float())
+    assert built.info["stripes"] == {"kind": "stripes", "eps": 0.1, "norm": "inf", "seed": 0}
+    assert torch.linalg.vector_norm(build_baselines("stripes", (3, 8, 8), 0.5, 1.0).perturbations["stripes"].double(),
+                                    ord=1).item() == pytest.approx(0.5)
+
+    # it is data-free, so a crafted UAP is read against it too: here it is the strongest
+    model = StripeDetector()
+    x = _flat_images(40, (3, 8, 8), seed=1)
+    found = strongest_baseline(model, x, 0.1, math.inf)
+    assert set(found["rates"]) == set(DATA_FREE) and found["name"] == "stripes"
+    assert found["fooling_rate"] > max(r for name, r in found["rates"].items() if name != "stripes")
+
+    # and a row of uap.evaluate, built there at the perturbations' budget
+    uap_v = torch.full((3, 8, 8), 0.05)
+    report = uap.evaluate({"uap": uap_v}, {"stripes-detector": model}, x, baselines="stripes,chessboard1", norm="inf")
+    assert report.perturbations == ["uap", "chessboard1", "stripes"] and report.baselines == ["chessboard1", "stripes"]
+    assert report.meta["baseline_norm"] == pytest.approx(0.05) and report.meta["baselines"]["stripes"]["kind"] == "stripes"
+    with torch.no_grad():
+        rows = build_baselines("stripes", (3, 8, 8), 0.05).perturbations["stripes"]
+        direct = (model(x).argmax(1) != model((x + rows).clamp(0, 1)).argmax(1)).double().mean().item()
+    assert report.fooling_rate[2, 0] == pytest.approx(direct, abs=1e-12) and direct > 0.3
+
+
+def test_unregistering_leaves_the_registry_as_it_was():
+    from uap.baselines import (DATA_FREE, Baseline, available_baselines, register_baseline, row_names,
+                               unregister_baseline)
+
+    before = (available_baselines(), DATA_FREE, parse_baselines("all"), row_names("all", ["m"]))
+
+    @register_baseline("edges")
+    class Edges(Baseline):
+        """A family of two that needs crafting images (but no model): one row each."""
+
+        variants = ("edges-h", "edges-v")
+        needs = frozenset({"x_craft"})
+
+        def make(self, variant, ctx):
+            axis = 1 if variant == "edges-h" else 2
+            return ctx.scaled(ctx.x_craft.mean(0).diff(dim=axis, append=ctx.x_craft.mean(0).narrow(axis, 0, 1)))
+
+    assert parse_baselines("edges") == ("edges-h", "edges-v") and "edges-h" not in DATA_FREE
+    assert row_names("edges", ["m"]) == ["edges-h", "edges-v"]
+    with pytest.raises(ValueError, match=r"the edges-h baseline needs crafting images \(x_craft\)"):
+        build_baselines("edges", (3, 8, 8), 0.1)
+    x, _ = images(n=6, seed=1)
+    built = build_baselines("edges-v", (3, 8, 8), 0.1, 2.0, x_craft=x)
+    assert list(built.perturbations) == ["edges-v"] and built.n_craft == 6
+    assert unregister_baseline("edges") is Edges
+    assert (available_baselines(), DATA_FREE, parse_baselines("all"), row_names("all", ["m"])) == before
+    with pytest.raises(ValueError, match="unknown baseline 'edges'"):
+        parse_baselines("edges")
+    with pytest.raises(ValueError, match="no baseline is registered as 'edges'"):
+        unregister_baseline("edges")
+
+
+def test_registration_refuses_what_would_make_names_ambiguous():
+    from uap.baselines import Baseline, available_baselines, register_baseline
+
+    before = available_baselines()
+    for name, variants, match in [("random", (), "taken"), ("all", (), "taken"), ("boards", ("chessboard2",), "taken"),
+                                  ("Stripes", (), "lower-case"), ("a,b", (), "lower-case"), ("x:y", (), "lower-case")]:
+        with pytest.raises(ValueError, match=match):
+            register_baseline(name)(type("B", (Baseline,), {"variants": variants}))
+    with pytest.raises(ValueError, match="needs"):
+        register_baseline("labels")(type("B", (Baseline,), {"needs": frozenset({"labels"})}))
+    with pytest.raises(ValueError, match="Baseline subclass"):
+        register_baseline("plain")(object)
+    with pytest.raises(ValueError, match="needs a name"):
+        register_baseline()(Baseline)
+    assert available_baselines() == before
+
+
+def test_a_baseline_over_the_budget_or_of_the_wrong_shape_is_refused():
+    from uap.baselines import Baseline, register_baseline, unregister_baseline
+
+    @register_baseline("too-big")
+    class TooBig(Baseline):
+        def make(self, variant, ctx):
+            return torch.full(ctx.shape, 2 * ctx.eps)
+
+    @register_baseline("too-small")
+    class TooSmall(Baseline):
+        def make(self, variant, ctx):
+            return ctx.scaled(torch.ones(ctx.shape))[0]
+
+    try:
+        with pytest.raises(ValueError, match="'too-big' has ℓinf norm 0.2, over the budget 0.1"):
+            build_baselines("too-big", (3, 4, 4), 0.1)
+        with pytest.raises(ValueError, match=r"'too-small' must give a float tensor of shape \(3, 4, 4\)"):
+            build_baselines("too-small", (3, 4, 4), 0.1)
+    finally:
+        unregister_baseline("too-big")
+        unregister_baseline("too-small")
+
+
+def test_search_options_reach_the_baselines_that_need_models():
+    x, _ = images(n=6, seed=1)
+    small = build_baselines("fourier,random", (3, 8, 8), 0.1, 2.0, models={"lin": LinearTarget()}, x_craft=x,
+                            search={"max_frequency": 1})
+    assert all(min(f, 8 - f) <= 1 for f in small.info["fourier:lin"]["frequency"])
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['steps'\] for baseline 'fourier'"):
+        build_baselines("fourier", (3, 8, 8), 0.1, 2.0, models={"lin": LinearTarget()}, x_craft=x, search={"steps": 3})

@@ -15,9 +15,12 @@ def python_blocks(path: Path) -> list[str]:
 
 def test_architecture_examples_run():
     blocks = python_blocks(ROOT / "docs" / "architecture.md")
-    assert len(blocks) == 3  # a new method, its use, a new target model
+    assert len(blocks) == 4  # a new method, its use, a new baseline and its use, a new target model
     method_lines = blocks[0].strip().splitlines()
     assert len(method_lines) <= 20, len(method_lines)
+    baseline_lines = blocks[2].strip().splitlines()
+    defining = baseline_lines[:next(i for i, line in enumerate(baseline_lines) if line.startswith("assert"))]
+    assert len([line for line in defining if line.strip()]) <= 10, defining  # the import and the class
     done = subprocess.run([sys.executable, "-c", "\n".join(blocks) + "\nprint('examples ran')"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

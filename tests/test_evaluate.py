@@ -228,3 +228,113 @@ def test_baseline_rows_follow_the_perturbations_and_are_flagged(setup, tmp_path)
         evaluate(perts, models, x, y, baselines={"big": v})
     with pytest.raises(ValueError, match="not among the perturbations"):
         Report.from_dict({**report.to_dict(), "baselines": ["nope"]})
+
+
+# ---------------------------------------------------------------------------- baselines built by evaluate
+
+def _saved(v, p, tmp_path, name):
+    from uap.perturbation import Perturbation
+    from uap.projection import lp_norm
+
+    size = float(lp_norm(v, p))
+    pert = Perturbation(v=v, model="linear", eps=size if size > 0 else 0.1, norm=p, method="test", seed=0)
+    return pert.save(tmp_path / name)
+
+
+def test_evaluate_builds_baselines_at_the_perturbations_budget(setup):
+    """Names in, rows out: the same rows, numbers and facts as building them by hand at the
+    largest norm of the perturbations and passing the rows."""
+    from uap.baselines import build_baselines
+
+    x, y, models, perts = setup
+    x_craft, _ = images(n=10, seed=30)
+    events = []
+    report = evaluate(perts, models, x, y, baselines="all", norm="inf", x_craft=x_craft, seed=2, meta={"data": "toy"},
+                      progress=lambda done, total, desc: events.append((done, total, desc)))
+    budget = max(float(v.abs().max()) for v in perts.values())
+    built = build_baselines("all", (3, 8, 8), budget, "inf", seed=2, models=models, x_craft=x_craft)
+    by_hand = evaluate(perts, models, x, y, baselines=built.perturbations, meta={"data": "toy"})
+    assert report.perturbations == by_hand.perturbations == [*perts, *built.perturbations]
+    assert report.baselines == list(built.perturbations) and "fourier:detached" in report.baselines
+    for metric in ("fooling_rate", "accuracy", "dominant_share", "embedding_cosine"):
+        np.testing.assert_array_equal(getattr(report, metric), getattr(by_hand, metric))
+    assert report.meta["data"] == "toy" and report.meta["baseline_norm"] == budget
+    assert report.meta["baseline_p"] == "inf" and report.meta["n_craft"] == 10
+    assert report.meta["baselines"]["fourier:probe"]["frequency"] == built.info["fourier:probe"]["frequency"]
+    # the per-model searches are announced before the passes over the images
+    total = len(models) * (len(report.perturbations) + 1)
+    assert events[:3] == [(0, total, f"fourier baseline on {m}") for m in models] and events[-1][:2] == (total, total)
+    # a Baselines object is rows with facts: they reach the report's meta
+    assert evaluate(perts, models, x, y, baselines=built).meta["baselines"] == built.info
+
+
+def test_the_budget_comes_from_the_perturbations_unless_one_is_given(setup, tmp_path):
+    from uap.perturbation import Perturbation
+
+    x, y, models, perts = setup
+    linf = Perturbation.load(_saved(perts["small"], "inf", tmp_path, "a"))
+    l2 = Perturbation.load(_saved(perts["big"] * 0.1, "2", tmp_path, "b"))
+    # Perturbations carry the norm they were crafted in
+    report = evaluate({"a": linf}, models, x, baselines="random")
+    assert report.meta["baseline_norm"] == float(perts["small"].abs().max()) and report.meta["baseline_p"] == "inf"
+    assert report.meta["n_craft"] == 0
+    # crafted in different norms: no one budget, unless an explicit one is given
+    with pytest.raises(ValueError, match=r"different norms \(2, inf\).*evaluate them separately.*--eps and --norm"):
+        evaluate({"a": linf, "b": l2}, models, x, baselines="random")
+    mixed = evaluate({"a": linf, "b": l2}, models, x, baselines="random", eps=0.03, norm=2)
+    assert mixed.meta["baseline_norm"] == 0.03 and mixed.meta["baseline_p"] == "2"
+    assert float(mixed.norm_l2[-1]) == pytest.approx(0.03, rel=1e-6)
+    # plain tensors say nothing about their norm: norm= measures them in one
+    with pytest.raises(ValueError, match="plain tensors.*give norm"):
+        evaluate(perts, models, x, baselines="random")
+    assert evaluate(perts, models, x, baselines="random", norm=2).meta["baseline_norm"] == \
+        max(float(v.norm()) for v in perts.values())
+    # an explicit budget wins over the perturbations' own
+    assert evaluate({"a": linf}, models, x, baselines="random", eps=0.2).meta["baseline_norm"] == 0.2
+
+
+def test_a_requested_baseline_is_never_dropped(setup, tmp_path):
+    x, y, models, perts = setup
+    zero = {"zero": perts["zero"]}
+    with pytest.raises(ValueError, match=r"every perturbation has ℓinf norm 0.*explicit budget \(eps and norm; "
+                                         r"--eps and --norm on the command line\)"):
+        evaluate(zero, models, x, baselines="random", norm="inf")
+    report = evaluate(zero, models, x, y, baselines="random,chessboard2", eps=0.1, norm="inf")
+    assert report.baselines == ["random", "chessboard2"] and report.norm_linf[1:] == pytest.approx([0.1, 0.1])
+    # no perturbation at all: the baselines alone, at an explicit budget
+    alone = evaluate({}, models, x, y, baselines="chessboard1", eps=0.1)
+    assert alone.perturbations == alone.baselines == ["chessboard1"] and alone.meta["baseline_p"] == "inf"
+    with pytest.raises(ValueError, match="no perturbations to take the baselines' budget from"):
+        evaluate({}, models, x, baselines="random")
+    with pytest.raises(ValueError, match="no perturbations to evaluate"):
+        evaluate({}, models, x, baselines="none")
+    # a baseline that needs crafting images says so, before any pass over the images
+    with pytest.raises(ValueError, match=r"the fourier baseline needs crafting images \(x_craft\)"):
+        evaluate(perts, models, x, baselines="random,fourier", norm="inf")
+    with pytest.raises(ValueError, match="not the held-out images"):
+        evaluate(perts, models, x, baselines="fourier", norm="inf", x_craft=x)
+    with pytest.raises(ValueError, match="also baseline rows"):
+        evaluate({"fourier:linear": perts["big"]}, models, x, baselines="fourier", norm="inf", x_craft=x[:4].clone())
+    with pytest.raises(ValueError, match="eps and norm are the budget"):
+        evaluate(perts, models, x, baselines={"noise": perts["small"]}, eps=0.1)
+
+
+def test_load_perturbations_names_each_file_once(setup, tmp_path):
+    from uap.evaluate import load_perturbations
+
+    _, _, _, perts = setup
+    (tmp_path / "run-a").mkdir()
+    (tmp_path / "other").mkdir()
+    files = [_saved(perts["small"], "inf", tmp_path / "run-a", "perturbation"),  # a `uap craft` run
+             _saved(perts["big"], "2", tmp_path, "lin"),
+             _saved(perts["zero"], "inf", tmp_path / "other", "lin")]
+    loaded = load_perturbations([files[0], tmp_path / "lin", files[2], tmp_path / "run-a", str(files[1])])
+    assert list(loaded) == ["run-a", "lin", "lin#2", "run-a#2", "lin#3"]
+    assert torch.equal(loaded["run-a#2"].v, perts["small"]) and loaded["lin"].norm == "2"
+    assert torch.equal(loaded["lin#2"].v, perts["zero"])
+    with pytest.raises(FileNotFoundError, match="holds no perturbation.safetensors"):
+        load_perturbations([tmp_path / "other"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_perturbations([tmp_path / "nope"])
+    with pytest.raises(ValueError, match="no perturbation files"):
+        load_perturbations([])

@@ -89,3 +89,29 @@ def test_heatmap_sets_baseline_rows_apart():
     assert [line.get_ydata()[0] for line in ax.get_lines()] == [1.5], "one line above the first baseline row"
     bold = {t.get_text() for t in ax.texts if t.get_fontweight() == "bold"}
     assert bold == {"73.4", "90.0"}, "only a UAP on its own source model is bold"
+
+
+def test_examples_of_a_per_model_baseline_use_its_models_labels(tmp_path, monkeypatch):
+    """A baseline row made for one model is captioned with that model, as its facts in the
+    report say (the row's name is not parsed); other rows with their own model or the first."""
+    import uap.plots
+
+    x, y = images(n=9)
+    models = {"lin": LinearTarget(0), "enc": EncoderTarget(1)}
+    rows = ["lin", "searched", "fourier:enc", "random"]
+    report = Report(
+        perturbations=rows, models=list(models), fooling_rate=np.zeros((4, 2)), accuracy=np.zeros((4, 2)),
+        dominant_label=np.zeros((4, 2), dtype=int), dominant_share=np.ones((4, 2)),
+        embedding_cosine=np.full((4, 2), math.nan), clean_accuracy=[0.5, 0.6], norm_linf=[0.03] * 4,
+        norm_l2=[1.0] * 4, n_images=9, baselines=rows[1:],
+        meta={"baselines": {"searched": {"kind": "search", "model": "enc"}, "random": {"kind": "random"}}},
+    )
+    seen = {}
+
+    def spy(x, perturbations, labelled_by, out, **kwargs):
+        seen.update({name: label for name, (label, _) in labelled_by.items()})
+        return out
+
+    monkeypatch.setattr(uap.plots, "plot_examples", spy)
+    write_figures(tmp_path, report, {r: torch.zeros(3, 8, 8) for r in rows}, models, x, y=y)
+    assert seen == {"lin": "lin", "searched": "enc", "fourier:enc": "lin", "random": "lin"}

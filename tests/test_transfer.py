@@ -44,7 +44,8 @@ def test_matrix_shape_rows_and_baseline_rows(result):
     assert r.fooling_rate.shape == (2 + len(BASELINE_ROWS), 2)
     assert list(result.perturbations) == r.perturbations
     assert result.reused == []
-    assert r.meta["eps"] == EPS and r.meta["norm"] == "inf"
+    assert r.meta["eps"] == EPS and r.meta["norm"] == "inf" and r.meta["baseline_p"] == "inf"
+    assert r.meta["n_craft"] == 16
     assert r.meta["baselines"]["fourier:probe"]["model"] == "probe"
     assert r.meta["baselines"]["fourier:lin"]["n_images"] == 16  # the crafting images
 
@@ -60,22 +61,37 @@ def test_baselines_can_be_chosen_or_left_out(setup):
 
 def test_fourier_rows_are_searched_on_the_crafting_images_only(setup, result, monkeypatch):
     """The Fourier search sees x_craft and nothing else: other held-out images, same rows."""
-    import uap.baselines
+    import uap.baselines.fourier
 
     models, x_craft, x_eval, y_eval = setup
     seen = []
-    search = uap.baselines.fourier_search
+    search = uap.baselines.fourier.fourier_search
 
     def spy(model, x, *args, **kwargs):
         seen.append(x)
         return search(model, x, *args, **kwargs)
 
-    monkeypatch.setattr(uap.baselines, "fourier_search", spy)
+    monkeypatch.setattr(uap.baselines.fourier, "fourier_search", spy)
     other_eval, _ = images(n=12, seed=99)
-    again = transfer_matrix(models, x_craft, other_eval, **SETTINGS)
+    events = []
+    again = transfer_matrix(models, x_craft, other_eval, callback=lambda e, i: events.append((e, i)), **SETTINGS)
     assert len(seen) == 2 and all(x is x_craft for x in seen)
+    assert [i for e, i in events if e == "baseline"] == [{"baseline": "fourier", "model": m} for m in ("lin", "probe")]
     for row in ("fourier:lin", "fourier:probe"):
         assert torch.equal(again.perturbations[row], result.perturbations[row])
+
+
+def test_baselines_are_never_dropped_when_the_uaps_have_no_size(setup, monkeypatch):
+    """UAPs that stayed at zero set no budget: asking for baselines is then an error, not a
+    matrix without them."""
+    from uap.perturbation import Perturbation
+
+    models, x_craft, x_eval, y_eval = setup
+    monkeypatch.setattr(uap.universal, "craft", lambda model, x, **kwargs: Perturbation(v=torch.zeros(3, 8, 8)))
+    with pytest.raises(ValueError, match="norm 0, so there is no budget"):
+        transfer_matrix(models, x_craft, x_eval, y_eval, baselines="random", **SETTINGS)
+    none = transfer_matrix(models, x_craft, x_eval, y_eval, baselines="none", **SETTINGS)
+    assert none.report.perturbations == ["lin", "probe"] and "baseline_norm" not in none.report.meta
 
 
 def test_diagonal_is_each_uaps_own_heldout_fooling_rate(setup, result):

@@ -10,7 +10,8 @@ The public API; see README.md for a tour.
 - :func:`fooling_rate`, :func:`accuracy`, :func:`targeted_success_rate` … — metrics;
 - :func:`evaluate`, :func:`transfer_matrix` — every perturbation on every model;
 - :func:`random_perturbation`, :func:`chessboard`, :func:`fourier_search`, :func:`build_baselines`
-  … — baselines of the same norm (:mod:`uap.baselines`);
+  … — baselines of the same norm (:mod:`uap.baselines`; pluggable: :func:`register_baseline`,
+  :class:`Baseline`);
 - :func:`craft_run` — :func:`craft` in a resumable, locked run folder (what ``uap craft`` does);
 - :class:`Perturbation` and :class:`Report` — the artefacts (safetensors + JSON).
 
@@ -26,7 +27,15 @@ from uap.threads import reproducible_across_threads
 reproducible_across_threads()  # before anything runs a model: v must not depend on --threads
 
 from uap import data
-from uap.baselines import build_baselines, chessboard, fourier_search, gaussian_perturbation, random_perturbation
+from uap.baselines import (
+    Baseline,
+    build_baselines,
+    chessboard,
+    fourier_search,
+    gaussian_perturbation,
+    random_perturbation,
+    register_baseline,
+)
 from uap.deepfool import deepfool
 from uap.evaluate import evaluate
 from uap.fold import fold_batchnorm
@@ -72,4 +81,6 @@ __all__ = [
     "chessboard",
     "fourier_search",
     "build_baselines",
+    "Baseline",
+    "register_baseline",
 ]

@@ -21,14 +21,20 @@ model per call. Each (perturbation, model) pair then costs one batched forward p
 :class:`uap.forward.Inference`, which also captures the perturbed embedding in that pass when
 the model's ``forward`` calls its own ``.encoder`` (a probe on top of an encoder).
 
-Baselines (``baselines=``, built by :func:`uap.baselines.build_baselines`) are rows like any
-other, after the perturbations, and flagged in the report (``Report.baselines``), so a table
-shows how far each crafted UAP lies above random noise, chessboards and the best single
+Baselines (``baselines=``: names, built here at the perturbations' budget by
+:func:`baselines_at_budget`, or rows built by :func:`uap.baselines.build_baselines`) are rows
+like any other, after the perturbations, and flagged in the report (``Report.baselines``), so a
+table shows how far each crafted UAP lies above random noise, chessboards and the best single
 Fourier basis image of the same norm.
+
+:func:`load_perturbations` reads saved perturbations (files, stems or ``uap craft`` run
+folders) under unique row names, for evaluating them.
 """
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
@@ -36,12 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uap.baselines import Baselines, build_baselines, parse_baselines, row_names
 from uap.forward import DEFAULT_BATCH_SIZE, Inference, Outputs, check_images, encoder_of
 from uap.images import Images
 from uap.metrics import clean_predictions
+from uap.perturbation import Perturbation
+from uap.projection import check_eps, check_norm, lp_norm, norm_name
 from uap.report import Report
 
-__all__ = ["evaluate", "as_named_perturbations", "as_named_models", "clean_outputs", "perturbed_outputs", "Outputs", "ProgressFn"]
+__all__ = ["evaluate", "baselines_at_budget", "load_perturbations", "as_named_perturbations", "as_named_models",
+           "clean_outputs", "perturbed_outputs", "Outputs", "ProgressFn"]
 
 #: ``progress(done, total, description)`` — called after each pass over the images (one clean
 #: pass per model, then one per perturbation and model).
@@ -85,10 +95,40 @@ def as_named_perturbations(
         raise ValueError("no perturbations to evaluate")
     out: dict[str, torch.Tensor] = {}
     for name, p in items:
-        key, k = str(name), 2
-        while key in out:
-            key, k = f"{name}#{k}", k + 1
-        out[key] = _tensor_of(p, str(name))
+        out[_unique_name(str(name), out)] = _tensor_of(p, str(name))
+    return out
+
+
+def _unique_name(name: str, taken: Mapping[str, Any]) -> str:
+    """``name``, or ``name#2``, ``name#3`` … when it is already ``taken``."""
+    key, k = name, 2
+    while key in taken:
+        key, k = f"{name}#{k}", k + 1
+    return key
+
+
+def load_perturbations(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> dict[str, Perturbation]:
+    """Saved perturbations ``{row name: Perturbation}``, in the order given, to evaluate.
+
+    Each path is a perturbation file (``.safetensors``, or its stem) or a run folder holding
+    ``perturbation.safetensors`` (what ``uap craft`` writes). A row is named after the file's
+    stem, and a ``perturbation`` file after its folder (the run's name); a repeated name gets a
+    ``#2``, ``#3`` … suffix, so no file is silently dropped.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("no perturbation files to load")
+    out: dict[str, Perturbation] = {}
+    for path in map(Path, paths):
+        if path.is_dir():
+            if not (path / "perturbation.safetensors").is_file():
+                raise FileNotFoundError(f"folder {path} holds no perturbation.safetensors (not a `uap craft` run)")
+            path = path / "perturbation.safetensors"
+        pert = Perturbation.load(path)
+        name = path.name.split(".")[0] or str(path)
+        if name == "perturbation" and path.parent.name:  # `uap craft` output: named by its run folder
+            name = path.parent.name
+        out[_unique_name(name, out)] = pert
     return out
 
 
@@ -101,6 +141,78 @@ def as_named_models(models: Mapping[str, nn.Module] | Sequence[nn.Module]) -> di
         if not isinstance(m, nn.Module):
             raise ValueError(f"model {name!r} is a {type(m).__name__}, expected an nn.Module (a target classifier)")
     return {str(k): m for k, m in items}
+
+
+def _crafted_norm(p: PerturbationLike) -> float | None:
+    """The norm a perturbation was crafted in (a ``Perturbation``'s ``p``); None for a tensor."""
+    value = None if isinstance(p, torch.Tensor) else getattr(p, "p", None)
+    return None if value is None else check_norm(value)
+
+
+#: How a caller gets baselines when the perturbations give no budget.
+_EXPLICIT_BUDGET = ("give the baselines an explicit budget (eps and norm; --eps and --norm on the command line) "
+                    "or ask for none")
+
+
+def baselines_at_budget(
+    names: str | Sequence[str] | None,
+    shape: Sequence[int],
+    perturbations: Mapping[str, PerturbationLike] | Sequence[PerturbationLike] | None = None,
+    *,
+    eps: float | None = None,
+    norm: float | int | str | None = None,
+    models: Mapping[str, nn.Module] | None = None,
+    x_craft: torch.Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    search: Mapping[str, Any] | None = None,
+    callback: Callable[[str, dict], None] | None = None,
+) -> Baselines:
+    """The baseline rows ``names`` at the budget of the ``perturbations`` they are compared with.
+
+    The budget is the largest ℓp norm of the perturbations, in the norm they were crafted in
+    (every ``Perturbation``'s ``p`` must agree; plain tensors need ``norm``) — ε when they
+    saturate their budget. ``norm`` alone measures them in that norm; ``eps`` (with ``norm``,
+    default: the perturbations' norm, else ∞) is an explicit budget and wins, and is the only
+    way when there is no perturbation or every one has norm 0. A requested baseline is never
+    dropped: where there is no budget, or the perturbations were crafted in different norms,
+    it is a ``ValueError`` saying what to give.
+
+    ``models``, ``x_craft``, ``seed``, ``batch_size``, ``search`` and ``callback`` go to
+    :func:`uap.baselines.build_baselines` (per-model baselines are made for every model in
+    ``models``; ``x_craft`` must be crafting images, never held-out ones). The result's
+    :meth:`~uap.baselines.Baselines.meta` is what a report records about the rows
+    (``baseline_norm``, ``baseline_p``, ``baselines``, ``n_craft``).
+    """
+    chosen = parse_baselines(names)
+    if not chosen:
+        return Baselines(perturbations={}, info={})
+    raw = [] if perturbations is None else list(perturbations.values() if isinstance(perturbations, Mapping)
+                                                 else perturbations)
+    crafted = sorted({n for n in map(_crafted_norm, raw) if n is not None})
+    mixed = ", ".join(norm_name(n) for n in crafted)
+    if eps is not None:
+        if norm is None and len(crafted) > 1:
+            raise ValueError(f"the perturbations were crafted in different norms ({mixed}): give the norm of the "
+                             f"baselines' budget eps")
+        p = check_norm(norm) if norm is not None else (crafted[0] if crafted else math.inf)
+        budget = check_eps(eps, p)
+    else:
+        if norm is None and len(crafted) > 1:
+            raise ValueError(f"the perturbations were crafted in different norms ({mixed}), so they set no one "
+                             f"budget for the baselines: evaluate them separately, or {_EXPLICIT_BUDGET}")
+        if not raw:
+            raise ValueError(f"no perturbations to take the baselines' budget from: {_EXPLICIT_BUDGET}")
+        if norm is None and not crafted:
+            raise ValueError("the perturbations are plain tensors, so the norm to measure their size in is "
+                             f"unknown: give norm, or {_EXPLICIT_BUDGET}")
+        p = check_norm(norm) if norm is not None else crafted[0]
+        budget = max(float(lp_norm(v, p)) for v in as_named_perturbations(perturbations).values())
+        if not budget > 0:
+            raise ValueError(f"every perturbation has ℓ{norm_name(p)} norm 0, so there is no budget to put the "
+                             f"baselines at: {_EXPLICIT_BUDGET}")
+    return build_baselines(chosen, shape, budget, p, seed=seed, models=models, x_craft=x_craft,
+                           batch_size=batch_size, search=search, callback=callback)
 
 
 def _check_labels(y: torch.Tensor | None, n: int) -> None:
@@ -153,13 +265,18 @@ def evaluate(
     classes: Sequence[str] | None = None,
     progress: ProgressFn | None = None,
     meta: Mapping[str, Any] | None = None,
-    baselines: Mapping[str, PerturbationLike] | None = None,
+    baselines: str | Sequence[str] | Baselines | Mapping[str, PerturbationLike] | None = None,
+    eps: float | None = None,
+    norm: float | int | str | None = None,
+    x_craft: torch.Tensor | None = None,
+    seed: int = 0,
 ) -> Report:
     """Evaluate every perturbation on every model over the same images ``x``.
 
     Args:
         perturbations: ``{name: v}`` or a sequence; each a C×H×W tensor or a ``Perturbation``
-            (anything with a tensor ``.v``). Rows of the report, in this order.
+            (anything with a tensor ``.v``). Rows of the report, in this order; may be empty
+            when ``baselines`` gives rows.
         models: ``{name: target}`` or a sequence of targets (images in [0, 1] → logits).
             Columns of the report, in this order.
         x: held-out images in [0, 1], N×C×H×W (not the images the perturbations were crafted on):
@@ -169,38 +286,66 @@ def evaluate(
         batch_size: images per forward pass.
         embeddings: measure clean-vs-perturbed embedding cosine for models with ``.encoder``.
         classes: class names, stored in the report (for readable dominant labels).
-        progress: ``progress(done, total, description)`` after every pass over the images.
+        progress: ``progress(done, total, description)`` after every pass over the images (and
+            with ``done = 0`` before each per-model baseline row is made, e.g. a Fourier search).
         meta: free-form metadata stored in the report (data set, seeds, command line …).
-        baselines: ``{name: v}`` baseline rows (see :mod:`uap.baselines`), evaluated after the
-            perturbations and listed in ``Report.baselines``.
+        baselines: baseline rows (see :mod:`uap.baselines`), evaluated after the perturbations
+            and listed in ``Report.baselines``: names (``"random,chessboard"``, ``"data-free"``,
+            ``"all"`` …), built here by :func:`baselines_at_budget` at the perturbations' budget
+            (per-model rows for every model in ``models``), with their facts in the report's
+            meta; or rows already built, a :class:`uap.baselines.Baselines` (its facts go to the
+            meta too) or ``{name: v}``.
+        eps, norm: an explicit budget for the baselines built from names (see
+            :func:`baselines_at_budget`); without ``eps``, the perturbations' largest norm.
+        x_craft: crafting images for the baselines that search on them (never ``x``).
+        seed: seeds the baselines built from names.
 
     Returns:
         a :class:`~uap.report.Report` with P×M matrices.
     """
-    perts = as_named_perturbations(perturbations)
-    baseline_rows = as_named_perturbations(baselines) if baselines else {}
-    clash = sorted(set(perts) & set(baseline_rows))
-    if clash:
-        raise ValueError(f"perturbation name(s) {clash} are also baseline rows; rename the perturbations")
-    perts.update(baseline_rows)
+    built = baselines if isinstance(baselines, Baselines) else None
+    chosen: tuple[str, ...] = ()
+    baseline_rows: dict[str, torch.Tensor] = {}
+    if baselines is None or isinstance(baselines, (Baselines, Mapping)):
+        if eps is not None or norm is not None:
+            raise ValueError("eps and norm are the budget of the baselines evaluate builds from names "
+                             "(baselines='random,…'); rows already built have theirs")
+        given = built.perturbations if built is not None else baselines
+        baseline_rows = as_named_perturbations(given) if given else {}
+    else:
+        chosen = parse_baselines(baselines)
+    perts = as_named_perturbations(perturbations) if len(perturbations) or not (baseline_rows or chosen) else {}
     named_models = as_named_models(models)
     check_images(x)
     _check_labels(y, len(x))
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")
-    for name, v in perts.items():
-        if tuple(v.shape) != tuple(x.shape[1:]):
-            raise ValueError(f"perturbation {name!r} has shape {tuple(v.shape)} but the images are {tuple(x.shape[1:])}: "
-                             "a perturbation applies at the resolution it was crafted at (load the images at "
-                             "that size, e.g. --image-size); it is never resized, which would change its norm")
+    rows = list(baseline_rows) or row_names(chosen, list(named_models))
+    clash = sorted(set(perts) & set(rows))
+    if clash:
+        raise ValueError(f"perturbation name(s) {clash} are also baseline rows; rename the perturbations")
+    for name, v in {**perts, **baseline_rows}.items():
+        _check_resolution(name, v, x)
     # ``x`` is used as given (not copied): the clean-prediction cache is keyed by its identity.
     y_cpu = None if y is None else y.detach().long().cpu()
-    n, P, M = len(x), len(perts), len(named_models)
+    n, P, M = len(x), len(perts) + len(rows), len(named_models)
+    total, done = M * (P + 1), 0
+
+    def announce(_event: str, info: dict) -> None:
+        if progress is not None:
+            progress(0, total, f"{info['baseline']} baseline on {info['model']}")
+
+    if chosen:
+        if x_craft is not None and x_craft is x:
+            raise ValueError("x_craft must be crafting images, not the held-out images x the rows are measured on")
+        built = baselines_at_budget(chosen, x.shape[1:], perturbations, eps=eps, norm=norm, models=named_models,
+                                    x_craft=x_craft, seed=seed, batch_size=batch_size, callback=announce)
+        baseline_rows = built.perturbations
+    perts.update(baseline_rows)
     shape = (P, M)
     fool, acc, share, cosine = (np.full(shape, math.nan) for _ in range(4))
     dominant = np.full(shape, -1, dtype=np.int64)
     clean_acc = np.full(M, math.nan)
-    total, done = M * (P + 1), 0
 
     def advance(desc: str) -> None:
         nonlocal done
@@ -241,6 +386,13 @@ def evaluate(
         norm_l2=[float(v.norm()) for v in perts.values()],
         n_images=n,
         classes=list(classes) if classes is not None else None,
-        meta=dict(meta or {}),
+        meta={**(meta or {}), **(built.meta() if built is not None else {})},
         baselines=list(baseline_rows),
     )
+
+
+def _check_resolution(name: str, v: torch.Tensor, x: torch.Tensor | Images) -> None:
+    if tuple(v.shape) != tuple(x.shape[1:]):
+        raise ValueError(f"perturbation {name!r} has shape {tuple(v.shape)} but the images are {tuple(x.shape[1:])}: "
+                         "a perturbation applies at the resolution it was crafted at (load the images at "
+                         "that size, e.g. --image-size); it is never resized, which would change its norm")

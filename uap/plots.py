@@ -32,7 +32,6 @@ from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 from torch import nn
 
 from uap.atomic import atomic_write
-from uap.baselines import fourier_source
 from uap.forward import Inference, check_images
 from uap.report import Report
 
@@ -242,16 +241,21 @@ def write_figures(
 ) -> dict[str, Path]:
     """Write ``heatmap.png``, ``perturbations.png`` and ``examples.png`` into ``out_dir``.
 
-    In the examples, a perturbation named after a model (a transfer row), or a baseline searched
-    on one (``fourier:<model>``), is captioned with that model's labels; any other (``random``,
-    a chessboard, a file from elsewhere) with the first model's.
+    In the examples, a perturbation named after a model (a transfer row), or a baseline row made
+    for one (its ``model`` in the report's ``meta["baselines"]``, e.g. ``fourier:<model>``), is
+    captioned with that model's labels; any other (``random``, a chessboard, a file from
+    elsewhere) with the first model's.
     """
     if not models:
         raise ValueError("no models to label the examples with")
     out = Path(out_dir)
     first = next(iter(models.items()))
+    rows = report.meta.get("baselines")
+    rows = rows if isinstance(rows, Mapping) else {}
+
     def labeller(name: str) -> tuple[str, nn.Module]:
-        source = fourier_source(name) or name
+        facts = rows.get(name)
+        source = facts.get("model", name) if isinstance(facts, Mapping) else name
         return (source, models[source]) if source in models else first
 
     labelled_by = {p: labeller(p) for p in perturbations}

@@ -45,15 +45,15 @@ import torch
 from torch import nn
 
 from uap import universal
-from uap.baselines import BASELINES, build_baselines, fourier_row, parse_baselines
+from uap.baselines import parse_baselines, row_names
 from uap.distributed import alone, broadcast, broadcast_json, world
-from uap.evaluate import as_named_models, evaluate
+from uap.evaluate import as_named_models, baselines_at_budget, evaluate
 from uap.forward import DEFAULT_BATCH_SIZE
 from uap.images import Images, is_images
 from uap.methods import make_method
 from uap.metrics import DEFAULT_CACHE
 from uap.perturbation import Perturbation
-from uap.projection import check_eps, check_norm, lp_norm, norm_name
+from uap.projection import check_eps, check_norm, norm_name
 from uap.report import Report
 from uap.runs import RunFolder
 
@@ -69,8 +69,8 @@ _SET_HERE = {"eps", "norm", "delta", "max_passes", "method", "seed", "heldout", 
 #: ``callback(event, info)``: ``"craft"`` (crafting on a source model starts; info: model,
 #: index, total, resumed_passes), ``"craft_step"`` (the engine's event dict, ``"progress"``
 #: or ``"pass"``, plus model), ``"reused"`` and ``"saved"`` (model, index, total, path: the
-#: stem of the perturbation's files), ``"fourier"`` (model: the Fourier baseline's search on it
-#: starts), ``"evaluate"`` (done, total, desc).
+#: stem of the perturbation's files), ``"baseline"`` (baseline, model: a per-model baseline row,
+#: e.g. the Fourier search on that model, starts), ``"evaluate"`` (done, total, desc).
 EventFn = Callable[[str, dict], None]
 
 
@@ -106,7 +106,7 @@ def transfer_matrix(
     sources: Sequence[str] | None = None,
     model_ids: Mapping[str, str] | None = None,
     out_dir: str | os.PathLike | None = None,
-    baselines: str | Sequence[str] | None = BASELINES,
+    baselines: str | Sequence[str] | None = "all",
     batch_size: int = DEFAULT_BATCH_SIZE,
     embeddings: bool = True,
     classes: Sequence[str] | None = None,
@@ -129,9 +129,10 @@ def transfer_matrix(
         out_dir: where crafted perturbations are saved and, on a re-run, reused or continued
             (see the module docstring).
         baselines: baseline rows (names of :data:`uap.baselines.BASELINES`, ``"chessboard"``
-            for all four, or a comma-separated string; default: all), each with the same ℓp
+            for every board, or a comma-separated string; default: all), each with the same ℓp
             norm as the crafted UAPs (the largest of their norms, i.e. ε when they saturate
-            the budget). ``fourier`` adds one row per source, searched on ``x_craft`` only.
+            the budget: :func:`uap.evaluate.baselines_at_budget`). A baseline that needs
+            models (``fourier``) adds one row per source, searched on ``x_craft`` only.
         batch_size, embeddings, classes: passed to :func:`uap.evaluate`.
         craft_kwargs: extra keyword arguments for :func:`uap.craft`.
         callback: ``callback(event, info)`` for progress (see :data:`EventFn`).
@@ -146,8 +147,7 @@ def transfer_matrix(
     if not sources:
         raise ValueError("no source models to craft on")
     chosen = parse_baselines(baselines)
-    rows = [b for b in chosen if b != "fourier"] + ([fourier_row(s) for s in sources] if "fourier" in chosen else [])
-    reserved = sorted(set(rows) & set(named))
+    reserved = sorted(set(row_names(chosen, sources)) & set(named))
     if reserved:
         raise ValueError(f"model name(s) {reserved} are reserved for baseline rows; rename the model(s)")
     for name, t in (("x_craft", x_craft), ("x_eval", x_eval)):
@@ -212,15 +212,10 @@ def transfer_matrix(
         "seed": seed, "n_craft": len(x_craft), "n_eval": len(x_eval), "sources": sources,
         "reused": reused, "model_ids": {m: model_ids.get(m, m) for m in named},
     }
-    baseline_rows: dict[str, torch.Tensor] = {}
-    baseline_norm = max(float(lp_norm(v, p)) for v in perturbations.values())
-    if chosen and baseline_norm > 0:
-        built = build_baselines(chosen, x_eval.shape[1:], baseline_norm, p, seed=seed,
-                                models={s: named[s] for s in sources}, x_craft=x_craft, batch_size=batch_size,
-                                callback=emit)
-        baseline_rows = built.perturbations
-        meta["baseline_norm"] = baseline_norm
-        meta["baselines"] = built.info
+    built = baselines_at_budget(chosen, x_eval.shape[1:], perturbations, norm=p, models={s: named[s] for s in sources},
+                                x_craft=x_craft, seed=seed, batch_size=batch_size, callback=emit)
+    meta.update({**built.meta(), "n_craft": len(x_craft)})  # the UAPs were crafted on x_craft, whatever the rows used
+    baseline_rows = built.perturbations
 
     def on_eval(done: int, total: int, desc: str) -> None:
         emit("evaluate", {"done": done, "total": total, "desc": desc})
