@@ -30,10 +30,11 @@ def evaluate_cmd(
     image_size: Optional[int] = o.image_size_option(),
     resize: Optional[int] = o.resize_option(),
     device: str = o.device_option(),
-    baselines: str = o.baselines_option(",".join(uap.baselines.DATA_FREE), "Their budget: --eps/--norm if given, else "
+    baselines: str = o.baselines_option("data-free", "Their budget: --eps/--norm if given, else "
                                         "the largest norm of the perturbations (in the norm they were crafted in)."),
     eps: Optional[str] = typer.Option(None, "--eps", help="Budget ε of the baseline rows (default: the perturbations')."),
-    norm: str = typer.Option("inf", "--norm", help="p of the baseline rows' budget with --eps: inf, 2 or 1."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Norm of the baseline rows' budget: inf, 2 or 1 (default: "
+                                       "the perturbations', ∞ without any)."),
     n_craft: int = typer.Option(1000, "--n-craft", min=1, help="Images of the train split of --data that searched "
                                 "baselines (fourier) are searched on (never the held-out --split images)."),
     probe_data: Optional[str] = o.probe_data_option(),
@@ -45,20 +46,19 @@ def evaluate_cmd(
     Example: uap evaluate runs/sup-linf8 --models supervised,supervised@knn --n-images 2000 --out runs/eval
     """
     from uap.atomic import check_output_folder
-    from uap.baselines import needs_crafting_images, parse_baselines
-    from uap.evaluate import evaluate, load_perturbations
+    from uap.baselines import needs_of, parse_baselines
+    from uap.evaluate import baselines_at_budget, evaluate, load_perturbations
     from uap.inputs import load_inputs
 
     o.use_threads(threads)
     check_output_folder(out, "--out")
     chosen = o.flagged("--baselines", parse_baselines, baselines)
-    budget = None
-    if eps is not None:
-        budget = (o.parse_eps(eps), o.parse_norm(norm))
-        o.check_budget(*budget)
+    budget = {"eps": None if eps is None else o.parse_eps(eps), "norm": None if norm is None else o.parse_norm(norm)}
+    if budget["eps"] is not None:
+        o.check_budget(budget["eps"], budget["norm"] if budget["norm"] is not None else float("inf"))
     loaded_perts = load_perturbations(perturbations or [])
     loaded, _ = o.load_models(models, device)
-    inputs = load_inputs(list(loaded.values()), data, n_train=n_craft if needs_crafting_images(chosen) else 0,
+    inputs = load_inputs(list(loaded.values()), data, n_train=n_craft if "x_craft" in needs_of(chosen) else 0,
                          n_test=n_images, seed=seed, root=data_root, image_size=image_size, resize=resize,
                          test_split=split, probe_data=probe_data, probe_images=probe_images,
                          log=lambda line: console.print(f"[dim]{literal(line)}[/]"))
@@ -66,13 +66,16 @@ def evaluate_cmd(
     meta = {"command": "evaluate", "data": data, "split": split, "n_images": n_images, "seed": seed,
             "files": [str(p) for p in perturbations or []], "preprocessing": inputs.settings()}
     with console.status("evaluating") as status:
-        report, rows = evaluate({k: p.v for k, p in loaded_perts.items()}, loaded, x, y, batch_size=batch_size,
-                                classes=inputs.classes, meta=meta, baselines=chosen, budget=budget, x_craft=inputs.x,
-                                seed=seed, progress=lambda done, total, desc: status.update(literal(desc)),
-                                return_rows=True)
+        rows = baselines_at_budget(chosen, x.shape[1:], loaded_perts, **budget, models=loaded, x_craft=inputs.x,
+                                   seed=seed, batch_size=batch_size,
+                                   callback=lambda _e, info: status.update(f"{literal(info.get('baseline', ''))} search "
+                                                                           f"on {literal(info.get('model', ''))}"))
+        report = evaluate(loaded_perts, loaded, x, y, batch_size=batch_size, classes=inputs.classes, meta=meta,
+                          baselines=rows, progress=lambda done, total, desc: status.update(literal(desc)))
     console.print(report_table(report, "fooling rate (%)", f"{report.n_images} {literal(data)} {literal(split)} images; "
                                "fooling = prediction differs from the model's clean prediction; below: accuracy "
                                "under v, share of the most common perturbed label"))
-    written = report.save(out, {**{k: p.v for k, p in loaded_perts.items()}, **rows}, loaded, x, y)
+    perts = {**{k: p.v for k, p in loaded_perts.items()}, **rows.perturbations}
+    written = report.save(out, perts, loaded, x, y)
     if written:
         console.print(f"wrote {literal(out)}/{', '.join(literal(p.name) for p in written)}")

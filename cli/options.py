@@ -175,7 +175,7 @@ MODELS_HELP = ("Comma-separated zoo names, package.module:factory or SOURCE:NAME
                "(torchvision:resnet18=r18.pth); 'all' = every zoo model. " + FACTORY_HELP)
 BASELINES_HELP = ("Baseline rows, comma-separated: random, gaussian, chessboard (cells of 1, 2, 4, 8 px; or "
                   "chessboard1 …), fourier (the best single Fourier basis image, found by a black-box search per "
-                  "model: data-light but thousands of forward passes), all, none. Default: the data-free ones.")
+                  "model: data-light but thousands of forward passes), data-free, all, none.")
 
 
 def data_option():

@@ -117,7 +117,7 @@ def transfer_progress(max_passes: int, n_sources: int) -> tuple[Progress, Callab
             if event == "reused":
                 console.print(f"reusing the perturbation crafted on {literal(info['model'])} ({literal(info['path'])})")
         elif event == "baseline":
-            bar.update(evals, description=f"{literal(info.get('name', 'baseline'))} search on {literal(info['model'])}",
+            bar.update(evals, description=f"{literal(info.get('baseline', 'baseline'))} search on {literal(info['model'])}",
                        visible=True)
         elif event == "evaluate":
             bar.update(evals, completed=info["done"], total=info["total"], visible=True, info=info["desc"])

@@ -34,7 +34,7 @@ def transfer_cmd(
     image_size: Optional[int] = o.image_size_option(),
     resize: Optional[int] = o.resize_option(),
     device: str = o.device_option(),
-    baselines: str = o.baselines_option(",".join(uap.baselines.DATA_FREE), "Their norm: the largest of the crafted "
+    baselines: str = o.baselines_option("data-free", "Their norm: the largest of the crafted "
                                         "UAPs'; baselines that search per model search on the crafting images."),
     probe_data: Optional[str] = o.probe_data_option(),
     probe_images: int = o.probe_images_option(),

@@ -189,6 +189,8 @@ def baselines_at_budget(
         return Baselines(perturbations={}, info={})
     raw = [] if perturbations is None else list(perturbations.values() if isinstance(perturbations, Mapping)
                                                  else perturbations)
+    for name, v in (as_named_perturbations(perturbations) if raw else {}).items():  # a norm at another size means nothing
+        _check_resolution(name, v, shape)
     crafted = sorted({n for n in map(_crafted_norm, raw) if n is not None})
     mixed = ", ".join(norm_name(n) for n in crafted)
     if eps is not None:
@@ -325,7 +327,7 @@ def evaluate(
     if clash:
         raise ValueError(f"perturbation name(s) {clash} are also baseline rows; rename the perturbations")
     for name, v in {**perts, **baseline_rows}.items():
-        _check_resolution(name, v, x)
+        _check_resolution(name, v, x.shape[1:])
     # ``x`` is used as given (not copied): the clean-prediction cache is keyed by its identity.
     y_cpu = None if y is None else y.detach().long().cpu()
     n, P, M = len(x), len(perts) + len(rows), len(named_models)
@@ -391,8 +393,8 @@ def evaluate(
     )
 
 
-def _check_resolution(name: str, v: torch.Tensor, x: torch.Tensor | Images) -> None:
-    if tuple(v.shape) != tuple(x.shape[1:]):
-        raise ValueError(f"perturbation {name!r} has shape {tuple(v.shape)} but the images are {tuple(x.shape[1:])}: "
+def _check_resolution(name: str, v: torch.Tensor, shape: Sequence[int]) -> None:
+    if tuple(v.shape) != tuple(shape):
+        raise ValueError(f"perturbation {name!r} has shape {tuple(v.shape)} but the images are {tuple(shape)}: "
                          "a perturbation applies at the resolution it was crafted at (load the images at "
                          "that size, e.g. --image-size); it is never resized, which would change its norm")
