@@ -23,7 +23,8 @@ pytest_plugins = ["pytester", "tests.skip_policy"]
 
 # Tests use small models, where one intra-op thread is as fast as two and does not fight
 # other processes for the cores (set UAP_TEST_THREADS to change it).
-torch.set_num_threads(int(os.environ.get("UAP_TEST_THREADS", "1")))
+TEST_THREADS = int(os.environ.get("UAP_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
 
 # The torchvision/timm adapters are entry points of an installed uap; a checkout whose installed
 # metadata predates them gets them registered here (a no-op after `pip install -e .`).
@@ -61,6 +62,15 @@ def imagenet_sample(imagenet_sample_if_present) -> Path:
     if imagenet_sample_if_present is None:
         pytest.skip("the ImageNet sample not found: set UAP_DATA_DIR to the folder containing imagenet-sample/")
     return imagenet_sample_if_present
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Put torch's intra-op thread count back to the suite's after every test, so that a test
+    that changes it (or runs ``--threads N`` in process) does not change it for the next ones."""
+    yield
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)
