@@ -66,7 +66,8 @@ def mixed_folder(tmp_path_factory, imagenet_sample_if_present) -> Path:
     if imagenet_sample_if_present is not None:
         for wnid in ("n01440764", "n01443537"):
             (root / "val" / wnid).mkdir()
-            shutil.copy(imagenet_sample_if_present / "val" / wnid / f"{wnid}.JPEG", root / "val" / wnid / f"{wnid}.JPEG")
+            jpeg = f"{wnid}/{wnid}.JPEG"
+            shutil.copy(imagenet_sample_if_present / "val" / jpeg, root / "val" / jpeg)
     return root / "val"
 
 
