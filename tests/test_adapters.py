@@ -20,7 +20,6 @@ from uap.data import Preprocessing, in_test_split, load_split
 from uap.targets import ModelSpecError, UnknownModelError, resolve_model, source_names
 
 torchvision = pytest.importorskip("torchvision")
-SAMPLE = Path("/work/shared/data/imagenet-sample")
 runner = CliRunner()
 
 
@@ -52,7 +51,7 @@ def r18_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory) -> Path:
+def mixed_folder(tmp_path_factory, imagenet_sample_if_present) -> Path:
     """``root/val/<wnid>/*.jpg`` of mixed sizes (two real ImageNet JPEGs when the sample is here),
     with ``root/classes.tsv`` one level above the folder."""
     root = tmp_path_factory.mktemp("mixed")
@@ -64,10 +63,11 @@ def mixed_folder(tmp_path_factory) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         _photo(rng, h, w).save(d / f"img{i:02d}.jpg", quality=90)
     (root / "classes.tsv").write_text("wnid\tname\nn00000001\tfirst thing\nn00000002\tsecond thing\n")
-    if SAMPLE.is_dir():
+    if imagenet_sample_if_present is not None:
         for wnid in ("n01440764", "n01443537"):
             (root / "val" / wnid).mkdir()
-            shutil.copy(SAMPLE / "val" / wnid / f"{wnid}.JPEG", root / "val" / wnid / f"{wnid}.JPEG")
+            jpeg = f"{wnid}/{wnid}.JPEG"
+            shutil.copy(imagenet_sample_if_present / "val" / jpeg, root / "val" / jpeg)
     return root / "val"
 
 
@@ -198,9 +198,8 @@ def test_cache_keys_on_settings_and_files(mixed_folder, tmp_path):
     assert float(b.x[0, 0].min()) > 0.98 and float(b.x[0, 1:].max()) < 0.02  # the red JPEG
 
 
-@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the ImageNet sample is not on this machine")
-def test_imagenet_sample_folder():
-    data = f"imagefolder:{SAMPLE / 'val'}"
+def test_imagenet_sample_folder(imagenet_sample):
+    data = f"imagefolder:{imagenet_sample / 'val'}"
     prep = Preprocessing(32, 28)
     train = load_split(data, "train", n=8, seed=0, preprocessing=prep)
     test = load_split(data, "test", n=8, seed=0, preprocessing=prep)

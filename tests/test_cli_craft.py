@@ -201,6 +201,29 @@ def test_user_model_with_weights_and_normalisation(tmp_path, data_root):
     assert summary["norm_2"] <= 0.5 + 1e-6
 
 
+def test_method_options_reach_the_method_and_the_record(tmp_path, data_root):
+    """Valid ``--method-option``s change the run the way the method defines them."""
+    eps = 0.1
+    sgd = ["craft", "--model", MODEL, "--n-images", "12", "--heldout", "0", "--max-passes", "1", "--method", "sgd",
+           "--eps", str(eps), "--norm", "inf", "--data-root", str(data_root)]
+    options = {"default": {}, "step": {"step_size": 0.5}, "batch": {"batch_size": 4}}
+    runs = {}
+    for name, opts in options.items():
+        flags = [a for k, value in opts.items() for a in ("--method-option", f"{k}={value}")]
+        result = CliRunner().invoke(app, [*sgd, *flags, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        runs[name] = Perturbation.load(tmp_path / name / "perturbation.safetensors")
+        assert runs[name].extra["method_options"] == opts  # what the run used, on record
+        assert runs[name].extra["run"]["settings"]["method_options"] == opts
+    # 12 images fit one minibatch of 32: one ℓ∞ sign step of step_size·ε (0.1·ε by default)
+    for name, step in (("default", 0.1), ("step", 0.5)):
+        v = runs[name].v
+        assert runs[name].history[0]["updates"] == 1
+        torch.testing.assert_close(v.abs(), torch.full_like(v, step * eps))
+    assert runs["batch"].history[0]["updates"] == 3  # minibatches of 4: three steps in the pass
+    assert not torch.equal(runs["batch"].v, runs["default"].v)
+
+
 @pytest.mark.parametrize("args,match", [
     (["--eps", "0"], "--eps"), (["--eps", "abc"], "--eps"), (["--norm", "3"], "--norm"),
     (["--delta", "1.5"], "--delta"), (["--method", "nope"], "unknown method"), (["--n-images", "0"], "--n-images"),

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import uap
+from tests.launch import torchrun_command
 from tests.tiny_models import tiny_mlp
 
 RUNS = {
@@ -96,16 +97,12 @@ def test_two_ranks_evaluate_to_the_count(two_ranks, one_process):
 
 
 def _torchrun(args: list[str], data_root, timeout: float = 120):
-    import shutil
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "UAP_DIST_TIMEOUT": "30"}
-    uap_script = shutil.which("uap") or pytest.skip("the uap console script is not installed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "--no-python", uap_script, *args, "--data-root", str(data_root)]
+    cmd = [*torchrun_command(2), *args, "--data-root", str(data_root)]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 

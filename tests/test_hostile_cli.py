@@ -13,6 +13,7 @@ from PIL import Image
 
 import cli
 from tests.hostile import MODEL, damaged_safetensors, invoke, one_line_error, pickle_payloads, rewrite_metadata
+from tests.launch import uap_command
 from uap import Perturbation
 
 SMALL = ["--n-images", "12", "--heldout", "10", "--max-passes", "1", "--method", "sgd"]
@@ -84,6 +85,30 @@ def _refused(out: Path, *args: str) -> str:
 def test_craft_refuses_bad_options_before_any_work(args, words, out, nothing_loads):
     line = _refused(out, "craft", "--model", MODEL, *SMALL, "--out", str(out), *args)
     assert words in line, line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_craft_on_cuda_without_a_gpu_is_one_line_before_any_work(device, out, nothing_loads):
+    line = _refused(out, "craft", "--model", MODEL, *SMALL, "--out", str(out), "--device", device)
+    assert line == f"error: --device {device}: CUDA is not available on this machine", line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_craft_on_cuda_without_a_gpu_through_the_console_entry(out):
+    """The installed command's path (``cli.main``, which picks the process group's backend from
+    ``--device``) ends in the same one line."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "COLUMNS": "200"}
+    done = subprocess.run([*uap_command(), "craft", "--model", MODEL, *SMALL, "--out", str(out), "--device", "cuda"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        "error: --device cuda: CUDA is not available on this machine"], done.stderr[-2000:]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args,words", [

@@ -15,8 +15,10 @@ from tests.method_models import blobs, random_affine, trained_mlp
 PAD = 1e-5  # the step pad of uap.deepfool
 
 
-def _reference_targeted_deepfool(model, x, target, overshoot=0.02, max_iter=50):
-    """Targeted DeepFool on an affine model, one image at a time, gradients in closed form."""
+def _reference_targeted_deepfool(model, x, target, overshoot=0.02, max_iter=50, norm=2):
+    """Targeted DeepFool on an affine model, one image at a time, gradients in closed form.
+
+    ℓ2 steps along ``w``; ℓ∞ steps along ``sign(w)`` with length ``|f| / ‖w‖₁`` (the dual norm)."""
     W, b = model.weight, model.bias
     rs, oks = [], []
     for xi in x:
@@ -31,7 +33,10 @@ def _reference_targeted_deepfool(model, x, target, overshoot=0.02, max_iter=50):
             rival = max((k for k in range(len(z)) if k != target), key=lambda k: z[k])
             w = W[target].double() - W[rival].double()  # ∇(z_t − z_rival)
             f = z[rival] - z[target]
-            total += (f / w.norm() + PAD) * w / w.norm()
+            if norm == 2:
+                total += (f / w.norm() + PAD) * w / w.norm()
+            else:
+                total += (f / w.abs().sum() + PAD) * w.sign()
         rs.append(((1 + overshoot) * total).float().view_as(xi))
         oks.append(ok)
     return torch.stack(rs), torch.tensor(oks)
@@ -48,20 +53,26 @@ def test_targeted_deepfool_matches_an_explicit_reference_on_an_affine_model():
         assert bool((model((x + r).clamp(0, 1)).argmax(1) == target).all())
 
 
-def test_targeted_deepfool_linf_step_and_already_on_target():
+@pytest.mark.parametrize("overshoot", [0.0, 0.02])
+def test_targeted_deepfool_linf_matches_an_explicit_reference(overshoot):
     model = random_affine(num_classes=3)
-    x = 0.4 + 0.2 * torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    target = 1
-    r, ok = deepfool(model, x, target=target, norm="inf", overshoot=0.0)
-    assert bool(ok.all())
-    assert bool((model((x + r).clamp(0, 1)).argmax(1) == target).all())
-    on_target = model(x).argmax(1) == target
-    assert torch.equal(r[on_target], torch.zeros_like(r[on_target]))
-    # ℓ∞ step of a linear model is |f|/‖w‖₁ · sign(w): every entry of r has the same magnitude
-    moved = ~on_target
-    if moved.any():
-        mags = r[moved].flatten(1).abs()
-        assert torch.allclose(mags, mags[:, :1].expand_as(mags), rtol=1e-4)
+    x = torch.rand(12, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    clean = model(x).argmax(1)
+    for target in (0, 2):  # class 0: one image already there; class 2: some need several steps
+        on_target = clean == target
+        assert 1 <= int(on_target.sum()) <= 2  # most images must move for the check to mean anything
+        r, ok = deepfool(model, x, target=target, norm="inf", overshoot=overshoot)
+        r_ref, ok_ref = _reference_targeted_deepfool(model, x, target, overshoot=overshoot, norm="inf")
+        assert bool(ok.all()) and bool(ok_ref.all())
+        assert bool((model((x + r).clamp(0, 1)).argmax(1) == target).all())
+        assert torch.equal(r[on_target], torch.zeros_like(r[on_target]))
+        assert torch.allclose(r, r_ref, atol=1e-6), (r - r_ref).abs().max()
+    # one ℓ∞ step of a linear model is |f|/‖w‖₁ · sign(w): every entry of r has the same magnitude
+    r, _ = deepfool(model, x, target=0, norm="inf", overshoot=overshoot)
+    mags = r[clean != 0].flatten(1).abs()
+    one_step = (mags.max(1).values - mags.min(1).values) < 1e-6
+    assert int(one_step.sum()) >= 8
+    assert bool((mags[one_step] > 0).all())
 
 
 def test_target_margin_is_positive_exactly_on_the_target():

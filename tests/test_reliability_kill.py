@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.launch import uap_command
 from uap import Perturbation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _start(args: list[str], pause: float = 0.0) -> subprocess.Popen:
     env.pop("UAP_TEST_WRITE_PAUSE", None)
     if pause:
         env["UAP_TEST_WRITE_PAUSE"] = str(pause)
-    return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env,
+    return subprocess.Popen([*uap_command(), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

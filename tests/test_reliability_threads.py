@@ -17,13 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-images", "12", "--heldout", "0", "--max-passes", "2", "--delta", "0.01", "--eps", "10/255"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 def _craft(out, *args: str):
     result = CliRunner().invoke(app, ["craft", *SMALL, "--out", str(out), *args])
     assert result.exit_code == 0, result.output
