@@ -460,10 +460,8 @@ def _split_weights(item: str) -> tuple[str, Optional[Path]]:
 def _resolve_target(spec: str, option: str, weights: Optional[Path] = None, mean: Optional[List[float]] = None,
                     std: Optional[List[float]] = None):
     """:func:`uap.targets.resolve_model`, its errors told in terms of this command's options."""
-    from uap.adapters import register_adapters
     from uap.targets import ModelSpecError, resolve_model
 
-    register_adapters()  # torchvision:/timm: even when the installed metadata predates their entry points
     flags = {"spec": option, "weights": "--weights" if option == "--model" else f"{option} SPEC=WEIGHTS",
              "mean": "--mean", "std": "--std"}
     try:
@@ -1007,10 +1005,8 @@ def _external_sources_table() -> None:
 
     from rich.table import Table
 
-    from uap.adapters import register_adapters
     from uap.targets import model_sources
 
-    register_adapters()
     table = Table(title="external model sources")
     for col in ("source", "spellings", "weights file", "library"):
         table.add_column(col)

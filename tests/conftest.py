@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from uap.adapters import register_adapters
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 # Tests use small models, where one intra-op thread is as fast as two and does not fight
 # other processes for the cores (set UAP_TEST_THREADS to change it).
 torch.set_num_threads(int(os.environ.get("UAP_TEST_THREADS", "1")))
-
-# The torchvision/timm adapters are entry points of an installed uap; a checkout whose installed
-# metadata predates them gets them registered here (a no-op after `pip install -e .`).
-register_adapters()
 
 
 def _data_root() -> Path | None:
