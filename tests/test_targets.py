@@ -166,7 +166,9 @@ def test_zoo_entries_resolve_by_path(tmp_path, monkeypatch):
     def build(card: dict) -> nn.Module:
         return ProbedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6)), nn.Linear(6, 3))
 
-    monkeypatch.setitem(models.zoo.BUILDERS, "test-resolve", build)
+    models.zoo.get_zoo_builder("probed")  # the built-in builders are in the registry
+    monkeypatch.setattr(models.zoo, "_BUILDERS", dict(models.zoo._BUILDERS))  # undone after the test
+    models.zoo.register_zoo_builder("test-resolve")(build)
     net = build({})
     models.zoo.save_entry("mine", net, {"builder": "test-resolve"}, zoo_dir=tmp_path)
     model, model_id = resolve_model(str(tmp_path / "mine.safetensors"))
