@@ -104,6 +104,11 @@ def test_cli_fits_the_probe_on_the_crafting_side(repo, images, tmp_path):
                                      "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "fitting the probe of 1 hub model(s) on" in result.output and "train images" in result.output
+    from uap.targets import load_models, parse_model_list
+
+    loaded = load_models(parse_model_list(f"{spec},{spec.replace('36', '40')}"))  # query options, no weights file
+    assert list(loaded) == ["tiny_backbone", spec.replace("36", "40")]
+    assert [m.preprocessing["resize"] for m in loaded.values()] == [36, 40]
     bad = runner.invoke(cli.app, ["craft", "--model", f"hub:{tmp_path}:tiny_backbone", "--data", f"imagefolder:{images}",
                                   "--out", str(tmp_path / "run2")])
     assert bad.exit_code == 2 and "hubconf.py" in bad.output and "Traceback" not in bad.output

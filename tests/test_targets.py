@@ -237,6 +237,8 @@ def test_split_weights():
     assert split_weights("torchvision:resnet18=r18.pth") == ("torchvision:resnet18", Path("r18.pth"))
     assert split_weights(" a = b=c.pt ") == ("a = b", Path("c.pt"))  # the last '=' splits
     assert split_weights("supervised") == ("supervised", None)
+    assert split_weights("hub:d:e?size=224&probe=knn") == ("hub:d:e?size=224&probe=knn", None)  # options, no file
+    assert split_weights("hub:d:e?size=224=w.pth") == ("hub:d:e?size=224", Path("w.pth"))
     for item in ("x=", "=w.pth", " = "):
         with pytest.raises(ModelSpecError, match="is not SPEC=WEIGHTS_FILE") as info:
             split_weights(item)

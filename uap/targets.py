@@ -438,9 +438,14 @@ def _build_factory(spec: str) -> nn.Module:
 def split_weights(item: str) -> tuple[str, Path | None]:
     """``SPEC=WEIGHTS_FILE`` → ``(SPEC, Path(WEIGHTS_FILE))``; a plain spec → ``(spec, None)``.
 
-    The split is at the last ``=``; an empty side is a :class:`ModelSpecError` about ``spec``."""
+    The split is at the last ``=``, unless that ``=`` is a query option's (``hub:DIR:ENTRY?size=224``
+    has no weights file, ``hub:DIR:ENTRY?size=224=w.pth`` has); an empty side is a
+    :class:`ModelSpecError` about ``spec``."""
     spec, sep, weights = item.rpartition("=")
     if not sep:
+        return item, None
+    _, query_sep, query = spec.partition("?")
+    if query_sep and "=" not in query.rsplit("&", 1)[-1]:
         return item, None
     if not spec.strip() or not weights.strip():
         raise ModelSpecError(f"{item!r} is not SPEC=WEIGHTS_FILE")
