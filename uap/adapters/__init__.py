@@ -21,3 +21,4 @@ Each module's ``SOURCE`` is declared once, as an entry point of the ``uap.models
 ``pyproject.toml``; :mod:`uap.targets` finds them there (in the installed metadata, or in the
 checkout's own ``pyproject.toml``), so nothing else lists them.
 """
+from __future__ import annotations
