@@ -33,11 +33,9 @@ METHODS = ("deepfool-batched", "sgd")
 def _one_pass(args: argparse.Namespace) -> dict:
     """Child process: one pass of ``args.method``; returns seconds and peak RSS."""
     import uap
-    from uap.adapters import register_adapters
     from uap.targets import resolve_model
 
     torch.set_num_threads(args.threads)
-    register_adapters()
     model, _ = resolve_model(f"torchvision:{args.arch}", weights=args.weights)
     x = torch.rand(args.images, 3, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
     options = {"batch_size": args.batch_size}

@@ -88,7 +88,7 @@ def _memory_peak(device: torch.device) -> float:
 
 def _dino_child(args: argparse.Namespace) -> dict:
     """Child process: DINO steps of one variant; their times and the peak memory over the baseline."""
-    from models.dino import DINO
+    from models.methods.dino import DINO
     from models.train import build_optimizer, optimisation_step
 
     torch.set_num_threads(args.threads)

@@ -18,7 +18,7 @@ contract: normalisation lives inside the model) and return a feature vector per 
   (:mod:`models.packing`).
 - :func:`vit_tiny_cifar` — the same ViT at half the width (dim 96, 3 heads of 32): about a
   quarter of :func:`vit_small_cifar`'s parameters, e.g. a student to distil a ``vit_small``
-  teacher into (:mod:`models.dino_distill`).
+  teacher into (:mod:`models.methods.dino_distill`).
 """
 from __future__ import annotations
 

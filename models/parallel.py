@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from models.method import Method
+from models.methods.base import TrainingMethod
 from uap.distributed import is_distributed, shard, world
 
 __all__ = ["STRATEGIES", "TrainingStep", "parallelize", "rank_rows", "rank_share", "sharding_units",
@@ -44,7 +44,7 @@ STRATEGIES = ("ddp", "fsdp")
 class TrainingStep(nn.Module):
     """``forward(x, y, step, max_steps)`` is ``method.training_step``: the module DDP or FSDP wraps."""
 
-    def __init__(self, method: Method):
+    def __init__(self, method: TrainingMethod):
         super().__init__()
         self.method = method
 
@@ -77,7 +77,7 @@ def sharding_units(method: nn.Module) -> list[nn.Module]:
     return [m for m in method.modules() if isinstance(m, (Block, TextBlock, BasicBlock))]
 
 
-def parallelize(method: Method, strategy: str = "ddp") -> nn.Module:
+def parallelize(method: TrainingMethod, strategy: str = "ddp") -> nn.Module:
     """The module whose ``forward(x, y, step, max_steps)`` runs one training step of ``method``
     on this rank's share of the batch: :class:`TrainingStep` itself without a process group,
     wrapped by DDP, or sharded in place by FSDP (build the optimiser *after* this call then:

@@ -1,4 +1,5 @@
-"""The one training loop for every method (supervised, SimCLR, MoCo, BYOL, DINO, DINO distillation, CLIP):
+"""The one training loop for every registered training method (:mod:`models.methods`: supervised,
+airbench, SimCLR, MoCo, BYOL, DINO, DINO distillation, CLIP):
 per-step schedules, rich progress, kNN monitor, per-epoch atomic checkpoints and exact resume.
 
 The loop keeps the whole training split in memory as a float tensor and draws each epoch's
@@ -7,7 +8,7 @@ an uninterrupted one. Learning rate (and each method's own schedules) are pure f
 the global step, and methods draw their randomness from torch's global generators, whose
 state is saved; so weights, optimiser buffers, RNG states and the step counter are all a
 resume needs. What differs between methods goes through the hooks of
-:class:`models.method.Method` (parameter groups, held-out data, per-epoch metrics).
+:class:`models.methods.TrainingMethod` (parameter groups, held-out data, per-epoch metrics).
 
 Resume rule, the same for every method: the configuration must match the checkpoint's, except
 that ``epochs`` may change while the run is still in warm-up (the steps done so far are then
@@ -43,8 +44,6 @@ weights with the previous epoch's state.
 """
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import math
 import os
@@ -59,7 +58,7 @@ from torch import nn
 from models.backbones import build_backbone
 from models.global_batchnorm import global_batchnorm
 from models.lars import LARS
-from models.method import Method
+from models.methods.base import TrainingMethod, get_training_method
 from models.parallel import full_tensor, like_param, parallelize, rank_rows, rank_share, unsharded
 from models.precision import autocast, check_precision
 from models.probes import knn_accuracy
@@ -68,7 +67,7 @@ from uap.distributed import all_sum, gather_rows, is_main, world
 from uap.forward import memory_format_for
 
 __all__ = [
-    "TrainConfig", "METHODS", "method_class", "check_hparams", "build_method", "build_optimizer",
+    "TrainConfig", "check_hparams", "build_method", "build_optimizer",
     "optimisation_step", "train", "sync_batchnorm_if_distributed",
     "save_checkpoint", "load_checkpoint", "CKPT_NAME", "STATE_NAME",
 ]
@@ -78,56 +77,19 @@ STATE_NAME = "last.json"
 _STATE_KEY = "state"  # the checkpoint's state, embedded in the weights file's header
 
 
-METHODS = {
-    "supervised": "models.supervised:Supervised",
-    "simclr": "models.simclr:SimCLR",
-    "moco": "models.moco:MoCo",
-    "byol": "models.byol:BYOL",
-    "dino": "models.dino:DINO",
-    "dino-distill": "models.dino_distill:DINODistill",
-    "clip": "models.clip_method:CLIPMethod",
-    "airbench": "models.airbench_method:Airbench",
-}
-
-
-def method_class(name: str) -> type[Method]:
-    """The :class:`Method` subclass for ``name`` (imported on demand)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    module, _, cls = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
 def check_hparams(name: str, hparams: dict[str, Any]) -> None:
-    """``ValueError`` unless every key of ``hparams`` is a hyper-parameter of method ``name``
-    (a keyword argument of its ``__init__``) with a value of its default's type, and the
-    method's own checks of the values (:meth:`Method.check_hparam_values`) pass."""
-    cls = method_class(name)
-    params = inspect.signature(cls.__init__).parameters.values()
-    known = {p.name: p.default for p in params if p.name not in ("self", "backbone")
-             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    unknown = sorted(set(hparams) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {name} hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    for key, value in hparams.items():
-        default = known[key]
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = True
-        if not ok:
-            raise ValueError(f"{name} hyper-parameter {key} must be {type(default).__name__}, got {value!r}")
-    cls.check_hparam_values(hparams)
+    """``ValueError`` unless method ``name`` is registered and ``hparams`` parse as its
+    ``Options`` (known names, values of their types, the options' own checks), found without
+    building anything."""
+    get_training_method(name).parse_options(hparams)
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a run. ``None`` fields take the method's defaults
-    (``Method.defaults``); ``lr`` is for a batch of 256 and scales linearly with the batch."""
+    (``TrainingMethod.defaults``); ``lr`` is for a batch of 256 and scales linearly with the batch.
+    ``hparams`` are the hyper-parameters the run sets (the others keep their defaults), parsed
+    by the method's ``Options`` (:mod:`models.methods.base`)."""
 
     method: str
     backbone: str = "resnet18"
@@ -147,12 +109,11 @@ class TrainConfig:
 
     def resolved(self) -> "TrainConfig":
         """A copy with the method defaults filled in and every field validated."""
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        cls = get_training_method(self.method)
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError("epochs must be >= 1 and batch_size >= 2")
-        check_hparams(self.method, self.hparams)
-        d = method_class(self.method).defaults
+        cls.parse_options(self.hparams)
+        d = cls.defaults
         out = TrainConfig(**{**asdict(self), "hparams": dict(self.hparams)})
         for key in ("lr", "weight_decay", "optimizer", "warmup_epochs"):
             if getattr(out, key) is None:
@@ -168,16 +129,16 @@ class TrainConfig:
         return out
 
 
-def build_method(config: TrainConfig) -> Method:
+def build_method(config: TrainConfig) -> TrainingMethod:
     """Backbone + method from a (resolved) config; seeds the initialisation with ``config.seed``."""
     torch.manual_seed(config.seed)
     backbone = build_backbone(config.backbone, config.width)
-    return method_class(config.method)(backbone, **config.hparams)
+    return get_training_method(config.method)(backbone, config.hparams)
 
 
-def build_optimizer(method: Method, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(method: TrainingMethod, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """SGD (Nesterov, momentum 0.9), LARS or AdamW over the method's parameter groups
-    (:meth:`Method.param_groups`: which parameters get ``weight_decay``)."""
+    (:meth:`TrainingMethod.param_groups`: which parameters get ``weight_decay``)."""
     groups = method.param_groups(weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, weight_decay=weight_decay)
@@ -307,7 +268,7 @@ def _log(console, msg: str) -> None:
         console.file.flush()  # keep a redirected log (nohup … > log) current
 
 
-def optimisation_step(method: Method, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+def optimisation_step(method: TrainingMethod, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                       step: int, total_steps: int, precision: str = "fp32", *, forward: nn.Module | None = None,
                       share: float = 1.0) -> torch.Tensor:
     """One step of any method: loss (under ``precision``'s autocast), backward, optimiser
@@ -347,11 +308,11 @@ def train(
     command: str | None = None,
     device: str | torch.device = "cpu",
     strategy: str = "ddp",
-) -> tuple[Method, dict]:
+) -> tuple[TrainingMethod, dict]:
     """Train ``config.method`` and return ``(method, state)``; checkpoints every epoch.
 
     ``data`` (images in [0, 1], labels) defaults to the CIFAR-10 training split (``n_train``
-    images); the method may hold some of it out (:meth:`Method.prepare_data`). ``monitor_data``
+    images); the method may hold some of it out (:meth:`TrainingMethod.prepare_data`). ``monitor_data``
     (bank x, bank y, query x, query y) is used for the periodic kNN monitor (default: 5 000
     training and 2 000 test images). ``max_steps`` stops once the global step reaches it,
     also inside an epoch (the checkpoint then records where, and ``resume`` continues there).

@@ -5,18 +5,22 @@ An entry is exactly two files in ``models/zoo/`` (or anywhere, when given as a p
 - ``NAME.safetensors`` — the classifier's ``state_dict`` (tensors only; nothing is unpickled);
 - ``NAME.json`` — the model card: method, backbone, hyper-parameters, accuracies, the exact
   ``uap train`` command, ``sha256`` of the weights file, and ``"builder"``: the name of the
-  function that rebuilds the ``nn.Module`` from the card before the weights are loaded.
+  :class:`ZooBuilder` that rebuilds the ``nn.Module`` from the card before the weights are loaded.
 
-Registering a new builder (e.g. CLIP) takes one line, without this module importing yours::
+A zoo builder is one registered class with two halves: :meth:`ZooBuilder.build` turns a
+finished training run into the classifier that ships and its card (the training method names
+its builder, :attr:`models.methods.TrainingMethod.zoo_builder`), and :meth:`ZooBuilder.rebuild`
+makes the un-initialised classifier (images in [0, 1] → logits, with ``.encoder``) whose
+``state_dict`` keys match the weights file. Adding one is one class and one registration::
 
-    # in models/zoo.py's BUILDERS table, or at import time of your module:
-    register_builder("clip", "models.clip:build_from_card")
+    @register_zoo_builder("mine")
+    class MyBuilder(ZooBuilder):
+        def rebuild(self, card): ...
+        def build(self, method, config, data, say, probe_epochs): ...
 
-``build_from_card(card: dict) -> nn.Module`` must return the un-initialised classifier (images in
-[0, 1] → logits, with ``.encoder``) whose ``state_dict`` keys match the weights file; then
-:func:`save_entry` writes an entry and :func:`load` finds it. Builders are given as
-``"module:function"`` strings and imported on first use, so the zoo never imports heavy or
-circular dependencies up front.
+A plain function ``card -> nn.Module`` registers a builder that only rebuilds (entries written
+with :func:`save_entry`). The built-in builders, ``"probed"`` and ``"clip"``, live in
+:mod:`models.zoo_build`, imported on the first lookup.
 
 The engine finds the zoo through :data:`MODEL_SOURCE`, published as the ``zoo`` entry point
 of the ``uap.models`` group (``pyproject.toml``): ``uap`` resolves ``supervised``,
@@ -25,57 +29,104 @@ of the ``uap.models`` group (``pyproject.toml``): ``uap`` resolves ``supervised`
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 from torch import nn
 
 from uap.atomic import atomic_write
 from uap.targets import ModelSource
 
-__all__ = ["ZOO_DIR", "MODEL_SOURCE", "register_builder", "available", "cards", "load", "load_card", "resolve",
-           "save_entry", "sha256_file"]
+if TYPE_CHECKING:
+    from models.methods.base import TrainingMethod
+    from models.train import TrainConfig
+
+__all__ = ["ZOO_DIR", "MODEL_SOURCE", "ZooBuilder", "register_zoo_builder", "get_zoo_builder", "zoo_builders",
+           "available", "cards", "load", "load_card", "resolve", "save_entry", "sha256_file"]
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 
-#: builder name → callable or "module:function" taking the card and returning the bare nn.Module
-BUILDERS: dict[str, Callable[[dict], nn.Module] | str] = {
-    "probed": "models.zoo:build_probed",
-    "clip": "models.clip:build_from_card",
-}
+#: ``(train x, train y, test x, test y)``: the images a builder measures an entry on
+Data = tuple[Any, Any, Any, Any]
 
 
-def register_builder(name: str, builder: Callable[[dict], nn.Module] | str) -> None:
-    """Make ``card["builder"] == name`` rebuild models with ``builder`` (a callable or a
-    ``"module:function"`` string imported lazily)."""
+class ZooBuilder:
+    """Base class of zoo builders (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+
+    def rebuild(self, card: dict[str, Any]) -> nn.Module:
+        """The un-initialised classifier of an entry with this ``card`` (its weights are loaded after)."""
+        raise NotImplementedError
+
+    def build(self, method: TrainingMethod, config: TrainConfig, data: Data | None, say: Callable[[str], None],
+              probe_epochs: int) -> tuple[nn.Module, dict[str, Any]]:
+        """``(classifier, card)`` of the finished run's ``method`` (trained with ``config``),
+        measured on ``data`` (default: the full CIFAR-10 splits); ``say`` reports progress.
+        The card names this builder (``"builder"``)."""
+        raise ValueError(f"zoo builder {self.name!r} only rebuilds entries; it cannot make one from a training run")
+
+    def summary(self, card: dict[str, Any]) -> str:
+        """The card's headline result, one line (for a front end to print)."""
+        return ""
+
+
+class _FunctionBuilder(ZooBuilder):
+    """A builder registered as a plain ``card -> nn.Module`` function: it rebuilds, nothing else."""
+
+    def __init__(self, name: str, rebuild: Callable[[dict[str, Any]], nn.Module]) -> None:
+        self.name, self._rebuild = name, rebuild
+
+    def rebuild(self, card: dict[str, Any]) -> nn.Module:
+        return self._rebuild(card)
+
+
+_BUILDERS: dict[str, ZooBuilder] = {}
+B = TypeVar("B")
+
+
+def register_zoo_builder(name: str) -> Callable[[B], B]:
+    """Register a :class:`ZooBuilder` subclass (one instance serves every entry) or a function
+    ``card -> nn.Module`` (a builder that only rebuilds) as builder ``name``: ``card["builder"] ==
+    name`` rebuilds with it, and a training method with ``zoo_builder = name`` ships through it.
+    Usable as a decorator; registering a name again replaces its builder."""
     if not name or not isinstance(name, str):
-        raise ValueError("a builder needs a non-empty name")
-    BUILDERS[name] = builder
+        raise ValueError("a zoo builder needs a non-empty name")
+
+    def decorate(obj: B) -> B:
+        if isinstance(obj, type) and issubclass(obj, ZooBuilder):
+            builder = obj()
+            builder.name = name
+        elif callable(obj) and not isinstance(obj, type):
+            builder = _FunctionBuilder(name, obj)
+        else:
+            raise ValueError(f"register_zoo_builder takes a ZooBuilder subclass or a function card -> nn.Module, "
+                             f"got {obj!r}")
+        _BUILDERS[name] = builder
+        return obj
+
+    return decorate
 
 
-def _builder(name: str) -> Callable[[dict], nn.Module]:
-    if name not in BUILDERS:
-        raise ValueError(f"model card names builder {name!r}, but only {sorted(BUILDERS)} are registered")
-    b = BUILDERS[name]
-    if isinstance(b, str):
-        module, _, attr = b.partition(":")
-        b = getattr(importlib.import_module(module), attr)
-        BUILDERS[name] = b
-    return b
+def _builtin() -> None:
+    import models.zoo_build  # noqa: F401  (registers "probed" and "clip")
 
 
-def build_probed(card: dict) -> nn.Module:
-    """Builder for encoder + linear head (supervised baseline and SSL linear probes)."""
-    from models.backbones import build_backbone
-    from models.probes import ProbedClassifier
+def get_zoo_builder(name: str) -> ZooBuilder:
+    """The builder registered as ``name``; ``ValueError`` listing the known ones."""
+    _builtin()
+    if not isinstance(name, str) or name not in _BUILDERS:
+        raise ValueError(f"no zoo builder {name!r} is registered (known: {', '.join(sorted(_BUILDERS))})")
+    return _BUILDERS[name]
 
-    arch = card["architecture"]
-    encoder = build_backbone(arch["backbone"], arch.get("width", 16))
-    return ProbedClassifier(encoder, nn.Linear(encoder.out_dim, arch["num_classes"]))
+
+def zoo_builders() -> list[str]:
+    """The registered builder names."""
+    _builtin()
+    return sorted(_BUILDERS)
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -171,7 +222,12 @@ def load(name_or_path: str | os.PathLike, zoo_dir: str | os.PathLike | None = No
                              f"add \"sha256\": \"<sha256sum {weights.name}>\" to the card (or load it with verify=False)")
         if hashlib.sha256(blob).hexdigest() != expected.lower():
             raise ValueError(f"{weights} does not match the sha256 in {card_path.name}; the file is corrupt or replaced")
-    model = _builder(card.get("builder", "probed"))(card)
+    builder = card.get("builder", "probed")
+    try:
+        rebuild = get_zoo_builder(builder).rebuild
+    except ValueError as e:
+        raise ValueError(f"model card {card_path}: {e}") from None
+    model = rebuild(card)
     try:
         state = load_safetensors(blob)
     except Exception as e:  # SafetensorError for a damaged file (only reachable with verify=False)

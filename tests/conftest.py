@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from uap.adapters import register_adapters
-
 REPO = Path(__file__).resolve().parents[1]
 
 # pytester runs the skip rule's own tests; skip_policy is that rule (active under UAP_CI_NO_SKIPS=1).
@@ -25,10 +23,6 @@ pytest_plugins = ["pytester", "tests.skip_policy"]
 # other processes for the cores (set UAP_TEST_THREADS to change it).
 TEST_THREADS = int(os.environ.get("UAP_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
-
-# The torchvision/timm adapters are entry points of an installed uap; a checkout whose installed
-# metadata predates them gets them registered here (a no-op after `pip install -e .`).
-register_adapters()
 
 
 def _data_folders() -> list[Path]:

@@ -246,6 +246,17 @@ def test_cli_models_with_per_model_weights(r18_weights):
     assert list(loaded) == ["resnet18", "linear_target"] and loaded["resnet18"].preprocessing["crop"] == 224
 
 
+def test_library_model_lists_with_per_model_weights(r18_weights):
+    from uap.targets import load_models, parse_model_list
+
+    specs = parse_model_list(f"torchvision:resnet18={r18_weights},tests.eval_models:linear_target")
+    loaded = load_models(specs, "cpu")
+    assert list(loaded) == ["resnet18", "linear_target"] and loaded["resnet18"].preprocessing["crop"] == 224
+    reference = resolve_model("torchvision:resnet18", weights=r18_weights)[0]
+    assert all(torch.equal(a, b) for a, b in zip(loaded["resnet18"].state_dict().values(),
+                                                 reference.state_dict().values()))
+
+
 def test_cli_models_external():
     result = runner.invoke(cli.app, ["models", "--external"])
     assert result.exit_code == 0, result.output

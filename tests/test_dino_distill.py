@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from models import backbones
-from models.dino_distill import DINODistill
+from models.methods.dino_distill import DINODistill
 from models.losses import DINOLoss
 from models.train import CKPT_NAME, TrainConfig, build_method, train
 

@@ -42,23 +42,23 @@ def _method(kind: str):
     else:
         backbone = build_backbone("resnet18", 4)
     if kind in ("simclr", "vit-simclr"):
-        from models.simclr import SimCLR
+        from models.methods.simclr import SimCLR
 
         method = SimCLR(backbone, proj_dim=16, hidden_dim=32)
         method.augment = _Views()
     elif kind == "vit-byol":
-        from models.byol import BYOL
+        from models.methods.byol import BYOL
 
         method = BYOL(backbone, proj_dim=16, hidden_dim=32)
         method.augment = _Views()
     elif kind == "vit-dino":  # the packed multi-crop forward through FSDP's per-block units
         from models.augment import MultiCrop
-        from models.dino import DINO
+        from models.methods.dino import DINO
 
         method = DINO(backbone, out_dim=64, n_local=2, warmup_teacher_steps=0)
         method.multicrop = MultiCrop(global_size=SIZE, local_size=SIZE // 2, n_local=2)
     elif kind == "moco":
-        from models.moco import MoCo
+        from models.methods.moco import MoCo
 
         method = MoCo(backbone, queue_size=640, proj_dim=16, hidden_dim=32, bn_splits=2)  # more slots than 2 steps fill
         method.augment = _Views()
@@ -81,7 +81,7 @@ class _Views:
 
 
 def _fixed_caption_clip():
-    from models.clip_method import CLIPMethod
+    from models.methods.clip import CLIPMethod
 
     class FixedCaptionCLIP(CLIPMethod):
         """CLIP trained on one fixed caption per class and unaugmented images."""
@@ -140,8 +140,8 @@ def _local(module, name: str):
 
 def _two_rank_cases() -> dict:
     import models.clip as clip_module
-    import models.simclr as simclr_module
-    from models.moco import MoCo
+    import models.methods.simclr as simclr_module
+    from models.methods.moco import MoCo
     from uap.distributed import gather_rows
 
     out = {}
@@ -263,7 +263,8 @@ TRAIN = ["train", "simclr", "--epochs", "1", "--batch-size", "32", "--width", "4
 
 
 def test_uap_train_under_torchrun_writes_one_checkpoint_on_rank_0(tmp_path, data_root):
-    from models.train import CKPT_NAME, STATE_NAME, TrainConfig, build_method, load_checkpoint, method_class
+    from models.methods import get_training_method
+    from models.train import CKPT_NAME, STATE_NAME, TrainConfig, build_method, load_checkpoint
 
     done = _torchrun([*TRAIN, "--out", str(tmp_path / "two")])
     assert done.returncode == 0, done.stderr[-3000:]
@@ -277,7 +278,7 @@ def test_uap_train_under_torchrun_writes_one_checkpoint_on_rank_0(tmp_path, data
 
     rng = load_file(str(tmp_path / "two" / CKPT_NAME))["rng.torch.ranks"]
     assert rng.shape[0] == 2 and not torch.equal(rng[0], rng[1])  # each rank's own augmentation stream
-    assert method_class("simclr") is type(method)
+    assert get_training_method("simclr") is type(method)
 
 
 def test_a_rank_that_raises_ends_the_training_job_with_one_line(tmp_path, data_root):

@@ -15,7 +15,7 @@ def python_blocks(path: Path) -> list[str]:
 
 def test_architecture_examples_run():
     blocks = python_blocks(ROOT / "docs" / "architecture.md")
-    assert len(blocks) == 4  # a new method, its use, a new baseline and its use, a new target model
+    assert len(blocks) == 6  # a new method, its use, a new baseline, a new model source, a new training method, its use
     method_lines = blocks[0].strip().splitlines()
     assert len(method_lines) <= 20, len(method_lines)
     baseline_lines = blocks[2].strip().splitlines()

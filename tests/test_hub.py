@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 import cli
 import uap
-from uap.adapters import register_adapters
 from uap.data import load
 from uap.targets import ModelSpecError, resolve_model
 
@@ -54,7 +53,6 @@ def images(tmp_path):
 
 
 def test_backbone_as_encoder_and_probes(repo, images):
-    register_adapters()
     model, _ = resolve_model(f"hub:{repo}:tiny_backbone?size=32&resize=36")
     assert model.preprocessing["crop"] == 32 and model.preprocessing["resize"] == 36
     prep = uap.data.Preprocessing.of(model)
@@ -79,7 +77,6 @@ def test_backbone_as_encoder_and_probes(repo, images):
 
 
 def test_weights_file_and_errors(repo, tmp_path):
-    register_adapters()
     from safetensors.torch import save_file
 
     state = {k: torch.full_like(v, 0.01) for k, v in torch.hub.load(str(repo), "tiny_backbone", source="local").state_dict().items()}
@@ -107,6 +104,11 @@ def test_cli_fits_the_probe_on_the_crafting_side(repo, images, tmp_path):
                                      "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     assert "fitting the probe of 1 hub model(s) on" in result.output and "train images" in result.output
+    from uap.targets import load_models, parse_model_list
+
+    loaded = load_models(parse_model_list(f"{spec},{spec.replace('36', '40')}"))  # query options, no weights file
+    assert list(loaded) == ["tiny_backbone", spec.replace("36", "40")]
+    assert [m.preprocessing["resize"] for m in loaded.values()] == [36, 40]
     bad = runner.invoke(cli.app, ["craft", "--model", f"hub:{tmp_path}:tiny_backbone", "--data", f"imagefolder:{images}",
                                   "--out", str(tmp_path / "run2")])
     assert bad.exit_code == 2 and "hubconf.py" in bad.output and "Traceback" not in bad.output

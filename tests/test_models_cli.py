@@ -42,11 +42,11 @@ def test_train_device_is_checked_before_anything_runs(tmp_path):
 def test_train_clip_rejects_unknown_or_mistyped_hparams_in_one_line(tmp_path):
     result = runner.invoke(app, ["train", "clip", "-H", "depth=3", "--out", str(tmp_path)])
     assert result.exit_code == 2, result.output
-    assert "unknown clip hyper-parameter(s) depth" in result.output
+    assert "unknown option(s) ['depth'] for training method 'clip'" in result.output
     assert "known: embed_dim, text_width, text_layers, text_heads, word_dropout, val_size" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     result = runner.invoke(app, ["train", "clip", "-H", "val_size=many", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "val_size must be int" in result.output
+    assert result.exit_code == 2 and "option val_size for training method 'clip' must be an integer, got 'many'" in result.output
     result = runner.invoke(app, ["train", "simclr", "-H", "temp=0.1", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "known: temperature, proj_dim, hidden_dim" in result.output
     assert not any(tmp_path.iterdir())

@@ -107,11 +107,12 @@ def test_config_validation():
     assert TrainConfig(method="simclr", optimizer="lars").resolved().optimizer == "lars"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(method="simclr", precision="fp16").resolved()
-    with pytest.raises(ValueError, match="unknown simclr hyper-parameter.*known: temperature, proj_dim, hidden_dim"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['temp'\] for training method 'simclr'; "
+                                         r"known: temperature, proj_dim, hidden_dim"):
         TrainConfig(method="simclr", hparams={"temp": 0.5}).resolved()
-    with pytest.raises(ValueError, match="temperature must be float"):
+    with pytest.raises(ValueError, match="option temperature for training method 'simclr' must be a number"):
         TrainConfig(method="simclr", hparams={"temperature": "hot"}).resolved()
-    with pytest.raises(ValueError, match="queue_size must be int"):
+    with pytest.raises(ValueError, match="option queue_size for training method 'moco' must be an integer, got 256.5"):
         TrainConfig(method="moco", hparams={"queue_size": 256.5}).resolved()
     assert TrainConfig(method="simclr", hparams={"temperature": 1}).resolved().hparams == {"temperature": 1}
 
@@ -136,3 +137,121 @@ def test_train_on_a_missing_device_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="CUDA is not available"):
         train(cfg, tmp_path, data=(x, y), device="cuda")
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------- registries
+
+
+@pytest.fixture
+def registries(monkeypatch):
+    """The training-method and zoo-builder registries, restored after the test (built-ins loaded first)."""
+    from models import zoo
+    from models.methods import available_training_methods, base
+
+    available_training_methods(), zoo.zoo_builders()
+    monkeypatch.setattr(base, "_METHODS", dict(base._METHODS))
+    monkeypatch.setattr(zoo, "_BUILDERS", dict(zoo._BUILDERS))
+
+
+def _flip_prediction_method():
+    """A training method that is one Options class, one TrainingMethod class and one registration:
+    predict which of ``flips`` fixed transforms (identity, mirror, upside down …) an image got."""
+    from dataclasses import dataclass
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from models.methods import TrainingMethod, register_training_method
+    from uap.options import Options, require
+
+    @dataclass(frozen=True)
+    class FlipOptions(Options):
+        flips: int = 4
+        scale: float = 1.0
+
+        def check(self) -> None:
+            require(2 <= self.flips <= 4, f"flips must be 2, 3 or 4, got {self.flips}")
+
+    @register_training_method()
+    class FlipPrediction(TrainingMethod):
+        name, Options = "test-flips", FlipOptions
+        defaults = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 0.5}
+
+        def __init__(self, backbone, options=None, **hparams):
+            super().__init__(backbone, options, **hparams)
+            self.head = nn.Linear(backbone.out_dim, self.options.flips)
+
+        def training_step(self, x, y, step, max_steps):
+            k = torch.randint(self.options.flips, (len(x),), device=x.device)  # the loop checkpoints the generator
+            views = [x, x.flip(-1), x.flip(-2), x.flip(-1, -2)]
+            flipped = torch.stack(views)[k, torch.arange(len(x))]
+            return F.cross_entropy(self.head(self.backbone(flipped)) * self.options.scale, k)
+
+    return FlipPrediction
+
+
+def test_a_new_training_method_is_one_class_and_one_registration(registries, tmp_path):
+    from models.methods import available_training_methods, get_training_method
+
+    cls = _flip_prediction_method()
+    assert get_training_method("test-flips") is cls and "test-flips" in available_training_methods()
+    x, y = _images(96)
+    cfg = TrainConfig(method="test-flips", width=4, epochs=2, batch_size=32, knn_every=0, threads=1,
+                      hparams={"flips": 3, "scale": 2})
+    full, full_state = train(cfg, tmp_path / "full", data=(x, y))
+    assert [r["epoch"] for r in full_state["history"]] == [1, 2] and full.hparams == {"flips": 3, "scale": 2}
+    train(cfg, tmp_path / "split", data=(x, y), max_steps=4)  # stopped inside the second epoch
+    state = json.loads((tmp_path / "split" / STATE_NAME).read_text())
+    assert state["step"] == 4 and state["config"]["hparams"] == {"flips": 3, "scale": 2}
+    resumed, resumed_state = train(cfg, tmp_path / "split", data=(x, y), resume=True)
+    assert resumed_state["step"] == 6 and [r["loss"] for r in resumed_state["history"]] == \
+        [r["loss"] for r in full_state["history"]]
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k  # the one loop resumes the new method exactly
+    for hparams, message in [({"flip": 3}, r"unknown option\(s\) \['flip'\] for training method 'test-flips'; "
+                                           r"known: flips, scale"),
+                             ({"flips": "three"}, "option flips for training method 'test-flips' must be an integer"),
+                             ({"flips": 5}, "flips must be 2, 3 or 4, got 5")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(method="test-flips", hparams=hparams).resolved()
+
+
+def test_a_method_names_its_zoo_builder_and_a_new_builder_is_one_registration(registries, tmp_path):
+    from torch import nn
+
+    import models
+    from models.probes import ProbedClassifier
+    from models.zoo import ZooBuilder, register_zoo_builder
+    from models.zoo_build import build_zoo_entry
+
+    @register_zoo_builder("test-flip-head")
+    class FlipHeadBuilder(ZooBuilder):
+        """Ships the backbone with a fresh 10-class head; the card records the flip head's size."""
+
+        def rebuild(self, card):
+            from models.backbones import build_backbone
+
+            encoder = build_backbone("resnet18", card["width"])
+            return ProbedClassifier(encoder, nn.Linear(encoder.out_dim, 10))
+
+        def build(self, method, config, data, say, probe_epochs):
+            torch.manual_seed(config.seed)
+            classifier = ProbedClassifier(method.backbone, nn.Linear(method.backbone.out_dim, 10)).eval()
+            say("shipping the backbone with a fresh head")
+            return classifier, {"builder": self.name, "method": config.method, "width": config.width,
+                                "flip_classes": method.options.flips}
+
+        def summary(self, card):
+            return f"{card['flip_classes']} flip classes"
+
+    cls = _flip_prediction_method()
+    cls.zoo_builder = "test-flip-head"
+    x, y = _images(64)
+    cfg = TrainConfig(method="test-flips", width=4, epochs=1, batch_size=32, knn_every=0, threads=1,
+                      hparams={"flips": 2})
+    method, _ = train(cfg, tmp_path / "run", data=(x, y))
+    card = build_zoo_entry(tmp_path / "run", "flips", zoo_dir=tmp_path / "zoo", data=(x, y, x, y))
+    assert card["builder"] == "test-flip-head" and card["hyperparameters"]["method_hparams"] == {"flips": 2, "scale": 1.0}
+    assert models.zoo.get_zoo_builder(card["builder"]).summary(card) == "2 flip classes"
+    loaded = models.load("flips", zoo_dir=tmp_path / "zoo")
+    assert torch.equal(loaded.encoder(x[:4]), method.backbone.eval()(x[:4]))

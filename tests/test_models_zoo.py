@@ -16,7 +16,7 @@ def _entry(tmp_path, name="tiny"):
     card = {"builder": "probed", "method": "supervised",
             "architecture": {"backbone": "resnet18", "width": 4, "num_classes": 10}}
     torch.manual_seed(0)
-    model = zoo.build_probed(card).eval()
+    model = zoo.get_zoo_builder("probed").rebuild(card).eval()
     return model, zoo.save_entry(name, model, card, zoo_dir=tmp_path)
 
 
@@ -49,18 +49,31 @@ def test_corrupt_weights_are_refused(tmp_path):
         models.load("tiny", zoo_dir=tmp_path)
 
 
-def test_a_new_builder_is_one_registration(tmp_path):
-    def build_tiny(card):
+def test_a_new_builder_is_one_registration(tmp_path, monkeypatch):
+    zoo.zoo_builders()  # the built-in builders are registered first
+    monkeypatch.setattr(zoo, "_BUILDERS", dict(zoo._BUILDERS))  # the registrations below end with the test
+
+    @zoo.register_zoo_builder("test-tiny")
+    def build_tiny(card):  # a function: a builder that rebuilds entries written with save_entry
         enc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, card["dim"]))
         return ProbedClassifier(enc, nn.Linear(card["dim"], 2))
 
-    zoo.register_builder("test-tiny", build_tiny)
     model = build_tiny({"dim": 5})
     zoo.save_entry("custom", model, {"builder": "test-tiny", "dim": 5}, zoo_dir=tmp_path)
     assert models.load("custom", zoo_dir=tmp_path)(torch.rand(2, 3, 4, 4)).shape == (2, 2)
+    with pytest.raises(ValueError, match="only rebuilds entries"):
+        zoo.get_zoo_builder("test-tiny").build(None, None, None, print, 1)
     zoo.save_entry("orphan", model, {"builder": "nobody", "dim": 5}, zoo_dir=tmp_path)
-    with pytest.raises(ValueError, match="builder"):
+    with pytest.raises(ValueError, match=r"orphan.json: no zoo builder 'nobody' is registered \(known: clip, probed"):
         models.load("orphan", zoo_dir=tmp_path)
+    assert set(zoo.zoo_builders()) >= {"probed", "clip", "test-tiny"}
+
+
+def test_every_shipped_card_names_a_registered_builder():
+    """The zoo's cards rebuild through the registry: each names a builder that rebuilds its architecture."""
+    for name, card in zoo.cards().items():
+        module = zoo.get_zoo_builder(card["builder"]).rebuild(card)
+        assert isinstance(module, nn.Module) and hasattr(module, "encoder"), name
 
 
 SHIPPED = [n for n, c in zoo.cards().items() if c.get("builder") == "probed"]
@@ -100,3 +113,20 @@ def test_knn_head_shares_the_encoder_and_classifies(data_root, monkeypatch):
     assert logits.shape == (200, 10) and torch.isfinite(logits).all()
     assert (logits.argmax(1) == y).float().mean() > 0.6  # far above chance (0.1)
     assert "kNN" in knn.card["head"]
+
+
+TRAINED = {n: c for n, c in zoo.cards().items() if "method_hparams" in c.get("hyperparameters", {})}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINED) or [pytest.param("none", marks=pytest.mark.skip("zoo is empty"))])
+def test_shipped_cards_rebuild_their_method_with_the_recorded_hyperparameters(name):
+    """A card's run configuration still resolves and builds its method, whose hyper-parameters
+    (defaults filled in by the method's Options) are those the card recorded, in the same order
+    (hyper-parameters added since then keep their defaults)."""
+    from models.train import TrainConfig, build_method
+
+    recorded = TRAINED[name]["hyperparameters"]
+    config = TrainConfig(**{k: v for k, v in recorded.items() if k not in ("method_hparams", "lr_effective")})
+    hparams = build_method(config.resolved()).hparams
+    assert {k: hparams[k] for k in recorded["method_hparams"]} == recorded["method_hparams"]
+    assert [k for k in hparams if k in recorded["method_hparams"]] == list(recorded["method_hparams"])

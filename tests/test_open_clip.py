@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
-from uap.adapters import register_adapters  # noqa: E402
 from uap.prompts import ZERO_SHOT_TEMPLATES  # noqa: E402
 from uap.targets import ModelSpecError, resolve_model  # noqa: E402
 
@@ -32,7 +31,6 @@ def saved(tmp_path_factory):
 
 def test_zero_shot_logits_equal_open_clip(saved):
     net, path = saved
-    register_adapters()
     model, _ = resolve_model(f"open_clip:{ARCH}", weights=path)
     model.use_classes(CLASSES, TEMPLATES)
     assert model.preprocessing["crop"] == 224 and model.preprocessing["interpolation"] == "bicubic"
@@ -61,7 +59,6 @@ def test_errors_are_clear(saved, tmp_path):
     from safetensors.torch import load_file, save_file
 
     _, path = saved
-    register_adapters()
     model, _ = resolve_model(f"open_clip:{ARCH}", weights=path)
     with pytest.raises(ValueError, match="use_classes"):
         model(torch.rand(1, 3, 224, 224))

@@ -129,7 +129,7 @@ def _entry(tmp_path):
     card = {"builder": "probed", "method": "supervised",
             "architecture": {"backbone": "resnet18", "width": 4, "num_classes": 10}}
     torch.manual_seed(0)
-    return zoo.save_entry("tiny", zoo.build_probed(card).eval(), card, zoo_dir=tmp_path)
+    return zoo.save_entry("tiny", zoo.get_zoo_builder("probed").rebuild(card).eval(), card, zoo_dir=tmp_path)
 
 
 @pytest.mark.parametrize("sha", [None, "", "not-a-digest"])

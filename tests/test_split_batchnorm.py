@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from models.backbones import build_backbone
-from models.moco import MoCo
+from models.methods.moco import MoCo
 from models.split_batchnorm import SplitBatchNorm1d, SplitBatchNorm2d, split_batchnorm
 
 
@@ -60,7 +60,7 @@ def test_moco_splits_bn_in_both_encoders():
 
 def test_distributed_runs_keep_moco_batchnorm_local(monkeypatch):
     from models.global_batchnorm import GlobalBatchNorm
-    from models.simclr import SimCLR
+    from models.methods.simclr import SimCLR
     from models.train import sync_batchnorm_if_distributed
 
     moco, simclr = MoCo(build_backbone("resnet18", 4), queue_size=64, bn_splits=2), SimCLR(build_backbone("resnet18", 4))

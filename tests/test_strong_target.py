@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.airbench import airbench_net, patch_second_moment, whitening_filters
-from models.airbench_method import Airbench
+from models.methods.airbench import Airbench
 from models.augment import random_translate
 from models.backbones import build_backbone
 from models.lookahead import lookahead_decay, lookahead_update

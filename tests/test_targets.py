@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from uap import targets
-from uap.targets import (ModelSource, ModelSpecError, Normalized, UnknownModelError, load_state_dict_file,
-                         register_model_source, resolve_model)
+from uap.targets import (ModelSource, ModelSpecError, Normalized, UnknownModelError, load_models, load_state_dict_file,
+                         parse_model_list, register_model_source, resolve_model, short_name, split_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,7 +166,9 @@ def test_zoo_entries_resolve_by_path(tmp_path, monkeypatch):
     def build(card: dict) -> nn.Module:
         return ProbedClassifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 6)), nn.Linear(6, 3))
 
-    monkeypatch.setitem(models.zoo.BUILDERS, "test-resolve", build)
+    models.zoo.get_zoo_builder("probed")  # the built-in builders are in the registry
+    monkeypatch.setattr(models.zoo, "_BUILDERS", dict(models.zoo._BUILDERS))  # undone after the test
+    models.zoo.register_zoo_builder("test-resolve")(build)
     net = build({})
     models.zoo.save_entry("mine", net, {"builder": "test-resolve"}, zoo_dir=tmp_path)
     model, model_id = resolve_model(str(tmp_path / "mine.safetensors"))
@@ -197,3 +199,114 @@ def test_a_lazy_module_is_refused_unless_weights_set_its_shapes(tmp_path):
     save_file(state, tmp_path / "w.safetensors")
     model, _ = resolve_model("torch.nn:LazyBatchNorm2d", weights=tmp_path / "w.safetensors")
     assert model(torch.rand(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+
+
+def test_the_checkout_declares_every_source_once_in_pyproject():
+    """pyproject.toml's entry points are the one list of the sources the project ships; a registry
+    that reads nothing but the checkout's declarations finds every one of them."""
+    import tomllib
+
+    import models.zoo
+    from uap.adapters import hub, open_clip, timm, torchvision
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][targets.ENTRY_POINT_GROUP]
+    registry = targets._Registry(targets._checkout_entry_points)
+    assert registry.names() == list(declared) == ["zoo", "torchvision", "timm", "open_clip", "hub"]
+    for name, source in [("zoo", models.zoo.MODEL_SOURCE), ("torchvision", torchvision.SOURCE),
+                         ("timm", timm.SOURCE), ("open_clip", open_clip.SOURCE), ("hub", hub.SOURCE)]:
+        assert registry.get(name) is source
+    assert targets.source_names()[:len(declared)] == list(declared)  # the running registry: the same, first
+    assert not hasattr(__import__("uap.adapters").adapters, "register_adapters")  # no second list
+
+
+# ---------------------------------------------------------------------------- lists of specs and their labels
+
+@pytest.mark.parametrize("model_id,label", [
+    ("supervised", "supervised"), ("supervised@knn", "supervised@knn"), ("pkg.mod:factory", "factory"),
+    ("dir/x.safetensors", "x"), ("torchvision:resnet18=r18.pth", "resnet18"),
+    ("torchvision:resnet50:IMAGENET1K_V2", "resnet50:IMAGENET1K_V2"), ("timm:vit_tiny_patch16_224", "vit_tiny_patch16_224"),
+    ("open_clip:ViT-B-32:openai", "ViT-B-32:openai"), ("hub:/src/dinov2:dinov2_vits14?size=224&probe=knn", "dinov2_vits14"),
+    ("hub:../dinov2:dinov2_vits14=w.pth", "dinov2_vits14"), ("zoo:supervised", "supervised"),
+    ("runs/sup/perturbation", "perturbation"),
+])
+def test_short_names_as_every_source_spells_them(model_id, label):
+    assert short_name(model_id) == label
+
+
+def test_split_weights():
+    assert split_weights("torchvision:resnet18=r18.pth") == ("torchvision:resnet18", Path("r18.pth"))
+    assert split_weights(" a = b=c.pt ") == ("a = b", Path("c.pt"))  # the last '=' splits
+    assert split_weights("supervised") == ("supervised", None)
+    assert split_weights("hub:d:e?size=224&probe=knn") == ("hub:d:e?size=224&probe=knn", None)  # options, no file
+    assert split_weights("hub:d:e?size=224=w.pth") == ("hub:d:e?size=224", Path("w.pth"))
+    for item in ("x=", "=w.pth", " = "):
+        with pytest.raises(ModelSpecError, match="is not SPEC=WEIGHTS_FILE") as info:
+            split_weights(item)
+        assert info.value.arguments == ("spec",)
+
+
+def test_model_lists_all_empty_and_twice(registry):
+    register_model_source("tiny", ModelSource(load=lambda n: None, names=lambda: ["a", "b"], bare=True))
+    register_model_source("more", ModelSource(load=lambda n: None, names=lambda: ["c"], bare=True))
+    register_model_source("prefixed", ModelSource(load=lambda n: None, names=lambda: ["d"]))
+    assert parse_model_list(" x , y:z=w.pth,, ") == ["x", "y:z=w.pth"]
+    assert parse_model_list("all") == ["a", "b", "c"]  # every model of the bare sources: the zoo
+    for text, message in [("", "the model list is empty"), (" , ", "the model list is empty"),
+                          ("a,b,a", "the model list names a model twice: a,b,a")]:
+        with pytest.raises(ModelSpecError, match=message) as info:
+            parse_model_list(text)
+        assert info.value.arguments == ("spec",) and "--" not in str(info.value)
+    targets._REGISTRY = targets._Registry(lambda: [])
+    with pytest.raises(ModelSpecError, match="all: the model zoo has no models yet"):
+        parse_model_list("all")
+
+
+class Checkerboard(nn.Module):
+    """A source's model: the mean of the image's even minus odd pixels, scaled, as 2 logits."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        sign = (torch.arange(x.shape[-1]) % 2 * 2 - 1).float()
+        s = (x * sign).mean(dim=(1, 2, 3)) * self.scale
+        return torch.stack([s, -s], dim=1)
+
+
+def test_a_new_source_is_one_object_and_one_registration(registry, tmp_path):
+    """``boards:SCALE[:TAG]``, labelled ``board-SCALE`` (its own label hook), taking a weights file:
+    resolve_model, load_models and short_name work on it with nothing else added."""
+
+    def load(name: str, weights: Path | None = None) -> nn.Module | None:
+        scale = name.split(":")[0]
+        if not scale.isdigit():
+            return None
+        model = Checkerboard(float(scale))
+        if weights is not None:
+            targets.load_weights(model, weights, f"boards:{name}")
+        return model
+
+    register_model_source("boards", ModelSource(load=load, names=lambda: ["1", "2"], weights=True,
+                                                label=lambda name: f"board-{name.split(':')[0]}"))
+    model, model_id = resolve_model("boards:2")
+    x = torch.rand(3, 3, 4, 4)
+    assert model_id == "boards:2" and torch.equal(model(x), Checkerboard(2.0)(x)) and not model.training
+    assert short_name("boards:2:v1=w.pth") == "board-2"
+    save_file({"scale": torch.tensor(5.0)}, str(tmp_path / "five.safetensors"))
+    specs = parse_model_list(f"boards:2, boards:2:v1, boards:1={tmp_path / 'five.safetensors'}, "
+                             "tests.test_targets:tiny_linear")
+    loaded = load_models(specs, "cpu")
+    assert list(loaded) == ["board-2", "boards:2:v1", "board-1", "tiny_linear"]  # a taken label: the whole spec
+    assert float(loaded["board-1"].scale) == 5.0 and all(not m.training for m in loaded.values())
+    with pytest.raises(UnknownModelError, match="'boards' has no model 'x': boards has 1, 2"):
+        load_models(["boards:x"])
+    save_file({"bogus": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelSpecError, match="do not fit boards:1") as info:
+        load_models([f"boards:1={tmp_path / 'other.safetensors'}"])
+    assert info.value.arguments == ("weights",)
+
+
+def test_load_models_puts_every_model_on_the_device():
+    loaded = load_models(["tests.test_targets:tiny_linear"], torch.device("cpu"))
+    assert [p.device.type for p in loaded["tiny_linear"].parameters()] == ["cpu", "cpu"]

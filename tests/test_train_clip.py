@@ -116,7 +116,7 @@ def test_clip_optimiser_groups_come_from_the_method():
 def test_clip_hyper_parameters_are_checked_by_name_and_type():
     with pytest.raises(ValueError, match="known: embed_dim, text_width, text_layers, text_heads, word_dropout, val_size"):
         TrainConfig(method="clip", hparams={"context_length": 8}).resolved()
-    with pytest.raises(ValueError, match="embed_dim must be int"):
+    with pytest.raises(ValueError, match="embed_dim for training method 'clip' must be an integer"):
         TrainConfig(method="clip", hparams={"embed_dim": "wide"}).resolved()
     with pytest.raises(ValueError, match="word_dropout"):
         build_method(_config(hparams={**TINY, "word_dropout": 1.5}).resolved())

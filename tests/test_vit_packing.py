@@ -11,7 +11,7 @@ import torch
 
 import models.backbones as backbones
 from models.backbones import resnet18_cifar, vit_small_cifar
-from models.dino import DINO
+from models.methods.dino import DINO
 import models.packing as packing
 from models.packing import PACKED_ATTENTION, block_diagonal_mask, segment_attention
 from models.train import TrainConfig, build_method, check_hparams
@@ -208,7 +208,7 @@ def test_dino_with_a_resnet_falls_back_to_per_resolution_forwards():
 def test_packed_is_a_recorded_hyperparameter_and_old_dino_cards_still_build():
     assert _dino(vit_small_cifar(dim=32, depth=1, heads=2), packed=False).hparams["packed"] is False
     check_hparams("dino", {"packed": False})  # -H packed=false
-    with pytest.raises(ValueError, match="packed must be bool"):
+    with pytest.raises(ValueError, match="packed for training method 'dino' must be true or false"):
         check_hparams("dino", {"packed": "no"})
     # a card written before the hyper-parameter existed: its config rebuilds the method (packed by default)
     card = json.loads((Path(__file__).resolve().parents[1] / "models" / "zoo" / "dino.json").read_text())

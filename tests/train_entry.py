@@ -11,10 +11,10 @@ if __name__ == "__main__":
     if args[:1] == ["--fail-on-rank"]:
         failing, args = int(args[1]), args[2:]
         if int(os.environ.get("RANK", "0")) == failing:
-            from models.method import Method
-            from models.simclr import SimCLR
+            from models.methods import TrainingMethod
+            from models.methods.simclr import SimCLR
 
-            def refuse(self: Method, *_args, **_kwargs):
+            def refuse(self: TrainingMethod, *_args, **_kwargs):
                 raise ValueError(f"this method refuses to train on rank {failing}")
 
             SimCLR.training_step = refuse

@@ -17,16 +17,24 @@ A *target* is an ``nn.Module`` taking images in ``[0, 1]`` (N×3×H×W) and retu
 
 Model sources are how the engine finds models without importing the packages that define
 them: ``uap`` never imports the repo's ``models`` package (``models`` imports ``uap``). A
-source is a :class:`ModelSource`, published either as an entry point of the group
-``"uap.models"`` (the entry point's name is the source's name; the object is loaded only when
-a spec needs it)::
+source is a :class:`ModelSource` in one registry, :func:`register_model_source`. Installed
+packages feed it through the entry-point group ``"uap.models"`` (the entry point's name is the
+source's name; the object is loaded only when a spec needs it)::
 
     [project.entry-points."uap.models"]
     zoo = "models.zoo:MODEL_SOURCE"
+    torchvision = "uap.adapters.torchvision:SOURCE"
 
-or registered at run time with :func:`register_model_source`. A source name has no dots, so
-``package.module:factory`` is never taken for one; a source named like a top-level module
-does take over ``thatmodule:…`` specs.
+That table in ``pyproject.toml`` is the one declaration of the sources this project ships
+(the zoo and :mod:`uap.adapters`). An installed ``uap`` reads it from its metadata; ``uap`` run
+from a source checkout (on ``PYTHONPATH``, not installed, or installed from an older tree) also
+reads the checkout's own ``pyproject.toml``, so what the checkout declares is what it has.
+A source name has no dots, so ``package.module:factory`` is never taken for one; a source named
+like a top-level module does take over ``thatmodule:…`` specs.
+
+Front ends work on lists of specs with :func:`parse_model_list` (``"a,b,c"`` or ``"all"``),
+:func:`split_weights` (``SPEC=WEIGHTS_FILE``), :func:`load_models` (specs → ``{label: model}``)
+and :func:`short_name` (the label: each source spells it through :attr:`ModelSource.label`).
 
 Errors are :class:`ModelSpecError` (a ``ValueError``) whose ``arguments`` name the parameters
 of :func:`resolve_model` at fault, so a front end can point at its own option names.
@@ -52,7 +60,7 @@ from torch.nn.parameter import is_lazy
 __all__ = [
     "ENTRY_POINT_GROUP", "ModelSource", "ModelSpecError", "UnknownModelError", "Normalized",
     "register_model_source", "model_sources", "source_names", "available_models", "resolve_model",
-    "load_state_dict_file", "load_weights",
+    "load_state_dict_file", "load_weights", "split_weights", "short_name", "parse_model_list", "load_models",
 ]
 
 #: Entry-point group in which installed packages publish their :class:`ModelSource`.
@@ -95,6 +103,8 @@ class ModelSource:
             adapter over a model library); a weights file given to a source without it is an error.
         library: the Python package the source needs (for listings: installed or not); empty
             for a source that needs nothing beyond ``uap``'s own dependencies.
+        label: ``label(name) -> str`` — the short name of its model ``NAME`` (a table's column
+            for ``SOURCE:NAME``, :func:`short_name`); by default the part after the last ``:``.
     """
 
     load: Callable[..., nn.Module | None]
@@ -103,10 +113,37 @@ class ModelSource:
     help: str = ""
     weights: bool = False
     library: str = ""
+    label: Callable[[str], str] = lambda name: _last_part(name)
+
+
+def _last_part(name: str) -> str:
+    """The default :attr:`ModelSource.label`: ``NAME`` after its last ``:`` (``a:b`` → ``b``)."""
+    return name.rsplit(":", 1)[-1]
+
+
+def _checkout_entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The group's entry points declared by the ``pyproject.toml`` of the source checkout this
+    ``uap`` runs from; none for an installed copy (no ``pyproject.toml`` beside the package),
+    another project's file, or a Python without :mod:`tomllib`."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        import tomllib
+
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {})
+    except (ImportError, OSError, ValueError):
+        return []
+    if project.get("name") != "uap":
+        return []
+    declared = project.get("entry-points", {}).get(ENTRY_POINT_GROUP, {})
+    return [importlib.metadata.EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in declared.items()]
 
 
 def _installed_entry_points() -> Iterable[importlib.metadata.EntryPoint]:
-    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    """The checkout's declarations (:func:`_checkout_entry_points`), then those of every installed
+    package that it does not declare itself."""
+    declared = _checkout_entry_points()
+    names = {ep.name for ep in declared}
+    return declared + [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP) if ep.name not in names]
 
 
 class _Registry:
@@ -395,49 +432,75 @@ def _build_factory(spec: str) -> nn.Module:
     return _checked(built, spec)
 
 
-# --- TEMPORARY (cli worktree): replaced by the registry branch's versions at merge ---------------
-def split_weights(item: str):
-    from pathlib import Path as _P
+# ----------------------------------------------------------------------------- lists of model specs
+
+
+def split_weights(item: str) -> tuple[str, Path | None]:
+    """``SPEC=WEIGHTS_FILE`` → ``(SPEC, Path(WEIGHTS_FILE))``; a plain spec → ``(spec, None)``.
+
+    The split is at the last ``=``, unless that ``=`` is a query option's (``hub:DIR:ENTRY?size=224``
+    has no weights file, ``hub:DIR:ENTRY?size=224=w.pth`` has); an empty side is a
+    :class:`ModelSpecError` about ``spec``."""
     spec, sep, weights = item.rpartition("=")
     if not sep:
         return item, None
+    _, query_sep, query = spec.partition("?")
+    if query_sep and "=" not in query.rsplit("&", 1)[-1]:
+        return item, None
     if not spec.strip() or not weights.strip():
-        raise ModelSpecError(f"{item!r} is not SPEC=WEIGHTS_FILE", "spec")
-    return spec.strip(), _P(weights.strip())
+        raise ModelSpecError(f"{item!r} is not SPEC=WEIGHTS_FILE")
+    return spec.strip(), Path(weights.strip())
 
 
 def short_name(model_id: str) -> str:
-    from pathlib import Path as _P
+    """The short label of a model spec (a table's column name), as its model source spells it.
+
+    ``supervised`` → ``supervised``; ``pkg.mod:factory`` → ``factory``; ``dir/x.safetensors`` →
+    ``x``; ``torchvision:resnet18=r18.pth`` → ``resnet18`` (a weights file is not part of the
+    label); ``torchvision:resnet50:IMAGENET1K_V2`` → ``resnet50:IMAGENET1K_V2``;
+    ``hub:DIR:ENTRY?size=224`` → ``ENTRY``; ``SOURCE:NAME`` → ``SOURCE``'s
+    :attr:`ModelSource.label` of ``NAME``.
+    """
     model_id = split_weights(model_id)[0] if "=" in model_id else model_id
-    head = model_id.partition(":")[0]
-    if head in ("torchvision", "timm", "open_clip"):
-        return model_id.partition(":")[2]
-    if head == "hub":
-        return model_id.partition("?")[0].rpartition(":")[2]
-    if ":" in model_id and not _P(model_id).exists():
-        return model_id.rsplit(":", 1)[-1]
-    return _P(model_id).name.split(".")[0] if ("/" in model_id or "." in _P(model_id).name) else model_id
+    head, sep, name = model_id.partition(":")
+    if sep and _SOURCE_NAME.fullmatch(head) and head in _REGISTRY.names():
+        return _REGISTRY.get(head).label(name)
+    if sep and not Path(model_id).exists():
+        return _last_part(model_id)
+    return Path(model_id).name.split(".")[0] if ("/" in model_id or "." in Path(model_id).name) else model_id
 
 
-def parse_model_list(text: str) -> list:
+def parse_model_list(text: str) -> list[str]:
+    """The specs of a comma-separated list (each a spec :func:`resolve_model` takes, optionally
+    ``SPEC=WEIGHTS_FILE``); ``"all"`` is every model the bare model sources list (the zoo).
+
+    An empty list, ``all`` with an empty zoo, or a spec named twice is a :class:`ModelSpecError`
+    about ``spec``."""
     specs = [s.strip() for s in text.split(",") if s.strip()]
     if specs == ["all"]:
-        specs = [n for s in model_sources().values() if s.bare for n in s.names()]
+        specs = [name for source in model_sources().values() if source.bare for name in source.names()]
         if not specs:
-            raise ModelSpecError("all: the model zoo has no models yet (see `uap models`)", "spec")
+            raise ModelSpecError("all: the model zoo has no models yet (see `uap models`)")
     if not specs:
-        raise ModelSpecError("empty: give zoo names separated by commas, or 'all'", "spec")
+        raise ModelSpecError("the model list is empty: give model names separated by commas, or 'all'")
     if len(set(specs)) != len(specs):
-        raise ModelSpecError(f"names a model twice: {text}", "spec")
+        raise ModelSpecError(f"the model list names a model twice: {text}")
     return specs
 
 
-def load_models(specs, device="cpu") -> dict:
-    loaded = {}
+def load_models(specs: Sequence[str], device: str | torch.device = "cpu") -> dict[str, nn.Module]:
+    """``{label: model on device}`` for ``specs`` (as :func:`parse_model_list` gives them), in order.
+
+    Each spec is resolved by :func:`resolve_model` (a ``SPEC=WEIGHTS_FILE`` with that weights
+    file); its label is :func:`short_name`, or the whole spec when an earlier model took that
+    label (the weights file is part of a model's identity: ``a=w1.pth,a=w2.pth`` are two models).
+    Errors are those of :func:`resolve_model` and :func:`split_weights`."""
+    dev = torch.device(device)
+    loaded: dict[str, nn.Module] = {}
     for item in specs:
         spec, weights = split_weights(item)
         model, _ = resolve_model(spec, weights)
-        model = model.to(device)
-        name = short_name(item)
-        loaded[name if name not in loaded else item] = model
+        model = model.to(dev)
+        label = short_name(item)
+        loaded[label if label not in loaded else item] = model
     return loaded

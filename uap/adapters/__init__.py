@@ -17,38 +17,8 @@ Spellings (``uap models --external`` lists them):
 - ``hub:DIR:ENTRY`` — a backbone from a local torch.hub repository (``DIR/hubconf.py``) as
   ``.encoder``, with a linear or kNN probe fitted on labelled images the user names.
 
-An installed ``uap`` publishes the adapters as entry points of the ``uap.models`` group
-(``pyproject.toml``). :func:`register_adapters` registers the ones that no entry point
-publishes (a source checkout whose installed metadata predates them); with the entry points
-installed it does nothing.
+Each module's ``SOURCE`` is declared once, as an entry point of the ``uap.models`` group in
+``pyproject.toml``; :mod:`uap.targets` finds them there (in the installed metadata, or in the
+checkout's own ``pyproject.toml``), so nothing else lists them.
 """
 from __future__ import annotations
-
-import importlib
-
-__all__ = ["ADAPTERS", "register_adapters"]
-
-#: source name → ``module:attribute`` of its :class:`uap.targets.ModelSource` (as in pyproject.toml)
-ADAPTERS: dict[str, str] = {
-    "torchvision": "uap.adapters.torchvision:SOURCE",
-    "timm": "uap.adapters.timm:SOURCE",
-    "open_clip": "uap.adapters.open_clip:SOURCE",
-    "hub": "uap.adapters.hub:SOURCE",
-}
-
-
-def register_adapters() -> list[str]:
-    """Register every adapter that no installed entry point or registration provides yet.
-
-    Returns the names registered now (empty when the installed metadata already has them).
-    """
-    from uap.targets import register_model_source, source_names
-
-    known, added = set(source_names()), []
-    for name, target in ADAPTERS.items():
-        if name in known:
-            continue
-        module, _, attr = target.partition(":")
-        register_model_source(name, getattr(importlib.import_module(module), attr))
-        added.append(name)
-    return added

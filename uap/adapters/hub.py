@@ -39,7 +39,7 @@ from torch import nn
 from uap.adapters.base import INTERPOLATIONS, AdaptedClassifier
 from uap.targets import ModelSource, ModelSpecError, load_weights
 
-__all__ = ["SOURCE", "load", "HubProbed", "parse_spec", "entry_points", "PROBES"]
+__all__ = ["SOURCE", "load", "label", "HubProbed", "parse_spec", "entry_points", "PROBES"]
 
 #: The heads a hub backbone can get.
 PROBES = ("linear", "knn")
@@ -183,7 +183,12 @@ def _names() -> list[str]:
     return []  # an open-ended source: any local repository
 
 
+def label(name: str) -> str:
+    """The short name of ``DIR:ENTRY[?options]``: ``ENTRY``."""
+    return name.partition("?")[0].rpartition(":")[2]
+
+
 #: The adapter as a model source (entry point ``hub`` of the ``uap.models`` group).
-SOURCE = ModelSource(load=load, names=_names, weights=True, library="",
+SOURCE = ModelSource(load=load, names=_names, weights=True, library="", label=label,
                      help="hub:DIR:ENTRY[?size=224&mean=a/b/c&std=a/b/c&probe=linear|knn&k=20], DIR a local torch.hub "
                           "repository with hubconf.py; the probe is fitted on --probe-data's train split")

@@ -200,7 +200,9 @@ def _preprocessing(cfg: dict, spec: str) -> dict:
             "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 
-#: The adapter as a model source (entry point ``open_clip`` of the ``uap.models`` group).
+#: The adapter as a model source (entry point ``open_clip`` of the ``uap.models`` group); its label
+#: is the whole name, a weights tag included (``resnet50:IMAGENET1K_V2``).
 SOURCE = ModelSource(load=load, names=names, weights=True, library="open_clip",
+                     label=lambda name: name,
                      help="open_clip:ARCH with a weights file, or open_clip:ARCH:TAG from the local Hugging Face "
                           "cache; zero-shot over the data's class names")

@@ -115,6 +115,8 @@ def _classes(timm, net: nn.Module) -> tuple[str, ...] | None:
         return None
 
 
-#: The adapter as a model source (entry point ``timm`` of the ``uap.models`` group).
+#: The adapter as a model source (entry point ``timm`` of the ``uap.models`` group); its label
+#: is the whole name, a weights tag included (``resnet50:IMAGENET1K_V2``).
 SOURCE = ModelSource(load=load, names=names, weights=True, library="timm",
+                     label=lambda name: name,
                      help="timm:NAME with a weights file, or with its weights in timm's local cache")

@@ -137,7 +137,9 @@ def _preprocessing(weights) -> dict:
             "mean": tuple(t.mean), "std": tuple(t.std)}
 
 
-#: The adapter as a model source (entry point ``torchvision`` of the ``uap.models`` group).
+#: The adapter as a model source (entry point ``torchvision`` of the ``uap.models`` group); its label
+#: is the whole name, a weights tag included (``resnet50:IMAGENET1K_V2``).
 SOURCE = ModelSource(load=load, names=names, weights=True, library="torchvision",
+                     label=lambda name: name,
                      help="torchvision:NAME with a weights file, or torchvision:NAME:WEIGHTS "
                           "(e.g. resnet50:IMAGENET1K_V2) from torchvision's local cache")

@@ -11,7 +11,7 @@ the student is the run's ``--backbone`` with a fresh DINO head of the teacher's 
     s = head(backbone(views))                         # the student sees every view
     loss = DINOLoss(s, t)                             # centred, sharpened teacher vs student
 
-The forwards are DINO's (:func:`models.dino.encode_views`: one packed pass per network when the
+The forwards are DINO's (:func:`models.methods.dino.encode_views`: one packed pass per network when the
 backbone has ``forward_packed``). The centre starts at the teacher run's final centre (the one
 its outputs were centred with) and keeps DINO's EMA update. What this module leaves out of
 DINOv2's recipe: the iBOT masked-token loss, the KoLeo regulariser, the spare EMA of the student
@@ -30,19 +30,20 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from models.augment import MultiCrop
-from models.dino import DINO, encode_views
 from models.heads import DINOHead
 from models.losses import DINOLoss
-from models.method import Method
+from models.methods.base import TrainingMethod, register_training_method
+from models.methods.dino import DINO, encode_views
 from models.train import CKPT_NAME, STATE_NAME, TrainConfig, build_method, load_checkpoint
+from uap.options import Options
 
-__all__ = ["DINODistill", "FrozenTeacher", "load_teacher"]
+__all__ = ["DINODistill", "DINODistillOptions", "FrozenTeacher", "load_teacher"]
 
 
 @dataclass
@@ -113,10 +114,29 @@ def load_teacher(teacher: str) -> FrozenTeacher:
     return FrozenTeacher(backbone, head, dino.criterion.center.detach().clone(), card)
 
 
-class DINODistill(Method):
+@dataclass(frozen=True)
+class DINODistillOptions(Options):
+    """The hyper-parameters of :class:`DINODistill` (see there); ``teacher`` must name a finished
+    ``uap train dino`` run, checked before anything is built."""
+
+    teacher: str = ""
+    n_local: int = 2
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_steps: int = 0
+    center_momentum: float = 0.9
+    packed: bool = True
+
+    def check(self) -> None:
+        _teacher_run(self.teacher)
+
+
+@register_training_method()
+class DINODistill(TrainingMethod):
     """A student backbone + DINO head trained to match a frozen DINO teacher on multi-crop views.
 
-    Args:
+    Hyper-parameters (:class:`DINODistillOptions`):
         teacher: folder of a finished ``uap train dino`` run (its ``last.ckpt.safetensors`` and
             ``last.json``); required.
         n_local: local crops per image, besides the 2 global ones (the student sees all).
@@ -128,31 +148,27 @@ class DINODistill(Method):
     """
 
     name = "dino-distill"
+    Options = DINODistillOptions
     defaults = dict(DINO.defaults)
 
-    def __init__(self, backbone: nn.Module, teacher: str = "", n_local: int = 2, student_temp: float = 0.1,
-                 teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04, warmup_teacher_steps: int = 0,
-                 center_momentum: float = 0.9, packed: bool = True):
-        super().__init__(backbone)
-        frozen = load_teacher(teacher)
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
+        super().__init__(backbone, options, **hparams)
+        o = self.options
+        frozen = load_teacher(o.teacher)
         self.head = DINOHead(backbone.out_dim, frozen.out_dim)
-        self.criterion = DINOLoss(frozen.out_dim, student_temp, teacher_temp, warmup_teacher_temp,
-                                  warmup_teacher_steps, center_momentum)
+        self.criterion = DINOLoss(frozen.out_dim, o.student_temp, o.teacher_temp, o.warmup_teacher_temp,
+                                  o.warmup_teacher_steps, o.center_momentum)
         self.criterion.center.copy_(frozen.center)
-        self.multicrop = MultiCrop(n_local=n_local)
-        self.packed = packed
+        self.multicrop = MultiCrop(n_local=o.n_local)
+        self.packed = o.packed
         # a tuple, not submodules: outside state_dict(), parameters() and train()
         self._teacher = (frozen.backbone, frozen.head)
-        #: what the zoo card records about the teacher (:mod:`models.zoo_build`)
-        self.teacher_card = frozen.card
-        self._hparams = {"teacher": teacher, "n_local": n_local, "student_temp": student_temp,
-                         "teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp,
-                         "warmup_teacher_steps": warmup_teacher_steps, "center_momentum": center_momentum,
-                         "packed": packed}
+        self._teacher_card = frozen.card
 
-    @classmethod
-    def check_hparam_values(cls, hparams: dict[str, Any]) -> None:
-        _teacher_run(hparams.get("teacher", ""))
+    @property
+    def teacher_card(self) -> dict[str, Any]:
+        """What the zoo card records about the teacher (:mod:`models.zoo_build`)."""
+        return self._teacher_card
 
     @property
     def teacher_backbone(self) -> nn.Module:

@@ -8,36 +8,52 @@ backbone is kept.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
 from models.augment import SSLAugment
 from models.heads import BYOLPredictionHead, BYOLProjectionHead
 from models.losses import byol_loss
-from models.method import Method
+from models.methods.base import TrainingMethod, register_training_method
 from models.momentum import momentum_copy, update_momentum
 from models.schedules import cosine_schedule
+from uap.options import Options
 
-__all__ = ["BYOL"]
+__all__ = ["BYOL", "BYOLOptions"]
 
 
-class BYOL(Method):
+@dataclass(frozen=True)
+class BYOLOptions(Options):
+    """The target network's starting EMA ``momentum`` (cosine-scheduled to 1); projector and
+    predictor output and hidden sizes."""
+
+    momentum: float = 0.96
+    proj_dim: int = 128
+    hidden_dim: int = 512
+
+
+@register_training_method()
+class BYOL(TrainingMethod):
     """Online network with predictor, EMA target network, normalised-regression loss."""
 
     name = "byol"
+    Options = BYOLOptions
     # Short CIFAR-10 schedules learn faster with a larger step and a faster-moving target than
     # the paper's long ImageNet setting (lr 0.3 and m 0.96 here).
     defaults = {"optimizer": "sgd", "lr": 0.3, "weight_decay": 5e-4, "warmup_epochs": 1.0}
 
-    def __init__(self, backbone: nn.Module, momentum: float = 0.96, proj_dim: int = 128, hidden_dim: int = 512):
-        super().__init__(backbone)
-        self.projector = BYOLProjectionHead(backbone.out_dim, hidden_dim, proj_dim)
-        self.predictor = BYOLPredictionHead(proj_dim, hidden_dim, proj_dim)
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
+        super().__init__(backbone, options, **hparams)
+        o = self.options
+        self.projector = BYOLProjectionHead(backbone.out_dim, o.hidden_dim, o.proj_dim)
+        self.predictor = BYOLPredictionHead(o.proj_dim, o.hidden_dim, o.proj_dim)
         self.target_backbone = momentum_copy(self.backbone)
         self.target_projector = momentum_copy(self.projector)
-        self.momentum = momentum
+        self.momentum = o.momentum
         self.augment = SSLAugment()
-        self._hparams = {"momentum": momentum, "proj_dim": proj_dim, "hidden_dim": hidden_dim}
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         v = torch.cat([self.augment(x), self.augment(x)])

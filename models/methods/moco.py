@@ -21,45 +21,62 @@ the keys of the global batch, so it is the same on every rank.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
 from models.augment import SSLAugment
 from models.heads import ProjectionHead
 from models.losses import info_nce
-from models.method import Method
+from models.methods.base import TrainingMethod, register_training_method
 from models.momentum import momentum_copy, update_momentum
 from models.queue import MemoryQueue
 from models.schedules import cosine_schedule
 from models.split_batchnorm import split_batchnorm
 from uap.distributed import all_sum, broadcast, gather_rows, is_main, shard, world
+from uap.options import Options
 
-__all__ = ["MoCo"]
+__all__ = ["MoCo", "MoCoOptions"]
 
 
-class MoCo(Method):
+@dataclass(frozen=True)
+class MoCoOptions(Options):
+    """InfoNCE ``temperature``; negative keys in the queue; the key encoder's starting EMA
+    ``momentum`` (cosine-scheduled to 1); projection head sizes; BatchNorm groups of the global batch."""
+
+    temperature: float = 0.2
+    queue_size: int = 4096
+    momentum: float = 0.99
+    proj_dim: int = 128
+    hidden_dim: int = 512
+    bn_splits: int = 8
+
+
+@register_training_method()
+class MoCo(TrainingMethod):
     """Query encoder, momentum key encoder and a queue of negative keys."""
 
     name = "moco"
+    Options = MoCoOptions
     defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0}
     global_batchnorm = False  # per-device (here: per-sub-batch) statistics plus shuffling, §3.3
 
-    def __init__(self, backbone: nn.Module, temperature: float = 0.2, queue_size: int = 4096, momentum: float = 0.99,
-                 proj_dim: int = 128, hidden_dim: int = 512, bn_splits: int = 8):
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
+        o = self.parse_options(options, **hparams)
         ranks = world()[1]
-        if bn_splits < 1 or bn_splits % ranks:
-            raise ValueError(f"bn_splits ({bn_splits}) must be a positive multiple of the {ranks} ranks: it counts "
+        if o.bn_splits < 1 or o.bn_splits % ranks:
+            raise ValueError(f"bn_splits ({o.bn_splits}) must be a positive multiple of the {ranks} ranks: it counts "
                              f"the BN groups of the global batch, bn_splits / ranks on each rank")
-        local_splits = bn_splits // ranks
-        super().__init__(split_batchnorm(backbone, local_splits))
-        self.projector = split_batchnorm(ProjectionHead(backbone.out_dim, hidden_dim, proj_dim), local_splits)
+        local_splits = o.bn_splits // ranks
+        super().__init__(split_batchnorm(backbone, local_splits), o)
+        self.projector = split_batchnorm(ProjectionHead(backbone.out_dim, o.hidden_dim, o.proj_dim), local_splits)
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projector = momentum_copy(self.projector)
-        self.queue = MemoryQueue(proj_dim, queue_size)
-        self.temperature, self.momentum = temperature, momentum
+        self.queue = MemoryQueue(o.proj_dim, o.queue_size)
+        self.temperature, self.momentum = o.temperature, o.momentum
         self.augment = SSLAugment()
-        self._hparams = {"temperature": temperature, "queue_size": queue_size, "momentum": momentum,
-                         "proj_dim": proj_dim, "hidden_dim": hidden_dim, "bn_splits": bn_splits}
 
     @torch.no_grad()
     def _keys(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,29 +9,44 @@ of §2.2, and NT-Xent takes its negatives from the global batch).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
 from models.augment import SSLAugment
 from models.heads import SimCLRProjectionHead
 from models.losses import nt_xent
-from models.method import Method
+from models.methods.base import TrainingMethod, register_training_method
+from uap.options import Options
 
-__all__ = ["SimCLR"]
+__all__ = ["SimCLR", "SimCLROptions"]
 
 
-class SimCLR(Method):
+@dataclass(frozen=True)
+class SimCLROptions(Options):
+    """NT-Xent ``temperature``; the projection head's output and hidden sizes."""
+
+    temperature: float = 0.5
+    proj_dim: int = 128
+    hidden_dim: int = 512
+
+
+@register_training_method()
+class SimCLR(TrainingMethod):
     """Backbone + projection head trained with NT-Xent on two views."""
 
     name = "simclr"
+    Options = SimCLROptions
     defaults = {"optimizer": "sgd", "lr": 0.06, "weight_decay": 5e-4, "warmup_epochs": 1.0}
 
-    def __init__(self, backbone: nn.Module, temperature: float = 0.5, proj_dim: int = 128, hidden_dim: int = 512):
-        super().__init__(backbone)
-        self.projector = SimCLRProjectionHead(backbone.out_dim, hidden_dim, proj_dim)
-        self.temperature = temperature
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
+        super().__init__(backbone, options, **hparams)
+        o = self.options
+        self.projector = SimCLRProjectionHead(backbone.out_dim, o.hidden_dim, o.proj_dim)
+        self.temperature = o.temperature
         self.augment = SSLAugment()
-        self._hparams = {"temperature": temperature, "proj_dim": proj_dim, "hidden_dim": hidden_dim}
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         v = torch.cat([self.augment(x), self.augment(x)])  # one forward pass for both views

@@ -1,7 +1,7 @@
 """Supervised training with the airbench recipe (Jordan 2024, "94% on CIFAR-10 in 3.29 Seconds
 on a Single GPU"): ~94 % test accuracy in about ten epochs for the :mod:`models.airbench` net.
 
-What differs from the plain supervised baseline (:mod:`models.supervised`), each a section of
+What differs from the plain supervised baseline (:mod:`models.methods.supervised`), each a section of
 the paper:
 
 - **data-fitted first layer**: :meth:`prepare_data` fits the patch-whitening filters on 5 000
@@ -27,7 +27,8 @@ The trained head has no bias (the paper's); it ships as a zero bias of the usual
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,21 +36,52 @@ from torch import nn
 
 from models.augment import random_translate
 from models.lookahead import lookahead_decay, lookahead_update
+from models.methods.base import register_training_method
+from models.methods.supervised import Supervised
 from models.momentum import momentum_copy
 from models.schedules import triangular_schedule
-from models.supervised import Supervised
+from uap.options import Options, require
 
-__all__ = ["Airbench", "PAPER_LR", "PAPER_WEIGHT_DECAY"]
+__all__ = ["Airbench", "AirbenchOptions", "PAPER_LR", "PAPER_WEIGHT_DECAY"]
 
 #: the paper's hyper-parameters, in its own units (per 1 024 examples of a summed loss)
 PAPER_LR, PAPER_WEIGHT_DECAY, PAPER_MOMENTUM = 11.5, 0.0153, 0.85
 _PAPER_LR_PER_256_MEAN = PAPER_LR / (1024 * (1 + 1 / (1 - PAPER_MOMENTUM))) * 256
 
 
+@dataclass(frozen=True)
+class AirbenchOptions(Options):
+    """The recipe's knobs (module docstring): head size, label smoothing, translation in pixels,
+    SGD momentum, the BatchNorm biases' lr factor, epochs the whitening bias trains, lookahead
+    period, images the whitening is fitted on."""
+
+    num_classes: int = 10
+    label_smoothing: float = 0.2
+    translate: int = 2
+    momentum: float = PAPER_MOMENTUM
+    bias_lr_scale: float = 64.0
+    whiten_bias_epochs: float = 3.0
+    lookahead_every: int = 5
+    whitening_images: int = 5000
+
+    @property
+    def padding(self) -> int:
+        """The translation, under the name :class:`~models.methods.supervised.Supervised` reads."""
+        return self.translate
+
+    def check(self) -> None:
+        require(self.lookahead_every >= 1 and self.whitening_images >= 1 and self.bias_lr_scale > 0
+                and 0 <= self.momentum < 1,
+                "need lookahead_every >= 1, whitening_images >= 1, bias_lr_scale > 0, 0 <= momentum < 1")
+        require(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@register_training_method()
 class Airbench(Supervised):
     """Backbone (``--backbone airbench``) + bias-free linear head, trained by the airbench recipe."""
 
     name = "airbench"
+    Options = AirbenchOptions
     #: :mod:`models.zoo_build` measures test-time augmentation for the card (the entry ships without it)
     report_tta = True
     recipe = ("airbench (Jordan 2024): frozen 2x2 patch-whitening conv fitted on training images, three conv "
@@ -59,24 +91,17 @@ class Airbench(Supervised):
     defaults = {"optimizer": "sgd", "lr": _PAPER_LR_PER_256_MEAN, "weight_decay": PAPER_WEIGHT_DECAY / PAPER_LR,
                 "warmup_epochs": 2.0}
 
-    def __init__(self, backbone: nn.Module, num_classes: int = 10, label_smoothing: float = 0.2, translate: int = 2,
-                 momentum: float = PAPER_MOMENTUM, bias_lr_scale: float = 64.0, whiten_bias_epochs: float = 3.0,
-                 lookahead_every: int = 5, whitening_images: int = 5000):
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
         if not hasattr(backbone, "fit_whitening"):
             raise ValueError("the airbench method needs the airbench backbone (--backbone airbench)")
-        if lookahead_every < 1 or whitening_images < 1 or bias_lr_scale <= 0 or not 0 <= momentum < 1:
-            raise ValueError("need lookahead_every >= 1, whitening_images >= 1, bias_lr_scale > 0, 0 <= momentum < 1")
-        super().__init__(backbone, num_classes=num_classes, label_smoothing=label_smoothing, padding=translate)
+        super().__init__(backbone, options, **hparams)
+        o = self.options
         with torch.no_grad():
             self.head.bias.zero_()
         self.head.bias.requires_grad_(False)
-        self.momentum, self.bias_lr_scale = momentum, bias_lr_scale
-        self.whiten_bias_epochs, self.lookahead_every, self.whitening_images = (whiten_bias_epochs, lookahead_every,
-                                                                                whitening_images)
-        self._hparams = {"num_classes": num_classes, "label_smoothing": label_smoothing, "translate": translate,
-                         "momentum": momentum, "bias_lr_scale": bias_lr_scale,
-                         "whiten_bias_epochs": whiten_bias_epochs, "lookahead_every": lookahead_every,
-                         "whitening_images": whitening_images}
+        self.momentum, self.bias_lr_scale = o.momentum, o.bias_lr_scale
+        self.whiten_bias_epochs, self.lookahead_every, self.whitening_images = (o.whiten_bias_epochs, o.lookahead_every,
+                                                                                o.whitening_images)
         self.lookahead = momentum_copy(self._trained())  # the slow weights; saved in checkpoints
         self._n_train: int | None = None
         self.to(memory_format=torch.channels_last)  # the faster layout for this net's CPU convolutions

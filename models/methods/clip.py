@@ -17,7 +17,8 @@ checkpoints, so a resumed run is exact.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -26,22 +27,41 @@ from models.augment import random_crop_flip
 from models.captions import TRAIN_TEMPLATES, all_training_captions, image_attributes, make_captions
 from models.clip import CLIP, CLIPConfig, zero_shot_classifier
 from models.clip_eval import zero_shot_accuracy
-from models.method import Method
+from models.methods.base import TrainingMethod, register_training_method
 from models.tokenizer import WordTokenizer, mask_words, split_words
 from uap.data import CIFAR10_CLASSES, balanced_subset
+from uap.options import Options, require
 
-__all__ = ["CLIPMethod", "CONTEXT_LENGTH"]
+__all__ = ["CLIPMethod", "CLIPOptions", "CONTEXT_LENGTH"]
 
 #: Tokens per caption (``<sot>`` and ``<eot>`` included); the longest training caption fits.
 CONTEXT_LENGTH = 16
 
 
-class CLIPMethod(Method):
+@dataclass(frozen=True)
+class CLIPOptions(Options):
+    """The hyper-parameters of :class:`CLIPMethod` (see there)."""
+
+    embed_dim: int = 128
+    text_width: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    word_dropout: float = 0.05
+    val_size: int = 1000
+
+    def check(self) -> None:
+        require(0.0 <= self.word_dropout < 1.0, f"word_dropout must be in [0, 1), got {self.word_dropout}")
+        require(self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}")
+        require(self.text_heads >= 1 and self.text_width % self.text_heads == 0,
+                f"text_width ({self.text_width}) must be a multiple of text_heads ({self.text_heads})")
+
+
+@register_training_method()
+class CLIPMethod(TrainingMethod):
     """Image encoder (the backbone) + text transformer trained with CLIP's contrastive loss
     on generated CIFAR-10 captions.
 
-    Args:
-        backbone: the image encoder, from :func:`models.backbones.build_backbone`.
+    Hyper-parameters (:class:`CLIPOptions`):
         embed_dim: size of the joint image–text space.
         text_width, text_layers, text_heads: the text transformer.
         word_dropout: probability of replacing a non-class caption word by ``<unk>``.
@@ -50,28 +70,24 @@ class CLIPMethod(Method):
     """
 
     name = "clip"
+    Options = CLIPOptions
     defaults = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.1, "warmup_epochs": 1.0}
     zoo_builder = "clip"
     #: AdamW's moment decay and epsilon of CLIP's training recipe (other optimisers ignore them).
     adam_betas = (0.9, 0.98)
     adam_eps = 1e-6
 
-    def __init__(self, backbone: nn.Module, embed_dim: int = 128, text_width: int = 64, text_layers: int = 3,
-                 text_heads: int = 4, word_dropout: float = 0.05, val_size: int = 1000):
-        super().__init__(backbone)
-        if not 0.0 <= word_dropout < 1.0:
-            raise ValueError(f"word_dropout must be in [0, 1), got {word_dropout}")
-        if val_size < 0:
-            raise ValueError(f"val_size must be >= 0, got {val_size}")
-        if text_width % text_heads:
-            raise ValueError(f"text_width ({text_width}) must be a multiple of text_heads ({text_heads})")
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
+        """``backbone``: the image encoder, from :func:`models.backbones.build_backbone`."""
+        super().__init__(backbone, options, **hparams)
+        o = self.options
         spec = getattr(backbone, "spec", None)
         if spec is None:
             raise ValueError("CLIP needs a backbone from models.backbones.build_backbone (it records .spec)")
         self.classes = CIFAR10_CLASSES
         tokenizer = WordTokenizer.build(all_training_captions(self.classes), context_length=CONTEXT_LENGTH)
-        config = CLIPConfig(**spec, embed_dim=embed_dim, context_length=tokenizer.context_length,
-                            text_width=text_width, text_layers=text_layers, text_heads=text_heads)
+        config = CLIPConfig(**spec, embed_dim=o.embed_dim, context_length=tokenizer.context_length,
+                            text_width=o.text_width, text_layers=o.text_layers, text_heads=o.text_heads)
         self.clip = CLIP(config, tokenizer, visual=backbone)
         # The backbone is registered once, as clip.visual (the layout of a CLIP zoo entry);
         # .backbone stays a plain attribute pointing at the same module.
@@ -79,10 +95,8 @@ class CLIPMethod(Method):
         self.__dict__["backbone"] = backbone
         class_ids = sorted({tokenizer.stoi[w] for c in self.classes for w in split_words(c)})
         self.register_buffer("class_token_ids", torch.tensor(class_ids), persistent=False)
-        self.word_dropout, self.val_size = word_dropout, val_size
+        self.word_dropout, self.val_size = o.word_dropout, o.val_size
         self._val: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._hparams = {"embed_dim": embed_dim, "text_width": text_width, "text_layers": text_layers,
-                         "text_heads": text_heads, "word_dropout": word_dropout, "val_size": val_size}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Weight decay on weight matrices and kernels only; none on biases, norms, embeddings

@@ -11,7 +11,7 @@ its two global views in another (``packed=True``; sequence packing as in DINOv2:
 :meth:`models.backbones.VisionTransformer.forward_packed`); each view still attends only to
 itself. ``packed=False``, and backbones without ``forward_packed`` (ResNets, whose BatchNorm
 statistics are per forward), take one forward per crop resolution instead.
-:func:`encode_views` is that forward; :mod:`models.dino_distill` reuses it with a frozen teacher.
+:func:`encode_views` is that forward; :mod:`models.methods.dino_distill` reuses it with a frozen teacher.
 
 Defaults are set for short CIFAR-10 schedules rather than the paper's long ImageNet one:
 AdamW lr 2e-3, 4 096 prototypes, 2 local crops, teacher momentum 0.96 → 1 and a fixed
@@ -21,17 +21,21 @@ hyper-parameters to reproduce the paper.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
 from models.augment import MultiCrop
 from models.heads import DINOHead
 from models.losses import DINOLoss
-from models.method import Method
+from models.methods.base import TrainingMethod, register_training_method
 from models.momentum import momentum_copy, update_momentum
 from models.schedules import cosine_schedule
+from uap.options import Options
 
-__all__ = ["DINO", "encode_views"]
+__all__ = ["DINO", "DINOOptions", "encode_views"]
 
 
 def encode_views(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor],
@@ -46,28 +50,42 @@ def encode_views(backbone: nn.Module, head: nn.Module, views: list[torch.Tensor]
     return [z for group in groups if group for z in head(backbone(torch.cat(group))).split(n)]
 
 
-class DINO(Method):
+@dataclass(frozen=True)
+class DINOOptions(Options):
+    """Prototypes (``out_dim``); the teacher's starting EMA ``momentum`` (cosine-scheduled to 1);
+    local crops per image; the :class:`models.losses.DINOLoss` temperatures, teacher-temperature
+    warm-up and centre momentum; one packed forward per network (``packed``, ViT backbones)."""
+
+    out_dim: int = 4096
+    momentum: float = 0.96
+    n_local: int = 2
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_steps: int = 1000
+    center_momentum: float = 0.9
+    packed: bool = True
+
+
+@register_training_method()
+class DINO(TrainingMethod):
     """Student/teacher self-distillation with multi-crop, centring and sharpening."""
 
     name = "dino"
+    Options = DINOOptions
     defaults = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.04, "warmup_epochs": 2.0}
 
-    def __init__(self, backbone: nn.Module, out_dim: int = 4096, momentum: float = 0.96, n_local: int = 2,
-                 student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
-                 warmup_teacher_steps: int = 1000, center_momentum: float = 0.9, packed: bool = True):
-        super().__init__(backbone)
-        self.head = DINOHead(backbone.out_dim, out_dim)
+    def __init__(self, backbone: nn.Module, options: Mapping[str, Any] | Options | None = None, **hparams: Any):
+        super().__init__(backbone, options, **hparams)
+        o = self.options
+        self.head = DINOHead(backbone.out_dim, o.out_dim)
         self.teacher_backbone = momentum_copy(self.backbone)
         self.teacher_head = momentum_copy(self.head)
-        self.criterion = DINOLoss(out_dim, student_temp, teacher_temp, warmup_teacher_temp,
-                                  warmup_teacher_steps, center_momentum)
-        self.multicrop = MultiCrop(n_local=n_local)
-        self.momentum = momentum
-        self.packed = packed
-        self._hparams = {"out_dim": out_dim, "momentum": momentum, "n_local": n_local, "student_temp": student_temp,
-                         "teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp,
-                         "warmup_teacher_steps": warmup_teacher_steps, "center_momentum": center_momentum,
-                         "packed": packed}
+        self.criterion = DINOLoss(o.out_dim, o.student_temp, o.teacher_temp, o.warmup_teacher_temp,
+                                  o.warmup_teacher_steps, o.center_momentum)
+        self.multicrop = MultiCrop(n_local=o.n_local)
+        self.momentum = o.momentum
+        self.packed = o.packed
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor, step: int, max_steps: int) -> torch.Tensor:
         views = self.multicrop(x)
