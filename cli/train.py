@@ -14,8 +14,6 @@ from cli.console import console, literal
 
 __all__ = ["train_cmd"]
 
-_CARD_SCORES = (("linear_probe_acc", "linear probe"), ("knn_acc", "kNN"), ("zero_shot_acc", "zero-shot accuracy"))
-
 
 @command("train")
 def train_cmd(
@@ -71,9 +69,9 @@ def train_cmd(
     train(config, out, resume=resume, console=console, command=command_line, device=torch_device, strategy=strategy)
     console.print(f"checkpoint: {literal(out)}")
     if zoo and distributed.is_main():
+        from models.zoo import get_zoo_builder
         from models.zoo_build import build_zoo_entry
 
         with distributed.alone():  # rank 0 measures and writes the zoo entry by itself
             card = build_zoo_entry(out, zoo, console=console)
-        scores = ", ".join(f"{label} {card[key]:.4f}" for key, label in _CARD_SCORES if card.get(key) is not None)
-        console.print(f"zoo entry {literal(zoo)}: {scores}")
+        console.print(f"zoo entry {literal(zoo)}: {literal(get_zoo_builder(card['builder']).summary(card))}")

@@ -242,7 +242,7 @@ def test_cli_bad_models_are_one_red_line(args, message, r18_weights, mixed_folde
 
 
 def test_cli_models_with_per_model_weights(r18_weights):
-    loaded = cli._load_models(cli._model_specs(f"torchvision:resnet18={r18_weights},tests.eval_models:linear_target"))
+    loaded, _ = cli.options.load_models(f"torchvision:resnet18={r18_weights},tests.eval_models:linear_target")
     assert list(loaded) == ["resnet18", "linear_target"] and loaded["resnet18"].preprocessing["crop"] == 224
 
 

@@ -128,7 +128,7 @@ def test_evaluate_saved_perturbations(transfer_run, folder, tmp_path, env):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["transfer", "--models", "", "--out", "x"], "--models is empty"),
+        (["transfer", "--models", "", "--out", "x"], "--models: the model list is empty"),
         (["transfer", "--models", MODELS, "--eps", "0", "--out", "x"], "--eps"),
         (["transfer", "--models", MODELS, "--norm", "3", "--out", "x"], "--norm"),
         (["transfer", "--models", "nosuchpkg.mod:f", "--out", "x"], "cannot import"),
@@ -146,16 +146,20 @@ def test_bad_input_is_one_line_exit_2(args, message, env):
 
 
 def test_models_all_means_every_zoo_model(monkeypatch):
-    import models
+    import uap.targets
 
-    monkeypatch.setattr(models, "available", lambda: MODELS.split(","), raising=False)
-    assert cli._model_specs("all") == MODELS.split(",")
-    assert list(cli._load_models(cli._model_specs("all"))) == NAMES
-    monkeypatch.setattr(models, "available", lambda: [], raising=False)
-    with pytest.raises(cli.UsageError, match="no models"):
-        cli._model_specs("all")
-    with pytest.raises(cli.UsageError, match="twice"):
-        cli._model_specs("a,b,a")
+    def zoo_of(names):  # the zoo is the source that answers bare names
+        source = uap.targets.ModelSource(load=lambda name: None, names=lambda: list(names), bare=True)
+        monkeypatch.setattr(uap.targets, "model_sources", lambda: {"zoo": source})
+
+    zoo_of(MODELS.split(","))
+    loaded, specs = cli.options.load_models("all")
+    assert specs == MODELS.split(",") and list(loaded) == NAMES
+    zoo_of([])
+    with pytest.raises(cli.UsageError, match="^--models: all: the model zoo has no models"):
+        cli.options.load_models("all")
+    with pytest.raises(cli.UsageError, match="^--models: the model list names a model twice"):
+        cli.options.load_models("a,b,a")
 
 
 def test_library_errors_are_told_in_option_names():

@@ -118,8 +118,8 @@ def test_craft_on_cuda_without_a_gpu_through_the_console_entry(out):
     (["transfer", "--eps", "nan"], "--eps 'nan': eps must be a finite number > 0"),
     (["transfer", "--norm", "3"], "--norm must be inf, 2 or 1"),
     (["transfer", "--n-craft", "0"], "Invalid value for '--n-craft'"),
-    (["transfer", "--models", ""], "--models is empty"),
-    (["transfer", "--models", f"{MODEL},{MODEL}"], "--models names a model twice"),
+    (["transfer", "--models", ""], "--models: the model list is empty"),
+    (["transfer", "--models", f"{MODEL},{MODEL}"], "--models: the model list names a model twice"),
     (["crft"], "No such command 'crft'"),
 ])
 def test_evaluate_and_transfer_refuse_bad_options_before_any_work(args, words, out, nothing_loads):
