@@ -243,7 +243,8 @@ def _craft_table(summary: dict):
     table.add_row("‖v‖₂ / ‖v‖∞", f"{summary['norm_2']:.4f} / {summary['norm_inf']:.4f}")
     kept = summary.get("best_pass")
     table.add_row("passes", str(summary["passes"]) + ("" if kept is None else f" (v from pass {kept}, --keep-best)"))
-    table.add_row("DeepFool calls", str(summary["deepfool_calls"]))
+    for name, count in summary["counters"].items():
+        table.add_row(name.replace("_", " "), str(count))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     return table
 
@@ -359,7 +360,7 @@ def craft_cmd(
             method_options[key.strip()] = raw  # a bare string, e.g. distance=l2
     crafting = make_method(method, method_options)  # unknown method or options: fail before loading anything
     DeepFoolOptions.parse({"precision": precision}, owner="--precision")
-    if precision != "fp32" and "precision" not in crafting.deepfool_settings:
+    if precision != "fp32" and "precision" not in crafting.options.to_dict():
         raise _UsageError(f"--precision {precision} sets the arithmetic of DeepFool's gradients; --method {method} "
                           "does not use DeepFool")
     mean_v, std_v = _float_list(mean, "--mean"), _float_list(std, "--std")
@@ -418,9 +419,9 @@ def craft_cmd(
             result = craft_run(run, target, x, settings=settings, heldout=held, resume=resume, force=force,
                                callback=on_event, eps=eps_value, norm=p, delta=delta, max_passes=max_passes,
                                method=method, seed=seed, model_id=model_id,
-                               data=f"{data}:train:n={n_images}:seed={seed}", method_options=method_options,
-                               target=target_class, keep_best=keep_best, deepfool_options={"precision": precision},
-                               fold_batchnorm=fold_batchnorm)
+                               data=f"{data}:train:n={n_images}:seed={seed}",
+                               method_options={**method_options, **({"precision": precision} if precision != "fp32" else {})},
+                               target=target_class, keep_best=keep_best, fold_batchnorm=fold_batchnorm)
         finally:
             progress.stop()
     console.print(_craft_table(result.summary))
