@@ -29,11 +29,11 @@ from uap.methods.deepfool import DeepFool, DeepFoolStep
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "paper (ℓ2 DeepFool, overshoot 0.02)": {},
-    "ℓ∞ DeepFool step": {"deepfool_options": {"norm": "inf"}},
-    "overshoot 0.5": {"deepfool_options": {"overshoot": 0.5}},
+    "ℓ∞ DeepFool step": {"method_options": {"norm": "inf"}},
+    "overshoot 0.5": {"method_options": {"overshoot": 0.5}},
     "refine 3 (DeepFool again at P(v+Δv))": {"method_options": {"refine": 3}},
     "step size 0.25": {"method_options": {"step_size": 0.25}},
-    "step size 0.25, overshoot 0.5": {"method_options": {"step_size": 0.25}, "deepfool_options": {"overshoot": 0.5}},
+    "step size 0.25, overshoot 0.5": {"method_options": {"step_size": 0.25, "overshoot": 0.5}},
 }
 
 
@@ -51,8 +51,8 @@ class _InstrumentedStep(DeepFoolStep):
     """DeepFool that records its steps; an update's outcome (is ``x_i`` fooled at the ``v`` it
     produced, after any refinement?) is read at the next call of the pass, or at its end."""
 
-    def __init__(self, ctx, recorder: _Recorder) -> None:
-        super().__init__(ctx)
+    def __init__(self, ctx, recorder: _Recorder, settings: dict[str, Any]) -> None:
+        super().__init__(ctx, settings)
         self.rec, self.last_r, self.pending = recorder, None, None
         self.ctx = ctx
 
@@ -92,7 +92,7 @@ def _instrumented(recorder: _Recorder, options: dict[str, Any]):
         name = "deepfool"
 
         def run_pass(self, ctx) -> None:
-            step = _InstrumentedStep(ctx, recorder)
+            step = _InstrumentedStep(ctx, recorder, self.options.deepfool())
             algorithm1_pass(ctx, step, self.options)
             step.settle()
 
@@ -104,7 +104,7 @@ def run(model, x, hx, eps: float, passes: int, every: int, variant: dict[str, An
     options = variant.get("method_options", {})
     make_method("deepfool", options)  # the variant's options are real options of the method
     pert = craft(model, x, eps=eps, norm="inf", delta=0.01, max_passes=passes, seed=0,
-                 method=_instrumented(rec, options), deepfool_options=variant.get("deepfool_options"))
+                 method=_instrumented(rec, options))
     ups = rec.updates
     gains = [b - a for (_, a), (_, b) in zip(rec.err, rec.err[1:])]
     return {

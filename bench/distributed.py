@@ -126,8 +126,8 @@ def _workloads(args: argparse.Namespace) -> dict[str, Callable[[], None]]:
         uap.craft(target, x, method="sgd", method_options={"batch_size": args.batch_size}, **common)
 
     def deepfool_batched() -> None:
-        uap.craft(target, x, method="deepfool-batched", method_options={"batch_size": args.batch_size},
-                  deepfool_options={"max_iter": 10}, **common)
+        uap.craft(target, x, method="deepfool-batched", method_options={"batch_size": args.batch_size, "max_iter": 10},
+                  **common)
 
     def evaluation() -> None:
         uap.evaluate({"v": torch.zeros(3, side, side)}, {"m": target}, x_eval)

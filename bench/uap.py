@@ -11,7 +11,7 @@ Contenders:
 
 - ``uap deepfool`` — ``uap.craft(method="deepfool")``: Algorithm 1 exactly;
 - ``uap deepfool-batched`` — ``uap.craft(method="deepfool-batched")``;
-- ``… bf16`` — the same with ``deepfool_options={"precision": "bf16"}`` (DeepFool's
+- ``… bf16`` — the same with ``method_options={"precision": "bf16"}`` (DeepFool's
   gradients under bfloat16 autocast; every fooled/not-fooled decision in fp32);
 - ``… unfolded`` — the same with ``fold_batchnorm=False``: the passes run
   the model as it is instead of its batch-norm-folded copy (``uap.fold_batchnorm``), which
@@ -44,7 +44,7 @@ def run_uap(model, x, args, method: str, precision: str = "fp32", fold: bool = T
     DEFAULT_CACHE.clear()  # every contender pays for its clean predictions, as ART does
     with timer() as t:
         pert = craft(model, x, eps=args.eps, norm=args.norm, delta=args.delta, max_passes=args.max_passes,
-                     method=method, seed=args.seed, deepfool_options={"precision": precision},
+                     method=method, seed=args.seed, method_options={"precision": precision},
                      fold_batchnorm=fold)
     return {"seconds": t["seconds"], "passes": pert.passes, "fooling_rate": pert.fooling_rate, "v": pert.v}
 

@@ -19,8 +19,8 @@ RUNS = {
     "sgd": dict(method="sgd", eps=0.06, norm=math.inf, max_passes=2, method_options={"batch_size": 10}),
     "sgd-l2": dict(method="sgd", eps=1.0, norm=2, max_passes=2, method_options={"batch_size": 7}),
     "deepfool-batched": dict(method="deepfool-batched", eps=0.06, norm=math.inf, max_passes=2,
-                             method_options={"batch_size": 9}, deepfool_options={"max_iter": 5}),
-    "deepfool": dict(method="deepfool", eps=0.06, norm=math.inf, max_passes=2, deepfool_options={"max_iter": 5}),
+                             method_options={"batch_size": 9, "max_iter": 5}),
+    "deepfool": dict(method="deepfool", eps=0.06, norm=math.inf, max_passes=2, method_options={"max_iter": 5}),
 }
 
 
@@ -94,6 +94,31 @@ def test_two_ranks_craft_the_one_process_v(two_ranks, one_process, name):
 def test_two_ranks_evaluate_to_the_count(two_ranks, one_process):
     assert two_ranks["evaluate"] == one_process["evaluate"]
     assert torch.equal(two_ranks["predict"], one_process["predict"])
+
+
+def _share_worker(rank: int, size: int, port: int, path: str) -> None:
+    from uap.perturbation import Perturbation, share_perturbation
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        mine = Perturbation(v=torch.full((3, 2, 2), 0.01 * (rank + 1)), model=f"rank {rank}", eps=0.1,
+                            history=[{"pass": 1, "fooling_rate": 0.5}], extra={"run": {"rank": rank}})
+        sent, info = share_perturbation(mine if rank == 1 else None, src=1, reused=rank == 1)
+        nothing, decision = share_perturbation(None, src=0, action="fresh" if rank == 0 else "ignored")
+        if rank == 0:
+            torch.save({"v": sent.v, "model": sent.model, "history": sent.history, "extra": sent.extra,
+                        "reused": info["reused"], "nothing": nothing is None, "action": decision["action"]}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_perturbation_is_shared_from_the_rank_that_has_it(tmp_path):
+    got = spawn_two_ranks(_share_worker, tmp_path)
+    assert torch.equal(got["v"], torch.full((3, 2, 2), 0.02))  # rank 1's tensor, bit for bit
+    assert got["model"] == "rank 1" and got["history"] == [{"pass": 1, "fooling_rate": 0.5}]
+    assert got["extra"] == {"run": {"rank": 1}} and got["reused"] is True
+    assert got["nothing"] and got["action"] == "fresh"  # rank 0's info, and no tensor when it has none
 
 
 def _torchrun(args: list[str], data_root, timeout: float = 120):

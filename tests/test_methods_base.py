@@ -12,7 +12,7 @@ from tests.tiny_models import tiny_mlp
 from uap import deepfool, project_lp
 from uap.methods import Method, available_methods, get_method, make_method, register_method
 from uap.options import Options, require
-from uap.targeting import target_margin
+from uap.criteria import target_margin
 from uap.universal import visiting_order
 
 
@@ -50,15 +50,41 @@ def test_range_checks_and_well_typed_values():
         make_method("foolbox:NoSuchAttack")
 
 
-def test_deepfool_options_are_typed_and_only_for_methods_that_use_deepfool():
+@pytest.mark.parametrize("name", ["deepfool", "deepfool-batched", "deepfool-targeted"])
+def test_deepfool_settings_are_options_of_the_deepfool_methods(name):
+    method = make_method(name, {"overshoot": 0.05, "precision": "bf16", "norm": "inf", "max_iter": 7,
+                                "candidates": 3, "chunk_size": 4})
+    assert method.options.deepfool() == {"norm": "inf", "candidates": 3, "overshoot": 0.05, "max_iter": 7,
+                                         "precision": "bf16"}
+    assert make_method(name).options.deepfool() == {"norm": 2, "candidates": 10, "overshoot": 0.02, "max_iter": 50,
+                                                    "precision": "fp32"}  # the paper's
+    for bad, match in [({"candidates": "3"}, "candidates.*an integer"), ({"candidates": 1}, "candidates must be"),
+                       ({"precision": "fp16"}, "precision.*one of"), ({"norm": 1}, "norm 2 or inf"),
+                       ({"overshoot": -0.1}, "overshoot"), ({"chunk_size": 0}, "chunk_size")]:
+        with pytest.raises(ValueError, match=match):
+            make_method(name, bad)
+
+
+def test_deepfool_settings_are_refused_by_methods_that_do_not_run_deepfool():
     model, x = tiny_mlp(), _images(8)
-    with pytest.raises(ValueError, match="candidates.*an integer"):
-        uap.craft(model, x, eps=0.1, deepfool_options={"candidates": "3"})
-    with pytest.raises(ValueError, match=r"does not use the DeepFool setting\(s\) \['precision'\]"):
-        uap.craft(model, x, eps=0.1, method="sgd", deepfool_options={"precision": "bf16"})
-    with pytest.raises(ValueError, match="precision"):
-        uap.craft(model, x, eps=0.1, method="foolbox:L2DeepFoolAttack", deepfool_options={"precision": "bf16"})
-    uap.craft(model, x, eps=0.1, method="sgd", max_passes=1, deepfool_options={"precision": "fp32"})  # defaults are fine
+    for method in ("sgd", "feature", "foolbox:L2DeepFoolAttack"):
+        for option in ({"precision": "bf16"}, {"overshoot": 0.05}, {"precision": "fp32"}):
+            with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{next(iter(option))}'\] for method"):
+                uap.craft(model, x, eps=0.1, method=method, method_options=option)
+    with pytest.raises(TypeError, match="deepfool_options"):  # no DeepFool argument on the driver any more
+        uap.craft(model, x, eps=0.1, deepfool_options={"overshoot": 0.05})
+
+
+def test_deepfool_settings_change_the_run_and_are_recorded_with_the_precision_used():
+    model, x = tiny_mlp(), _images(16)
+    run = dict(eps=0.05, norm=math.inf, max_passes=1, seed=0)
+    plain = uap.craft(model, x, **run)
+    wider = uap.craft(model, x, method_options={"overshoot": 0.5, "max_iter": 3}, **run)
+    assert not torch.equal(plain.v, wider.v)
+    assert wider.extra["deepfool"] == {"norm": "2", "candidates": 10, "overshoot": 0.5, "max_iter": 3,
+                                       "precision": "fp32"}
+    assert wider.extra["method_options"] == {"overshoot": 0.5, "max_iter": 3}
+    assert wider.extra["counters"] == ["deepfool_calls"] and "deepfool" not in uap.craft(model, x, method="sgd", **run).extra
 
 
 def test_targets_are_checked_against_what_a_method_supports():
@@ -137,10 +163,54 @@ def test_targeted_algorithm1_matches_a_plain_loop_update_for_update(p, eps):
     model, x = tiny_mlp(), _images()
     df = {"max_iter": 3, "norm": 2}
     pert = uap.craft(model, x, eps=eps, norm=p, delta=0.01, max_passes=2, seed=5, target=0,
-                     deepfool_options=df, method_options={"chunk_size": 4})
+                     method_options={"chunk_size": 4, **df})
     v_ref, updates, calls = _reference_targeted_algorithm1(model, x, eps=eps, p=p, target=0, max_passes=2,
                                                           seed=5, df=df)
     assert [r["updates"] for r in pert.history] == updates
     assert [r["deepfool_calls"] for r in pert.history] == calls
     assert sum(calls) > sum(updates) > 0  # some steps were rejected: the accept rule was exercised
     torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
+
+
+def test_a_method_counts_its_own_work_and_the_driver_records_it_by_name():
+    @dataclass(frozen=True)
+    class CountingOptions(Options):
+        batch_size: int = 4
+
+    @register_method("counting-probe")
+    class Counting(Method):
+        name, Options, counters = "counting-probe", CountingOptions, ("probes", "batches")
+
+        def run_pass(self, ctx) -> None:
+            for idx in ctx.order.split(self.options.batch_size):
+                ctx.count("batches")
+                ctx.count("probes", idx.numel())
+                ctx.visited += idx.numel()
+
+        def describe(self, device):
+            return {"counting": {"device": str(device)}}
+
+    events = []
+    model, x = tiny_mlp(), _images(10)
+    pert = uap.craft(model, x, eps=0.1, method="counting-probe", max_passes=2, delta=0, callback=events.append)
+    assert [(r["probes"], r["batches"]) for r in pert.history] == [(10, 3), (10, 3)]  # zero again each pass
+    assert list(pert.history[0])[6:9] == ["visited", "probes", "batches"]  # where the counters sit in a record
+    assert "deepfool_calls" not in pert.history[0]  # the driver names no method's counter
+    assert pert.extra["counters"] == ["probes", "batches"] and pert.extra["counting"] == {"device": "cpu"}
+    assert all("probes" in e for e in events if e["event"] == "progress")
+    summary = uap.runs.summarize(pert, {})
+    assert summary["counters"] == {"probes": 20, "batches": 6}
+
+    @register_method("miscounting-probe")
+    def miscounting(ctx) -> None:
+        ctx.count("probes")
+
+    with pytest.raises(ValueError, match=r"counts 'probes' but declares only the counters \[\]"):
+        uap.craft(model, x, eps=0.1, method="miscounting-probe", max_passes=1)
+
+    class Clashing(Counting):
+        def describe(self, device):
+            return {"n_images": 3}
+
+    with pytest.raises(ValueError, match=r"reserved extra key\(s\) \['n_images'\]"):
+        uap.craft(model, x, eps=0.1, method=Clashing(), max_passes=1)

@@ -20,8 +20,8 @@ def test_foolbox_deepfool_gives_the_same_v_as_the_builtin_deepfool_on_an_affine_
     model = random_affine(num_classes=4)
     x = 0.35 + 0.3 * torch.rand(30, 3, 4, 4, generator=torch.Generator().manual_seed(5))
     eps = 1.0 if norm == 2 else 0.08
-    kw = dict(eps=eps, norm=norm, max_passes=2, seed=0, deepfool_options={"norm": norm})
-    ours = uap.craft(model, x, method="deepfool", **kw)
+    kw = dict(eps=eps, norm=norm, max_passes=2, seed=0)
+    ours = uap.craft(model, x, method="deepfool", method_options={"norm": norm}, **kw)
     theirs = uap.craft(model, x, method=f"foolbox:{attack}", **kw)
     assert sum(r["updates"] for r in ours.history) >= 3  # v really moved through several updates
     assert [r["updates"] for r in theirs.history] == [r["updates"] for r in ours.history]
@@ -52,8 +52,10 @@ def test_foolbox_attack_names_are_checked():
         foolbox_attack("LinfPGD")
     with pytest.raises(ValueError, match="attack_options"):
         foolbox_attack("L2DeepFoolAttack", {"bogus": 1})
-    attack = foolbox_attack("L2DeepFoolAttack", None, {"max_iter": 7, "candidates": 3, "overshoot": 0.05})
+    attack = foolbox_attack("L2DeepFoolAttack", {"steps": 7, "candidates": 3, "overshoot": 0.05})
     assert (attack.steps, attack.candidates, attack.overshoot) == (7, 3, 0.05)
+    default = foolbox_attack("L2DeepFoolAttack")  # the built-in deepfool method's defaults: like for like
+    assert (default.steps, default.candidates, default.overshoot) == (50, 10, 0.02)
     x, _ = blobs(4, seed=0)
     with pytest.raises(ValueError, match="unknown option"):
         uap.craft(trained_mlp(), x, eps=0.1, method="foolbox:L2DeepFoolAttack", method_options={"chunk": 3})

@@ -9,7 +9,7 @@ import torch
 
 import uap
 from uap import deepfool, targeted_success_rate
-from uap.targeting import target_margin
+from uap.criteria import target_margin
 from tests.method_models import blobs, random_affine, trained_mlp
 
 PAD = 1e-5  # the step pad of uap.deepfool

@@ -54,7 +54,7 @@ def test_a_capped_onednn_isa_counts_as_no_bf16(native_bf16, monkeypatch):
 def _craft(precision: str):
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     return uap.craft(tiny_cnn().eval(), x, eps=10 / 255, method="deepfool-batched", max_passes=1,
-                     deepfool_options={"precision": precision}, method_options={"batch_size": 6})
+                     method_options={"batch_size": 6, "precision": precision})
 
 
 def test_the_fallback_crafts_the_fp32_result_and_records_it(no_native_bf16):

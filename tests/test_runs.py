@@ -88,6 +88,8 @@ def test_finished_run_layout_and_summary(straight):
     assert summary["eps"] == CRAFT["eps"] and summary["norm"] == "inf" and summary["method"] == "deepfool"
     assert summary["fooling_rate"] == straight.perturbation.fooling_rate
     assert summary["heldout"] == 12 and summary["n_images"] == 16
+    calls = sum(r["deepfool_calls"] for r in straight.perturbation.history)
+    assert summary["counters"] == {"deepfool_calls": calls} and calls > 0  # the method's counters, summed
     record = json.loads(run.marker_path.read_text())
     assert record == straight.record == uap.Perturbation.load(run.result_path).extra["run"]
     assert record["settings"] == SETTINGS and record["craft"]["max_passes"] == 3
@@ -167,6 +169,40 @@ def test_checkpoint_with_other_settings_cannot_be_resumed(data, interrupted):
     with pytest.raises(SettingsMismatch, match=r"craft\.eps.*cannot be resumed"):
         _run(interrupted, data, resume=True, eps=0.2)
     assert RunFolder(interrupted).checkpoint_path.is_file()
+
+
+def _as_recorded_by_an_older_version(record: dict) -> dict:
+    """``record`` as a version whose uap.craft took DeepFool's settings as ``deepfool_options`` wrote it."""
+    return {**record, "craft": {**record["craft"], "deepfool_options": {"precision": "fp32"}}}
+
+
+def test_a_finished_run_of_an_older_version_is_refused_in_one_line(data, straight, tmp_path):
+    folder = _copy_run(straight.run.folder, tmp_path / "old")
+    run = RunFolder(folder)
+    run.marker_path.write_text(json.dumps(_as_recorded_by_an_older_version(straight.record)))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SettingsMismatch) as refused:
+        _run(folder, data, resume=True)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert re.search(r"finished run by an older version of uap \(its record names the uap.craft argument\(s\) "
+                     r"\['deepfool_options'\], which no longer exist\); .*force=True \(--force\) to recraft it", message)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing touched
+    forced = _run(folder, data, force=True)
+    assert torch.equal(forced.perturbation.v, straight.perturbation.v) and not forced.reused
+
+
+def test_a_checkpoint_of_an_older_version_is_refused_in_one_line(data, interrupted):
+    run = RunFolder(interrupted)
+    checkpoint = run.load_checkpoint()
+    checkpoint.extra["run"] = _as_recorded_by_an_older_version(checkpoint.extra["run"])
+    with run.lock():
+        run.save_checkpoint(checkpoint)
+    with pytest.raises(SettingsMismatch, match=r"partial.safetensors was written by an older version of uap .*"
+                                               r"\['deepfool_options'\].*cannot be resumed.*force=True"):
+        _run(interrupted, data, resume=True)
+    assert run.checkpoint_path.is_file()
+    assert _run(interrupted, data, force=True).perturbation.passes >= 2
 
 
 def test_crash_while_saving_reads_as_unfinished_and_resumes(data, straight, tmp_path):

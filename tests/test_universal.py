@@ -63,7 +63,7 @@ def _reference_algorithm1(model, x, *, eps, p, delta, max_passes, seed, df, refi
 def test_deepfool_method_matches_reference_loop(p, eps):
     model, x = tiny_mlp(), _images()
     pert = craft(model, x, eps=eps, norm=p, delta=0.05, max_passes=3, seed=3, method="deepfool",
-                 deepfool_options=DF, method_options={"chunk_size": 4})
+                 method_options={"chunk_size": 4, **DF})
     v_ref, updates, calls = _reference_algorithm1(model, x, eps=eps, p=p, delta=0.05, max_passes=3, seed=3, df=DF)
     assert [r["updates"] for r in pert.history] == updates
     assert [r["deepfool_calls"] for r in pert.history] == calls
@@ -77,13 +77,13 @@ def test_refine_matches_the_reference_loop(chunk):
     # (at ε = 0.03 a DeepFool call on the edge flips with the batch it is classified in, as
     # float rounding decides it: the one-image reference classifies alone)
     run = dict(eps=0.05, delta=0.05, max_passes=3, seed=3)
-    pert = craft(model, x, norm=math.inf, method="deepfool", deepfool_options=DF,
-                 method_options={"refine": 2, "chunk_size": chunk}, **run)
+    pert = craft(model, x, norm=math.inf, method="deepfool",
+                 method_options={"refine": 2, "chunk_size": chunk, **DF}, **run)
     v_ref, updates, calls = _reference_algorithm1(model, x, p=math.inf, df=DF, refine=2, **run)
     assert [r["updates"] for r in pert.history] == updates
     assert [r["deepfool_calls"] for r in pert.history] == calls
     torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
-    paper = craft(model, x, norm=math.inf, method="deepfool", deepfool_options=DF, **run)
+    paper = craft(model, x, norm=math.inf, method="deepfool", method_options=DF, **run)
     assert sum(calls) > sum(r["deepfool_calls"] for r in paper.history)  # the refinement ran
     assert not torch.equal(paper.v, pert.v)
 
@@ -96,8 +96,8 @@ def test_step_size_matches_the_reference_loop(method, options, eps, alpha):
     # classifies one image at a time, the engine in chunks. These settings have no such tie.
     model, x = tiny_mlp(), _images()
     run = dict(eps=eps, delta=0.05, max_passes=3, seed=3)
-    pert = craft(model, x, norm=math.inf, method=method, deepfool_options=DF,
-                 method_options={**options, "step_size": alpha}, **run)
+    pert = craft(model, x, norm=math.inf, method=method,
+                 method_options={**options, "step_size": alpha, **DF}, **run)
     v_ref, updates, calls = _reference_algorithm1(model, x, p=math.inf, df=DF, step_size=alpha, **run)
     assert [r["updates"] for r in pert.history] == updates
     torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-5)
@@ -269,7 +269,7 @@ class _Flat(nn.Module):
     ({"norm": 3}, "norm"), ({"norm": "l7"}, "norm"),
     ({"delta": -0.1}, "delta"), ({"delta": 1.0}, "delta"), ({"delta": 1.5}, "delta"),
     ({"max_passes": 0}, "max_passes"), ({"method": "nope"}, "unknown method"),
-    ({"deepfool_options": {"steps": 3}}, "DeepFool option"),
+    ({"method_options": {"steps": 3}}, r"unknown option\(s\) \['steps'\] for method 'deepfool'"),
     ({"heldout": torch.rand(4, 3, 9, 9)}, "held-out"),
     ({"resume": Perturbation(v=torch.zeros(3, 9, 9))}, "does not match"),
 ])

@@ -45,7 +45,7 @@ from uap.perturbation import Perturbation
 from uap.projection import lp_norm, project_lp
 from uap.report import Report
 from uap.runs import craft_run
-from uap.targeting import targeted_success_rate
+from uap.criteria import targeted_success_rate
 from uap.transfer import Transfer, transfer_matrix
 from uap.universal import craft
 

@@ -57,7 +57,7 @@ from torch import nn
 from uap.forward import BatchLayout, check_dtype, check_images, eval_mode, logits_of, model_device
 from uap.options import Options, require
 from uap.projection import check_norm
-from uap.targeting import check_target, target_margin
+from uap.criteria import check_target, target_margin
 
 __all__ = ["deepfool", "DeepFoolOptions", "GRADIENT_MODES", "PRECISIONS", "bf16_slow_reason", "effective_precision"]
 

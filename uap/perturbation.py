@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from uap.atomic import atomic_write
+from uap.distributed import broadcast, broadcast_json, is_distributed, world
 from uap.projection import check_norm, lp_norm, norm_name
 
-__all__ = ["Perturbation"]
+__all__ = ["Perturbation", "share_perturbation"]
 
 _TENSOR_KEY = "v"
 _HEADER_KEY = "uap"
@@ -198,6 +199,26 @@ class Perturbation:
         path = Path(path)
         atomic_write(path, buf.getvalue())
         return path
+
+
+def share_perturbation(pert: Perturbation | None, src: int = 0, **info: Any
+                       ) -> tuple[Perturbation | None, dict[str, Any]]:
+    """Rank ``src``'s ``pert`` (or None) and its JSON ``info`` on every rank under torch.distributed.
+
+    The metadata and ``info`` travel as JSON, then ``v`` as a float32 tensor (only when rank
+    ``src`` has a perturbation, which every rank learns from the metadata). Rank ``src`` gets
+    its own objects back; the other ranks' ``pert`` and ``info`` are ignored. Without a process
+    group: ``(pert, info)``.
+    """
+    if not is_distributed():
+        return pert, info
+    sender = world()[0] == src
+    message = broadcast_json({"meta": pert.metadata() if pert is not None else None, "info": info} if sender else None,
+                             src=src)
+    if message["meta"] is None:
+        return None, message["info"]
+    v = broadcast(pert.v.detach().float().cpu() if sender else torch.zeros(message["meta"]["shape"]), src=src)
+    return (pert, info) if sender else (Perturbation.from_metadata(v, message["meta"]), message["info"])
 
 
 #: Slack of the "‖v‖_p ≤ ε" check of a loaded file: float32 rounding of a projected ``v``.

@@ -46,13 +46,13 @@ from torch import nn
 
 from uap import universal
 from uap.baselines import parse_baselines, row_names
-from uap.distributed import alone, broadcast, broadcast_json, world
+from uap.distributed import alone, world
 from uap.evaluate import as_named_models, baselines_at_budget, evaluate
 from uap.forward import DEFAULT_BATCH_SIZE
 from uap.images import Images, is_images
 from uap.methods import make_method
 from uap.metrics import DEFAULT_CACHE
-from uap.perturbation import Perturbation
+from uap.perturbation import Perturbation, share_perturbation
 from uap.projection import check_eps, check_norm, norm_name
 from uap.report import Report
 from uap.runs import RunFolder
@@ -232,13 +232,9 @@ def _share_crafted(sources: Sequence[str], crafted: dict[str, Perturbation], reu
     ranks = world()[1]
     shared: dict[str, Perturbation] = {}
     for k, source in enumerate(sources):
-        owner = k % ranks
-        mine = source in crafted
-        message = broadcast_json({"meta": crafted[source].metadata(), "reused": source in reused} if mine else None,
-                                 src=owner)
-        v = broadcast(crafted[source].v.detach().float().cpu() if mine else torch.zeros(message["meta"]["shape"]), src=owner)
-        shared[source] = crafted[source] if mine else Perturbation.from_metadata(v, message["meta"])
-        if message["reused"] and source not in reused:
+        pert, info = share_perturbation(crafted.get(source), src=k % ranks, reused=source in reused)
+        shared[source] = pert
+        if info["reused"] and source not in reused:
             reused.append(source)
     return shared, [s for s in sources if s in reused]
 

@@ -34,16 +34,15 @@ import torch
 from torch import nn
 
 from uap import methods
-from uap.deepfool import DeepFoolOptions, effective_precision
+from uap.criteria import Criterion, Targeted, Untargeted, check_target
 from uap.distributed import broadcast
 from uap.forward import DEFAULT_BATCH_SIZE, check_images, check_perturbation, eval_mode, logits_of, model_device
 from uap.methods.base import AttackedModels, Callback, CraftContext, Method
 from uap.metrics import accuracy, clean_predictions, fooling_rate
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
-from uap.targeting import check_target, targeted_success_rate
 
-__all__ = ["craft", "check_stop_rule", "visiting_order"]
+__all__ = ["craft", "check_stop_rule", "visiting_order", "perturbation"]
 
 
 def visiting_order(n: int, seed: int, pass_index: int) -> torch.Tensor:
@@ -73,7 +72,6 @@ def craft(
     seed: int = 0,
     heldout: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
     callback: Callback | None = None,
-    deepfool_options: Mapping[str, Any] | None = None,
     method_options: Mapping[str, Any] | None = None,
     resume: Perturbation | None = None,
     model_id: str | None = None,
@@ -102,19 +100,18 @@ def craft(
         callback: called with ``{"event": "progress", …}`` during a pass and with
             ``{"event": "pass", **record, "v": v}`` after each; returning ``True`` from the
             latter stops crafting after that pass.
-        deepfool_options: settings of DeepFool for the methods that use it
-            (:class:`uap.deepfool.DeepFoolOptions`: ℓ2 geometry as in Algorithm 1, 10
-            candidates, overshoot 0.02, 50 steps, fp32).
         method_options: the method's options (its ``Options`` dataclass, e.g. ``batch_size``
-            for ``deepfool-batched`` and ``sgd``, ``chunk_size`` for ``deepfool``); unknown or
-            ill-typed ones are a ``ValueError``.
+            for ``deepfool-batched`` and ``sgd``, ``chunk_size`` for ``deepfool``, and the
+            DeepFool methods' ``overshoot`` or ``precision``); unknown or ill-typed ones are a
+            ``ValueError``.
         resume: a :class:`Perturbation` from an earlier, interrupted run with the same
             settings; crafting continues from its ``v`` and history.
         model_id, data: descriptions stored in the result's metadata.
         batch_size: images per forward pass when measuring fooling rates.
-        target: a class index for a targeted UAP (methods with ``supports_target``): the stop
-            rule uses the targeted success rate, and each record also holds
-            ``targeted_success_rate`` and ``heldout_targeted_success_rate``; stored in the metadata.
+        target: a class index for a targeted UAP (methods with ``supports_target``): the run's
+            criterion is then :class:`uap.criteria.Targeted` (the stop rule uses the targeted
+            success rate, and each record also holds ``targeted_success_rate`` and
+            ``heldout_targeted_success_rate``); stored in the metadata.
         keep_best: return the ``v`` of the pass with the highest rate on X (the crafting set;
             held-out images are never used to choose) instead of the last pass's. Algorithm 1
             is not monotone: a pass can lower the fooling rate. The chosen pass is stored as
@@ -127,17 +124,15 @@ def craft(
     Returns:
         A :class:`Perturbation` whose ``history`` has one record per pass with
         ``fooling_rate``, ``heldout_fooling_rate`` (None without ``heldout``), ``norm_2``,
-        ``norm_inf``, ``visited``, ``deepfool_calls``, ``updates`` and ``seconds``.
+        ``norm_inf``, ``visited``, the method's counters (:attr:`Method.counters`),
+        ``updates`` and ``seconds``. ``extra`` holds what the method adds
+        (:meth:`Method.describe`) and the names of its counters (``extra["counters"]``).
     """
     p = check_norm(norm)
     eps = check_eps(eps, p)
     check_stop_rule(delta, max_passes)
     check_images(x, "x (the crafting set)")
     pass_method = methods.make_method(method, method_options)
-    df = DeepFoolOptions.parse(deepfool_options, owner="DeepFool options (deepfool_options)")
-    unused = sorted(set(df.changed()) - pass_method.deepfool_settings)
-    if unused:
-        raise ValueError(f"method {pass_method.name!r} does not use the DeepFool setting(s) {unused}; drop them")
     if target is not None and not pass_method.supports_target:
         raise ValueError(f"method {pass_method.name!r} is untargeted; give no target or use a method that takes one")
     if target is None and pass_method.requires_target:
@@ -146,8 +141,7 @@ def craft(
     hx, hy = _split_heldout(heldout, x)
 
     device = model_device(model)
-    # bf16 gradients only where they are faster (else fp32, one warning); the result records the one used
-    precision = effective_precision(df.precision, device) if "precision" in pass_method.deepfool_settings else df.precision
+    described = pass_method.describe(device)  # e.g. settings resolved for the device (a warning, once)
     history: list[dict] = []
     v = torch.zeros(x.shape[1:], dtype=x.dtype, device=device)
     if resume is not None:
@@ -160,24 +154,20 @@ def craft(
     with eval_mode(model):
         clean = clean_predictions(model, x, batch_size=batch_size)  # also checks the N×C output
         xd, cleand = x.to(device), clean.to(device)
+        criterion: Criterion = Untargeted()
         if target is not None:
             with torch.no_grad():
-                target = check_target(target, logits_of(model, xd[:1]).shape[1])
+                criterion = Targeted(check_target(target, logits_of(model, xd[:1]).shape[1]))
 
-        def stop_rate(v: torch.Tensor) -> float:
-            """Err(X_v) — or, for a targeted run, the targeted success rate on X."""
-            if target is None:
-                return fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
-            return targeted_success_rate(model, x, v, target, batch_size=batch_size)
+        def stop_rate(v: torch.Tensor, fooling: float | None) -> float:
+            """The rate the stop rule reads (``fooling``: Err(X_v), when measured already)."""
+            return criterion.rate(model, x, v, clean=clean, batch_size=batch_size, fooling=fooling)
 
-        key = "fooling_rate" if target is None else "targeted_success_rate"
         measured = resume.record if resume is not None else {}  # the record of the v we start from
-        if key in measured:
-            rate = measured[key]
-        elif resume is None and target is None:
-            rate = 0.0  # v = 0 leaves every image (checked to be in [0, 1]) as it is: no prediction changes
-        else:
-            rate = stop_rate(v)
+        if criterion.key in measured:
+            rate = measured[criterion.key]
+        else:  # v = 0 leaves every image (checked to be in [0, 1]) as it is: no prediction changes
+            rate = stop_rate(v, 0.0 if resume is None else None)
         best_pass = int(resume.extra.get("best_pass", len(history))) if resume is not None else 0
         best_rate, best_v = rate, v
         while rate <= 1 - delta and len(history) < max_passes:
@@ -187,13 +177,13 @@ def craft(
                 model=model, x=xd, clean=cleand, v=v, eps=eps, p=p,
                 order=visiting_order(x.shape[0], seed, k).to(device), pass_index=k, method=pass_method,
                 generator=torch.Generator().manual_seed(int(seed) * 1_000_003 + k + 7919),
-                deepfool=df.to_dict(), attacked=attacked, callback=callback, target=target,
+                criterion=criterion, attacked=attacked, callback=callback,
             )
             pass_method.run_pass(ctx)
             ctx.progress(force=True)
             v = ctx.v.detach()
             fooled = fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
-            rate = fooled if target is None else stop_rate(v)  # untargeted: one evaluation serves both
+            rate = stop_rate(v, fooled)  # untargeted: one evaluation serves both
             record = {
                 "pass": k,
                 "fooling_rate": fooled,
@@ -202,14 +192,11 @@ def craft(
                 "norm_2": lp_norm(v, 2).item(),
                 "norm_inf": lp_norm(v, math.inf).item(),
                 "visited": ctx.visited,
-                "deepfool_calls": ctx.deepfool_calls,
+                **ctx.counters,
                 "updates": ctx.updates,
                 "seconds": time.perf_counter() - t0,
+                **criterion.record(model, hx, v, rate, batch_size=batch_size),
             }
-            if target is not None:
-                record["targeted_success_rate"] = rate
-                record["heldout_targeted_success_rate"] = (
-                    None if hx is None else targeted_success_rate(model, hx, v, target, batch_size=batch_size))
             history.append(record)
             if rate > best_rate:
                 best_rate, best_pass, best_v = rate, k, v
@@ -221,20 +208,32 @@ def craft(
     extra: dict[str, Any] = {
         "n_images": int(x.shape[0]),
         "n_heldout": None if hx is None else int(hx.shape[0]),
-        "deepfool": {**{k: (norm_name(v_) if k == "norm" else v_) for k, v_ in df.to_dict().items()},
-                     "precision": precision},
         "method_options": dict(method_options or {}),
+        "counters": list(pass_method.counters),
         "max_passes": max_passes,
         **({"batchnorm_folded": folded} if folded is not None else {}),  # BatchNorm layers attacked folded
-        **({"target": target} if target is not None else {}),
+        **criterion.describe(),
         **({"best_pass": best_pass} if keep_best else {}),
         "clean_heldout_accuracy": None if hy is None else accuracy(model, hx, hy, batch_size=batch_size),
     }
-    if keep_best:
-        v = best_v
+    clash = sorted(set(described) & set(extra))
+    if clash:
+        raise ValueError(f"method {pass_method.name!r} describes itself with the reserved extra key(s) {clash}")
+    extra.update(described)
+    return perturbation(best_v if keep_best else v, model, x, model_id=model_id, data=data, eps=eps, norm=p,
+                        delta=delta, method=pass_method.name, seed=seed, history=history, seconds=seconds,
+                        extra=extra)
+
+
+def perturbation(v: torch.Tensor, model: nn.Module, x: torch.Tensor, *, model_id: str | None, data: str | None,
+                 eps: float, norm: float | int | str, delta: float, method: str, seed: int, history: list[dict],
+                 seconds: float, extra: dict[str, Any]) -> Perturbation:
+    """The :class:`Perturbation` of a crafting run on ``model`` and ``x`` — its result, or the
+    checkpoint a run folder writes after each pass — with the metadata filled in alike for both
+    (``model_id`` and ``data`` default to the model's class name and the image count)."""
     return Perturbation(
         v=v.detach().cpu(), model=model_id or type(model).__name__, data=data or f"{x.shape[0]} images",
-        eps=eps, norm=norm_name(p), delta=float(delta), method=pass_method.name, seed=int(seed),
+        eps=eps, norm=norm_name(norm), delta=float(delta), method=method, seed=int(seed),
         history=history, seconds=seconds, extra=extra,
     )
 

@@ -44,7 +44,11 @@ from uap.distributed import broadcast, gather_rows, is_distributed, is_main, sha
 from uap.methods.base import CraftContext, Method
 from uap.options import Options, require
 
-__all__ = ["Algorithm1", "Algorithm1Options", "InnerStep", "StepResult", "algorithm1_pass"]
+__all__ = ["Algorithm1", "Algorithm1Options", "InnerStep", "StepResult", "algorithm1_pass", "INNER_CALLS"]
+
+#: The counter of inner-step calls (images given to the step), named after DeepFool, the
+#: paper's inner step; every pass record holds it.
+INNER_CALLS = "deepfool_calls"
 
 
 @dataclass(frozen=True)
@@ -92,8 +96,9 @@ class InnerStep:
     accept_reads_candidate: ClassVar[bool] = False
 
     def needs_update(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Which of the images ``idx`` need an update, from the classifier's ``logits`` at the current ``v``."""
-        return ~ctx.is_fooled(idx, logits)
+        """Which of the images ``idx`` need an update, from the classifier's ``logits`` at the
+        current ``v`` (the run's criterion decides)."""
+        return ctx.criterion.needs_update(logits, ctx.clean[idx])
 
     def __call__(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor,
                  lookahead: torch.Tensor | None) -> StepResult:
@@ -112,6 +117,7 @@ class Algorithm1(Method):
     :meth:`inner_step`; ``Options`` derive from :class:`Algorithm1Options`."""
 
     Options = Algorithm1Options
+    counters = (INNER_CALLS,)
 
     def inner_step(self, ctx: CraftContext) -> InnerStep:
         raise NotImplementedError
@@ -124,7 +130,7 @@ def algorithm1_pass(ctx: CraftContext, step: InnerStep, options: Algorithm1Optio
     """One pass of Algorithm 1 over ``ctx.order`` with ``step`` as the inner attack.
 
     Counts the work in ``ctx``: ``visited``, ``fooled_seen`` (visited images that needed no
-    update), ``deepfool_calls`` (images given to ``step``) and ``updates``.
+    update), the counter :data:`INNER_CALLS` (images given to ``step``) and ``updates``.
     """
     if options.batch_size > 1:
         _minibatch_pass(ctx, step, options.batch_size, options.refine)
@@ -134,8 +140,11 @@ def algorithm1_pass(ctx: CraftContext, step: InnerStep, options: Algorithm1Optio
         if is_main():
             _exact_pass(ctx, step, options.chunk_size, options.max_chunk_size, options.refine)
         ctx.v = broadcast(ctx.v)
-        counts = broadcast(torch.tensor([ctx.visited, ctx.fooled_seen, ctx.deepfool_calls, ctx.updates]))
-        ctx.visited, ctx.fooled_seen, ctx.deepfool_calls, ctx.updates = (int(c) for c in counts)
+        names = list(ctx.counters)
+        counts = [int(c) for c in broadcast(torch.tensor([ctx.visited, ctx.fooled_seen, ctx.updates,
+                                                          *ctx.counters.values()]))]
+        ctx.visited, ctx.fooled_seen, ctx.updates = counts[:3]
+        ctx.counters.update(zip(names, counts[3:]))
 
 
 def _chunk_after_update(advanced: int) -> int:
@@ -160,7 +169,7 @@ def _refined(ctx: CraftContext, step: InnerStep, i: torch.Tensor, candidate: tor
         if not bool(step.needs_update(_At(ctx, candidate), i, z)[0]):
             break
         res = step(_At(ctx, candidate), i, z, None)
-        ctx.deepfool_calls += 1
+        ctx.count(INNER_CALLS)
         if not bool(res.ok[0]):
             break
         candidate, changed = ctx.project(candidate + res.r[0]), True
@@ -201,7 +210,7 @@ def _exact_pass(ctx: CraftContext, step: InnerStep, chunk: int, max_chunk: int, 
             i = idx[j:j + 1]
             after = order[pos + j + 1:pos + j + 1 + _chunk_after_update(j + 1)]
             res = step(ctx, i, z[j:j + 1], after)
-            ctx.deepfool_calls += 1
+            ctx.count(INNER_CALLS)
             if not bool(res.ok[0]):
                 continue
             candidate = res.candidate if res.candidate is not None else _step(ctx, res.r[0])
@@ -227,7 +236,7 @@ def _minibatch_pass(ctx: CraftContext, step: InnerStep, batch_size: int, refine:
         sel = idx[need]
         if sel.numel():
             res = _spread(ctx, step, sel, z[need])
-            ctx.deepfool_calls += sel.numel()
+            ctx.count(INNER_CALLS, sel.numel())
             for j in torch.nonzero(res.ok).flatten().tolist():
                 candidate = _step(ctx, res.r[j])
                 if step.accept(ctx, sel[j:j + 1], candidate, None, None):

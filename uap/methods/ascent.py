@@ -21,6 +21,7 @@ import torch
 
 from uap.deepfool import GRADIENT_BUDGET
 from uap.distributed import all_sum, is_distributed, shard, world
+from uap.methods.algorithm1 import INNER_CALLS
 from uap.methods.base import CraftContext, Method
 from uap.options import Options, require
 
@@ -73,6 +74,8 @@ class Ascent(Method):
     :meth:`objective`, with the pass's step length; ``Options`` derive from :class:`AscentOptions`."""
 
     Options = AscentOptions
+    # Algorithm 1's column, always 0 here: the pass records of every built-in method have the same keys
+    counters = (INNER_CALLS,)
 
     def objective(self, ctx: CraftContext) -> Objective:
         """The batch objective of this pass (called once per pass)."""

@@ -8,9 +8,12 @@ the callback, resuming — and hands each pass to a :class:`Method`. A method is
 - ``Options`` — a frozen dataclass of its knobs (:class:`uap.options.Options`): unknown or
   ill-typed options are a ``ValueError`` naming the known ones;
 - ``supports_target`` / ``requires_target`` — whether it can craft (or only crafts) targeted
-  UAPs, with the target class in ``ctx.target``;
-- ``deepfool_settings`` — which of the run's DeepFool settings (``ctx.deepfool``) it reads;
-  :func:`uap.craft` refuses the others rather than ignore them;
+  UAPs; what success means comes with the context (``ctx.criterion``, :mod:`uap.criteria`),
+  so a method asks it instead of testing for a target;
+- ``counters`` — the names of the work counters it keeps (``ctx.count(name, n)``); the driver
+  copies them into every pass record and progress event;
+- ``describe(device)`` — facts about its run for the result's ``extra`` (e.g. a setting
+  resolved for the device);
 - ``run_pass(ctx)`` — one pass over ``ctx.order``: visit images, update ``ctx.v`` (keeping it
   in the ball with ``ctx.project``), count the work in ``ctx``.
 
@@ -27,6 +30,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import nn
 
+from uap.criteria import Criterion
 from uap.fold import count_batchnorm, fold_batchnorm
 from uap.forward import BatchLayout
 from uap.options import Options
@@ -58,7 +62,7 @@ class Method:
     Options: ClassVar[type[Options]] = NoOptions
     supports_target: ClassVar[bool] = False
     requires_target: ClassVar[bool] = False
-    deepfool_settings: ClassVar[frozenset[str]] = frozenset()
+    counters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any] | Options | None = None, *, name: str | None = None) -> None:
         self.name = name or type(self).name
@@ -67,6 +71,11 @@ class Method:
     def run_pass(self, ctx: CraftContext) -> None:
         """One pass over ``ctx.order`` (see the module docstring)."""
         raise NotImplementedError
+
+    def describe(self, device: torch.device) -> dict[str, Any]:
+        """Facts about this method's run on ``device`` for the result's ``extra`` (merged into it;
+        called once, before the first pass). None by default."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, options={self.options!r})"
@@ -158,21 +167,35 @@ class CraftContext:
     pass_index: int
     method: Method
     generator: torch.Generator  # for methods that need more randomness, seeded per pass
-    deepfool: dict[str, Any]  # DeepFool settings (uap.deepfool.DeepFoolOptions as a dict)
+    criterion: Criterion  # what counts as success: untargeted or towards a target (uap.criteria)
     attacked: AttackedModels
     callback: Callback | None = None
-    target: int | None = None  # the target class of a targeted run (None: untargeted)
     visited: int = 0
     fooled_seen: int = 0  # visited images already fooled when visited (live estimate)
-    deepfool_calls: int = 0
     updates: int = 0
+    counters: dict[str, int] = field(init=False)  # the method's own (its declared counters), zero at the start
     _last_emit: float = field(default=0.0, repr=False)
     _layout: BatchLayout | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.counters = {name: 0 for name in self.method.counters}
 
     @property
     def options(self) -> Options:
         """The method's options."""
         return self.method.options
+
+    @property
+    def target(self) -> int | None:
+        """The target class of a targeted run (None: untargeted); ``criterion`` says what it means."""
+        return self.criterion.target
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the method's counter ``name`` (one of its ``counters``)."""
+        if name not in self.counters:
+            raise ValueError(f"method {self.method.name!r} counts {name!r} but declares only the counters "
+                             f"{list(self.counters)}; add it to the method's counters")
+        self.counters[name] += int(n)
 
     @property
     def classifier(self) -> nn.Module:
@@ -208,7 +231,7 @@ class CraftContext:
         self.callback({
             "event": "progress", "pass": self.pass_index, "visited": self.visited,
             "total": int(self.order.numel()), "fooled_seen": self.fooled_seen,
-            "deepfool_calls": self.deepfool_calls, "updates": self.updates,
+            **self.counters, "updates": self.updates,
         })
 
 

@@ -7,17 +7,19 @@ DeepFool but notes that any minimal-perturbation attack fits. Foolbox 3 (Rauber 
 ``DDNAttack``, ``FMN`` variants, ``BoundaryAttack`` … — all as ``MinimizationAttack`` s. The
 adapter wraps the target in ``fb.PyTorchModel(model, bounds=(0, 1))`` (the engine's pixel
 space; normalisation stays inside the target) and calls the attack with ``epsilons=None``
-(no budget: the minimal perturbation), the criterion being misclassification *w.r.t. the
-clean prediction* ``k̂(x_i)`` — or ``TargetedMisclassification(t)`` for a targeted run, for
-attacks that support it. Its step is ``Δv_i = x_adv − clip(x_i + v, 0, 1)``; an update is
+(no budget: the minimal perturbation), with the Foolbox criterion of the run's own
+(:mod:`uap.criteria`): misclassification *w.r.t. the clean prediction* ``k̂(x_i)``, or
+``TargetedMisclassification(t)`` for a targeted run, for attacks that support it. Its step
+is ``Δv_i = x_adv − clip(x_i + v, 0, 1)``; an update is
 accepted only when Foolbox reports success, as the engine accepts only converged DeepFool.
 
 Options (``method_options``): ``attack_options`` (keyword arguments of the attack class),
 ``batch_size`` (1 = Algorithm 1 exactly; > 1 attacks the unfooled images of a minibatch in
 one Foolbox call), ``chunk_size``. A target class comes from :func:`uap.craft`'s ``target``;
-without an accept rule of its own, any successful targeted step is taken. For Foolbox's DeepFool attacks, ``steps``,
-``candidates`` and ``overshoot`` default to the run's ``deepfool_options`` so that
-``foolbox:L2DeepFoolAttack`` and the built-in ``deepfool`` method compare like for like.
+without an accept rule of its own, any successful targeted step is taken. Foolbox's DeepFool
+attacks default to the settings of the built-in ``deepfool`` method (``steps=50``,
+``candidates=10``, ``overshoot=0.02``), so the two compare like for like; set them through
+``attack_options``.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from uap.criteria import Criterion
 from uap.forward import model_device
 from uap.methods.algorithm1 import Algorithm1, Algorithm1Options, InnerStep, StepResult
 from uap.methods.base import CraftContext, register_method
@@ -33,8 +36,7 @@ from uap.methods.base import CraftContext, register_method
 __all__ = ["foolbox_attack", "FoolboxStep", "FoolboxMethod"]
 
 
-def foolbox_attack(name: str, attack_options: dict[str, Any] | None = None,
-                   deepfool_options: dict[str, Any] | None = None) -> Any:
+def foolbox_attack(name: str, attack_options: dict[str, Any] | None = None) -> Any:
     """Instantiate the Foolbox minimisation attack ``fb.attacks.<name>``.
 
     ``ValueError`` for unknown names and for fixed-budget attacks (PGD, FGSM …), which do not
@@ -55,13 +57,8 @@ def foolbox_attack(name: str, attack_options: dict[str, Any] | None = None,
             f"foolbox.attacks.{name} is a fixed-budget attack; Algorithm 1 needs a minimisation attack: "
             f"{', '.join(minimisation)}"
         )
-    kwargs = dict(attack_options or {})
-    if issubclass(cls, fb.attacks.deepfool.DeepFoolAttack) and deepfool_options:
-        for ours, theirs in (("max_iter", "steps"), ("candidates", "candidates"), ("overshoot", "overshoot")):
-            if ours in deepfool_options:
-                kwargs.setdefault(theirs, deepfool_options[ours])
     try:
-        return cls(**kwargs)
+        return cls(**dict(attack_options or {}))
     except TypeError as e:
         raise ValueError(f"bad attack_options for foolbox.attacks.{name}: {e}") from None
 
@@ -70,31 +67,23 @@ class FoolboxStep(InnerStep):
     """The inner step backed by a Foolbox attack on ``model`` (the run's attacked classifier).
 
     ``labels`` are the clean predictions of the whole crafting set (indexed by ``idx``);
-    with ``target`` the criterion is targeted misclassification instead.
+    ``criterion`` (:mod:`uap.criteria`) names the Foolbox criterion and the class each image
+    must leave or reach.
     """
 
-    def __init__(self, model: torch.nn.Module, attack: Any, labels: torch.Tensor, target: int | None = None):
+    def __init__(self, model: torch.nn.Module, attack: Any, labels: torch.Tensor, criterion: Criterion):
         import foolbox as fb
 
-        self.fb = fb
         self.fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=model_device(model))
         self.attack = attack
         self.labels = labels
-        self.target = target
-
-    def needs_update(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        if self.target is None:
-            return ~ctx.is_fooled(idx, logits)
-        return logits.argmax(dim=1) != self.target
+        self.criterion = criterion
+        self.fb_criterion = getattr(fb.criteria, criterion.foolbox)
 
     def __call__(self, ctx: CraftContext, idx: torch.Tensor, logits: torch.Tensor,
                  lookahead: torch.Tensor | None) -> StepResult:
         xp = ctx.perturbed(idx).detach().contiguous()
-        if self.target is None:
-            criterion = self.fb.criteria.Misclassification(self.labels[idx])
-        else:
-            criterion = self.fb.criteria.TargetedMisclassification(
-                torch.full((xp.shape[0],), self.target, dtype=torch.int64, device=xp.device))
+        criterion = self.fb_criterion(self.criterion.labels(self.labels[idx]))
         _, adv, success = self.attack(self.fmodel, xp, criterion, epsilons=None)
         return StepResult((adv - xp).detach(), success.to(torch.bool))
 
@@ -113,9 +102,6 @@ class FoolboxMethod(Algorithm1):
     name = "foolbox"
     Options = FoolboxOptions
     supports_target = True
-    # Foolbox's DeepFool attacks take their steps, candidates and overshoot from the run's
-    # DeepFool settings; the geometry is the attack's own (L2… or Linf…), gradients are fp32.
-    deepfool_settings = frozenset({"norm", "max_iter", "candidates", "overshoot"})
 
     def __init__(self, options=None, *, name: str | None = None) -> None:
         super().__init__(options, name=name)
@@ -123,5 +109,5 @@ class FoolboxMethod(Algorithm1):
         foolbox_attack(self.attack_name, self.options.attack_options)  # a bad name fails before crafting
 
     def inner_step(self, ctx: CraftContext) -> InnerStep:
-        attack = foolbox_attack(self.attack_name, self.options.attack_options, ctx.deepfool)
-        return FoolboxStep(ctx.classifier, attack, ctx.clean, ctx.target)
+        attack = foolbox_attack(self.attack_name, self.options.attack_options)
+        return FoolboxStep(ctx.classifier, attack, ctx.clean, ctx.criterion)

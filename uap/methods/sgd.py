@@ -18,7 +18,8 @@ DeepFool per image), maximise the average loss of the perturbed images directly:
   projection :func:`uap.project_lp`, so any p works.
 
 Targeted (``target=t``): the objective becomes ``−CE(f(clip(x_i + v)), t)`` — the ascent
-minimises the cross-entropy to the target class for every image.
+minimises the cross-entropy to the target class for every image. The run's criterion
+(:mod:`uap.criteria`) supplies the loss and which images count as fooled.
 
 Options (``method_options``): ``batch_size`` (32), ``step_size`` (0.1, a fraction of ε),
 ``decay`` (0.7 per pass), ``beta`` (10.0, the clamp; ``inf`` disables it). The target class
@@ -29,20 +30,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from uap.criteria import clamped_cross_entropy
 from uap.forward import logits_of
 from uap.methods.ascent import Ascent, AscentOptions, Objective
 from uap.methods.base import CraftContext, register_method
 from uap.options import require
 
 __all__ = ["SGD", "SGDOptions", "clamped_cross_entropy"]
-
-
-def clamped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
-    """``mean_i min(CE(logits_i, labels_i), β)`` — Shafahi et al.'s clamped loss ``ℓ̂``."""
-    ce = F.cross_entropy(logits, labels, reduction="none")
-    return ce.clamp(max=beta).mean()
 
 
 @dataclass(frozen=True)
@@ -65,14 +60,11 @@ class SGD(Ascent):
     supports_target = True
 
     def objective(self, ctx: CraftContext) -> Objective:
-        model, target, beta = ctx.classifier, ctx.target, self.options.beta
+        model, criterion, beta = ctx.classifier, ctx.criterion, self.options.beta
 
         def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = logits_of(model, x_adv)
             clean = ctx.clean[idx]
-            fooled = logits.detach().argmax(dim=1) != clean
-            if target is None:
-                return clamped_cross_entropy(logits, clean, beta), fooled
-            return -F.cross_entropy(logits, torch.full_like(clean, target)), fooled
+            return criterion.ascent_loss(logits, clean, beta), criterion.reached(logits.detach(), clean)
 
         return objective
