@@ -56,7 +56,7 @@ def evaluate_cmd(
     budget = {"eps": None if eps is None else o.parse_eps(eps), "norm": None if norm is None else o.parse_norm(norm)}
     if budget["eps"] is not None:
         o.check_budget(budget["eps"], budget["norm"] if budget["norm"] is not None else float("inf"))
-    loaded_perts = load_perturbations(perturbations or [])
+    loaded_perts = load_perturbations(perturbations) if perturbations else {}
     loaded, _ = o.load_models(models, device)
     inputs = load_inputs(list(loaded.values()), data, n_train=n_craft if "x_craft" in needs_of(chosen) else 0,
                          n_test=n_images, seed=seed, root=data_root, image_size=image_size, resize=resize,

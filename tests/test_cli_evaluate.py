@@ -125,6 +125,48 @@ def test_evaluate_saved_perturbations(transfer_run, folder, tmp_path, env):
         assert (out / png).stat().st_size > 2000
 
 
+def test_evaluate_baselines_alone_at_an_explicit_budget(folder, tmp_path, env):
+    base = ["evaluate", "--models", MODELS, "--data", f"imagefolder:{folder}", "--n-images", "8",
+            "--baselines", "random,chessboard2"]
+    result = runner.invoke(cli.app, [*base, "--eps", "16/255", "--norm", "2", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert data["perturbations"] == ["random", "chessboard2"] == data["baselines"]
+    assert data["meta"]["baseline_norm"] == pytest.approx(16 / 255) and data["meta"]["baseline_p"] == "2"
+    assert data["norm_l2"] == pytest.approx([16 / 255] * 2)
+    refused = runner.invoke(cli.app, [*base, "--out", str(tmp_path / "b")])  # no perturbation, no budget
+    assert refused.exit_code == 2 and "--eps" in refused.output and not (tmp_path / "b").exists()
+
+
+def test_evaluate_never_drops_a_requested_baseline(folder, tmp_path, env):
+    from uap.perturbation import Perturbation
+
+    import torch
+
+    Perturbation(v=torch.zeros(3, 8, 8), eps=8 / 255).save(tmp_path / "zero")
+    base = ["evaluate", str(tmp_path / "zero"), "--models", MODELS, "--data", f"imagefolder:{folder}",
+            "--n-images", "8", "--baselines", "random"]
+    refused = runner.invoke(cli.app, [*base, "--out", str(tmp_path / "a")])
+    assert refused.exit_code == 2 and "norm 0" in refused.output and "--eps" in refused.output
+    result = runner.invoke(cli.app, [*base, "--eps", "8/255", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["perturbations"] == ["zero", "random"]
+
+
+def test_evaluate_takes_the_folder_craft_wrote(folder, tmp_path, env):
+    run = tmp_path / "first"
+    crafted = runner.invoke(cli.app, ["craft", "--model", "tests.eval_models:linear_target", "--data",
+                                      f"imagefolder:{folder}", "--n-images", "8", "--heldout", "0", "--method", "sgd",
+                                      "--max-passes", "1", "--eps", "16/255", "--out", str(run)])
+    assert crafted.exit_code == 0, crafted.output
+    result = runner.invoke(cli.app, ["evaluate", str(run), "--models", MODELS, "--data", f"imagefolder:{folder}",
+                                     "--n-images", "8", "--baselines", "random", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert data["perturbations"] == ["first", "random"]
+    assert data["norm_linf"][0] > 0 and data["meta"]["baseline_norm"] == pytest.approx(data["norm_linf"][0])
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
