@@ -77,7 +77,8 @@ def sweep_cmd(
 
     result = sweep(target, inputs.x, inputs.heldout, out, methods=method_names, n_images=counts, eps=eps_values,
                    n_base=n_base, eps_base=eps_base_value, norm=p, passes=passes, delta=delta, seed=seed,
-                   model_id=model_id, data=f"{data}:train:seed={seed}", settings={"command": "sweep"}, n_limits=limits,
+                   model_id=model_id, data=f"{data}:train:seed={seed}", n_limits=limits,
+                   settings={"command": "sweep", **({"mean": mean_v, "std": std_v} if mean_v else {})},
                    callback=on_point)
     written = result.save(out)
     for method, axes in result.crossings.items():

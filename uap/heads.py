@@ -78,7 +78,8 @@ def check_classes(models: Sequence[nn.Module] | dict[str, nn.Module], classes: S
     """Warn (one line each) when a model cannot be classifying the data's ``classes``: its
     number of logits on ``example`` (one image or a few) is not the number of classes, or the
     class names it declares (``model.classes``, e.g. from its weights' metadata) are not the
-    data's. Accuracies against the data's labels are then meaningless, though every number is
+    data's — fewer than half of them the same name at the same label, compared without case
+    or punctuation, so that two spellings of one label set (``crane`` / ``crane bird``) pass. Accuracies against the data's labels are then meaningless, though every number is
     still computed as asked; nothing is changed. A model whose forward pass fails here is left
     to fail where it is used. Returns the warnings' texts."""
     from uap.forward import eval_mode, model_device
@@ -95,12 +96,20 @@ def check_classes(models: Sequence[nn.Module] | dict[str, nn.Module], classes: S
         if torch.is_tensor(logits) and logits.dim() == 2 and logits.shape[1] != len(classes):
             said.append(f"{name} gives {logits.shape[1]} logits but the data has {len(classes)} classes: the data's "
                         "labels are not this model's classes, so its accuracies are meaningless")
-        elif declared and [str(c) for c in declared] != [str(c) for c in classes]:
+        elif declared and not _same_names(declared, classes):
             said.append(f"{name}'s classes ({_shown(declared)}) are not the data's ({_shown(classes)}): "
                         "its accuracies against these labels are meaningless")
     for line in said:
         warnings.warn(line, UserWarning, stacklevel=2)
     return said
+
+
+def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists name the same labels: as long, and at least half the names alike."""
+    def key(name: object) -> str:
+        return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+    return len(a) == len(b) and 2 * sum(key(x) == key(y) for x, y in zip(a, b)) >= len(a)
 
 
 def _shown(names: Sequence[str], n: int = 3) -> str:
