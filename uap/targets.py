@@ -422,7 +422,10 @@ def spec_normalisation(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]]
             raise ModelSpecError(f"{spec!r}: option {key} must be numbers separated by /, "
                                  f"got {options[key]!r}") from None
     mean, std = values
-    Normalized.check(mean, std)
+    try:
+        Normalized.check(mean, std)
+    except ModelSpecError as e:  # about the spec's query, not about mean/std arguments
+        raise ModelSpecError(f"{spec!r}: {e}") from None
     return mean, std
 
 
