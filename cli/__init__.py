@@ -21,7 +21,15 @@ import uap
 from cli.console import console, err_console, literal, print_error, print_warning
 from cli.options import UsageError
 
-__all__ = ["app", "main", "friendly_errors", "UsageError", "literal"]
+__all__ = ["app", "main", "friendly_errors", "UsageError", "literal", "invoked_args"]
+
+_INVOKED: list[list[str]] = [[]]  # the arguments of the command being run (after `uap`)
+
+
+def invoked_args() -> list[str]:
+    """The arguments the running command was given (``craft --model …``), for messages that
+    show a command to run next."""
+    return list(_INVOKED[0])
 
 # Click's exception classes, whichever Click typer runs on (its own vendored copy in recent
 # versions, the click package before): found through typer's public BadParameter.
@@ -35,6 +43,7 @@ class _OneLineErrors(typer.core.TyperGroup):
     instead of Click's usage block."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _INVOKED[0] = [str(a) for a in (sys.argv[1:] if args is None else args)]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:

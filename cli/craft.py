@@ -8,12 +8,12 @@ from typing import List, Optional
 
 import typer
 
-from cli import command
+from cli import command, invoked_args
 from cli import options as o
-from cli.console import console, literal
+from cli.console import console, err_console, literal
 from cli.show import craft_progress, craft_table
 
-__all__ = ["craft_cmd", "check_stop_rule", "default_out"]
+__all__ = ["craft_cmd", "check_stop_rule", "default_out", "resume_hint"]
 
 
 def check_stop_rule(delta: float, max_passes: int) -> None:
@@ -30,6 +30,18 @@ def default_out(model: str, p: float, method: str) -> Path:
 
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", model.rsplit(":", 1)[-1]).strip("-") or "model"
     return Path("runs") / f"{slug}-l{norm_name(p)}-{method.replace(':', '-')}"
+
+
+def resume_hint(run) -> str:
+    """What an interrupted ``uap craft`` says: the passes its folder kept, and the command that
+    continues it (this one, ``--force`` dropped, ``--resume`` added)."""
+    import shlex
+
+    args = [a for a in invoked_args() if a != "--force"]
+    command_line = shlex.join(["uap", *args, *([] if "--resume" in args else ["--resume"])])
+    if not run.checkpoint_path.is_file():
+        return f"no pass finished, nothing was kept; run `{command_line}` to start over"
+    return f"the passes finished so far are kept in {run.checkpoint_path}; continue with `{command_line}`"
 
 
 def _method_options(method: str, batch_size: Optional[int], items: List[str], precision: str) -> dict:
@@ -53,8 +65,8 @@ def craft_cmd(
                               "`uap models --external`). " + o.FACTORY_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory or SOURCE:NAME model "
                                            "(safetensors, or a state dict read with weights_only=True)."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, e.g. 0.49,0.48,0.45."),
-    std: Optional[str] = typer.Option(None, "--std", help="Per-channel std (with --mean)."),
+    mean: Optional[str] = o.mean_option(),
+    std: Optional[str] = o.std_option(),
     data: str = o.data_option(),
     data_root: Optional[Path] = o.data_root_option(),
     image_size: Optional[int] = o.image_size_option(),
@@ -105,8 +117,7 @@ def craft_cmd(
     o.check_budget(eps_value, p)
     check_stop_rule(delta, max_passes)
     method_options = _method_options(method, batch_size, method_option, precision)
-    mean_v, std_v = o.float_list(mean, "--mean"), o.float_list(std, "--std")
-    o.check_normalisation(mean_v, std_v)
+    mean_v, std_v = o.normalisation(mean, std)
     torch_device = o.torch_device(device)
     o.use_threads(threads)  # not part of the run's settings: v does not depend on it
     out = out if out is not None else default_out(model, p, method)
@@ -124,7 +135,7 @@ def craft_cmd(
     with run.lock() if is_main() else contextlib.nullcontext():
         target, model_id = o.resolve_target(model, "--model", weights, mean_v, std_v)
         target = target.to(torch_device)
-        inputs = load_inputs([target], data, n_train=n_images, n_test=heldout, seed=seed, root=data_root,
+        inputs = load_inputs({model_id: target}, data, n_train=n_images, n_test=heldout, seed=seed, root=data_root,
                              image_size=image_size, resize=resize, stream_test=False, probe_data=probe_data,
                              probe_images=probe_images, log=lambda line: console.print(f"[dim]{literal(line)}[/]"))
         settings["preprocessing"] = inputs.settings()
@@ -134,6 +145,10 @@ def craft_cmd(
                                max_passes=max_passes, method=method, seed=seed, model_id=model_id,
                                data=f"{data}:train:n={n_images}:seed={seed}", method_options=method_options,
                                target=target_class, keep_best=keep_best, fold_batchnorm=fold_batchnorm)
+        except KeyboardInterrupt:
+            progress.stop()
+            err_console.print(f"interrupted: {literal(resume_hint(run))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         finally:
             progress.stop()
     console.print(craft_table(result.summary))

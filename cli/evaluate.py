@@ -57,8 +57,8 @@ def evaluate_cmd(
     if budget["eps"] is not None:
         o.check_budget(budget["eps"], budget["norm"] if budget["norm"] is not None else float("inf"))
     loaded_perts = load_perturbations(perturbations) if perturbations else {}
-    loaded, _ = o.load_models(models, device)
-    inputs = load_inputs(list(loaded.values()), data, n_train=n_craft if "x_craft" in needs_of(chosen) else 0,
+    loaded, _ = o.load_models(models, device, crafted=loaded_perts, log=lambda line: console.print(f"[dim]{literal(line)}[/]"))
+    inputs = load_inputs(loaded, data, n_train=n_craft if "x_craft" in needs_of(chosen) else 0,
                          n_test=n_images, seed=seed, root=data_root, image_size=image_size, resize=resize,
                          test_split=split, probe_data=probe_data, probe_images=probe_images,
                          log=lambda line: console.print(f"[dim]{literal(line)}[/]"))

@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Optional
 import typer
 
 __all__ = ["UsageError", "parse_eps", "parse_norm", "check_budget", "float_list", "int_list", "key_values",
-           "use_threads", "torch_device", "resolve_target", "model_spec", "check_normalisation", "load_models",
+           "use_threads", "torch_device", "resolve_target", "model_spec", "normalisation", "load_models",
            "flagged"]
 
 
@@ -148,22 +148,32 @@ def resolve_target(spec: str, option: str, weights: Optional[Path] = None, mean:
     return model_spec(option, resolve_model, spec, weights, mean, std)
 
 
-def check_normalisation(mean: Optional[List[float]], std: Optional[List[float]]) -> None:
-    """``--mean``/``--std`` checked before anything loads, against the images every ``--data``
-    gives (RGB: 3 channels); one of them alone is refused by :func:`uap.targets.resolve_model`."""
+def normalisation(mean: Optional[str], std: Optional[str]) -> tuple[Optional[List[float]], Optional[List[float]]]:
+    """``--mean``/``--std`` parsed and checked before anything loads, against the images every
+    ``--data`` gives (RGB: 3 channels); one of them alone is refused by :func:`uap.targets.resolve_model`."""
     from uap.targets import Normalized
 
-    if mean is not None and std is not None:
-        model_spec("--model", Normalized.check, mean, std, channels=3)
+    mean_v, std_v = float_list(mean, "--mean"), float_list(std, "--std")
+    if mean_v is not None and std_v is not None:
+        model_spec("--model", Normalized.check, mean_v, std_v, channels=3)
+    return mean_v, std_v
 
 
-def load_models(text: str, device: str = "cpu") -> tuple[dict, list[str]]:
+def load_models(text: str, device: str = "cpu", crafted: Optional[dict] = None,
+                log: Optional[Callable[[str], None]] = None) -> tuple[dict, list[str]]:
     """``--models`` → ``({column name: model on the device}, [model ids])`` through
-    :func:`uap.targets.load_models`, its errors told in terms of ``--models``."""
+    :func:`uap.targets.load_models`, its errors told in terms of ``--models``; a spec that
+    ``crafted`` perturbations were made on takes their normalisation
+    (:func:`uap.evaluate.reuse_normalisation`, each note given to ``log``)."""
+    from uap.evaluate import reuse_normalisation
     from uap.targets import load_models as load, parse_model_list
 
     dev = torch_device(device)
     specs = model_spec("--models", parse_model_list, text)
+    if crafted:
+        specs, notes = model_spec("--models", reuse_normalisation, specs, crafted)
+        for note in notes if log is not None else ():
+            log(note)
     return model_spec("--models", load, specs, dev), specs
 
 
@@ -171,8 +181,9 @@ def load_models(text: str, device: str = "cpu") -> tuple[dict, list[str]]:
 
 FACTORY_HELP = ("A package.module:factory spec imports that module and calls factory() with no arguments: "
                 "it runs that code, so name only code you trust (not callable, or needing arguments: refused).")
-MODELS_HELP = ("Comma-separated zoo names, package.module:factory or SOURCE:NAME, each optionally SPEC=WEIGHTS_FILE "
-               "(torchvision:resnet18=r18.pth); 'all' = every zoo model. " + FACTORY_HELP)
+MODELS_HELP = ("Comma-separated zoo names, package.module:factory or SOURCE:NAME, each optionally with its "
+               "normalisation SPEC?mean=a/b/c&std=a/b/c and weights SPEC=WEIGHTS_FILE (torchvision:resnet18=r18.pth); "
+               "'all' = every zoo model. " + FACTORY_HELP)
 BASELINES_HELP = ("Baseline rows, comma-separated: random, gaussian, chessboard (cells of 1, 2, 4, 8 px; or "
                   "chessboard1 …), fourier (the best single Fourier basis image, found by a black-box search per "
                   "model: data-light but thousands of forward passes), data-free, all, none.")
@@ -216,6 +227,15 @@ def threads_option(default: Optional[int] = None):
     return typer.Option(default, "--threads", help=f"torch CPU threads (default: {shown}). On cores shared with other "
                         "work, fewer threads than cores avoid oversubscription (1 can be many times faster); "
                         "results do not depend on it.")
+
+
+def mean_option():
+    return typer.Option(None, "--mean", help="Per-channel mean if the model expects normalised input, on the [0, 1] "
+                        "scale, e.g. 0.485,0.456,0.406 (the same as SPEC?mean=0.485/0.456/0.406&std=…).")
+
+
+def std_option():
+    return typer.Option(None, "--std", help="Per-channel std (with --mean), e.g. 0.229,0.224,0.225.")
 
 
 def models_option():

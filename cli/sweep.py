@@ -18,6 +18,8 @@ __all__ = ["sweep_cmd"]
 def sweep_cmd(
     model: str = typer.Option("supervised", "--model", help="The target, as for `uap craft --model`. " + o.FACTORY_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for the model, as for `uap craft`."),
+    mean: Optional[str] = o.mean_option(),
+    std: Optional[str] = o.std_option(),
     data: str = o.data_option(),
     data_root: Optional[Path] = o.data_root_option(),
     methods: str = typer.Option("deepfool,deepfool-batched,sgd,feature", "--methods", help="Crafting methods, comma-separated."),
@@ -57,12 +59,13 @@ def sweep_cmd(
     for m in method_names:  # an unknown method fails before anything loads
         make_method(m)
     check_stop_rule(delta, passes)
+    mean_v, std_v = o.normalisation(mean, std)
     torch_device = o.torch_device(device)
     o.use_threads(threads)
     check_output_folder(out, "--out")
-    target, model_id = o.resolve_target(model, "--model", weights)
+    target, model_id = o.resolve_target(model, "--model", weights, mean_v, std_v)
     target = target.to(torch_device)
-    inputs = load_inputs([target], data, n_train=max(counts + [n_base]), n_test=heldout, seed=seed, root=data_root,
+    inputs = load_inputs({model_id: target}, data, n_train=max(counts + [n_base]), n_test=heldout, seed=seed, root=data_root,
                          stream_test=False)
 
     def on_point(event: dict) -> None:
@@ -74,7 +77,8 @@ def sweep_cmd(
 
     result = sweep(target, inputs.x, inputs.heldout, out, methods=method_names, n_images=counts, eps=eps_values,
                    n_base=n_base, eps_base=eps_base_value, norm=p, passes=passes, delta=delta, seed=seed,
-                   model_id=model_id, data=f"{data}:train:seed={seed}", settings={"command": "sweep"}, n_limits=limits,
+                   model_id=model_id, data=f"{data}:train:seed={seed}", n_limits=limits,
+                   settings={"command": "sweep", **({"mean": mean_v, "std": std_v} if mean_v else {})},
                    callback=on_point)
     written = result.save(out)
     for method, axes in result.crossings.items():

@@ -58,7 +58,7 @@ def transfer_cmd(
     check_output_folder(out, "--out")
     chosen = o.flagged("--baselines", parse_baselines, baselines)
     loaded, specs = o.load_models(models, device)
-    inputs = load_inputs(list(loaded.values()), data, n_train=n_craft, n_test=n_images, seed=seed, root=data_root,
+    inputs = load_inputs(loaded, data, n_train=n_craft, n_test=n_images, seed=seed, root=data_root,
                          image_size=image_size, resize=resize, probe_data=probe_data, probe_images=probe_images,
                          log=lambda line: console.print(f"[dim]{literal(line)}[/]"))
     x_eval, y_eval = inputs.heldout

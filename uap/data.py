@@ -55,7 +55,10 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+#: PIL modes of one-channel images with more than 8 bits, and the value that is white in each
+#: (``F``: float images, taken to be on the [0, 1] scale).
+_WIDE_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 _SPLITS = ("train", "test")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 #: file (``wnid<TAB>name`` lines) that names an imagefolder's classes, in the folder or one above
@@ -382,13 +385,22 @@ def _list_imagefolder(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if len(classes) == 1:
         raise ValueError(f"{folder} has a single class sub-folder ({classes[0]!r}): labels and accuracies need at "
                          "least two classes (expected <class>/<image> files, one sub-folder per class)")
-    items = []
+    items, skipped = [], {}
     for label, cls in enumerate(classes):
         for f in sorted((folder / cls).iterdir()):
             if f.suffix.lower() in _IMAGE_SUFFIXES:
                 items.append((f"{cls}/{f.name}", label))
+            elif not f.name.startswith("."):  # hidden files (.DS_Store …) are no one's images
+                kind = f.suffix.lower() or ("folders" if f.is_dir() else "no extension")
+                skipped[kind] = skipped.get(kind, 0) + 1
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    known = ", ".join(sorted(_IMAGE_SUFFIXES))
     if not items:
-        raise DataNotFoundError(f"{folder} has class folders but no images in them")
+        raise DataNotFoundError(f"{folder} has class folders but no images in them"
+                                + (f" (only {kinds}; images are {known})" if skipped else ""))
+    if skipped:
+        warnings.warn(f"{folder}: skipped {sum(skipped.values())} entries that are not images ({kinds}); images are "
+                      f"{known}", UserWarning, stacklevel=2)
     return classes, items
 
 
@@ -441,18 +453,32 @@ def _open_cache(cache: Path, count: int) -> np.ndarray | None:
 
 def _decode(path: Path, preprocessing: Preprocessing | None) -> np.ndarray:
     """One image file as an H×W×3 uint8 array; a file that is not a readable image (a text
-    file named ``.jpg``, a truncated download, no read permission) is a ``ValueError`` naming it."""
+    file named ``.jpg``, a truncated download, no read permission) is a ``ValueError`` naming it.
+    A 16-bit or float image (a PNG in mode ``I;16``, a float TIFF) is scaled from its own range
+    (0–65535, or [0, 1]) to 0–255, not clipped at 255 as a plain conversion would."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            image = im.convert("RGB")
+            image = _to_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "not an image"
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ValueError(f"{path} is not a readable image ({reason}); remove it from the folder or replace it") from None
     if preprocessing is not None:
         image = preprocessing.apply(image)
     return np.asarray(image)
+
+
+def _to_rgb(im):
+    """``im`` as an 8-bit RGB PIL image, 16-bit and float images scaled from their range."""
+    from PIL import Image
+
+    white = _WIDE_MODES.get(im.mode)
+    if white is None:
+        return im.convert("RGB")
+    values = np.asarray(im, dtype=np.float64) / white
+    gray = np.rint(np.clip(np.nan_to_num(values), 0.0, 1.0) * 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
 
 
 def _decode_all(paths: list[Path], preprocessing: Preprocessing | None = None,

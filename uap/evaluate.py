@@ -28,12 +28,17 @@ table shows how far each crafted UAP lies above random noise, chessboards and th
 Fourier basis image of the same norm.
 
 :func:`load_perturbations` reads saved perturbations (files, stems or ``uap craft`` run
-folders) under unique row names, for evaluating them.
+folders) under unique row names, for evaluating them; :func:`reuse_normalisation` gives a model
+spec the normalisation a perturbation was crafted with on that same spec.
+
+A clean accuracy no better than chance is warned about (:func:`check_clean_accuracy`): a model
+given the wrong normalisation, or data with other classes, makes every number meaningless.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -51,7 +56,8 @@ from uap.projection import check_eps, check_norm, lp_norm, norm_name
 from uap.report import Report
 
 __all__ = ["evaluate", "baselines_at_budget", "load_perturbations", "as_named_perturbations", "as_named_models",
-           "clean_outputs", "perturbed_outputs", "Outputs", "ProgressFn"]
+           "clean_outputs", "perturbed_outputs", "Outputs", "ProgressFn", "check_clean_accuracy",
+           "crafted_normalisation", "reuse_normalisation"]
 
 #: ``progress(done, total, description)`` — called after each pass over the images (one clean
 #: pass per model, then one per perturbation and model).
@@ -360,6 +366,7 @@ def evaluate(
         advance(f"{mname}: clean")
         if y_cpu is not None:
             clean_acc[j] = (clean.predictions == y_cpu).double().mean().item()
+            check_clean_accuracy(clean_acc[j], len(classes) if classes else len(torch.unique(y_cpu)), n, mname)
         run = Inference(model, embeddings=embeddings, name=mname)
         for i, (pname, v) in enumerate(perts.items()):
             out, num_classes = perturbed_outputs(run, x, v, batch_size)
@@ -391,6 +398,75 @@ def evaluate(
         meta={**(meta or {}), **(built.meta() if built is not None else {})},
         baselines=list(baseline_rows),
     )
+
+
+def check_clean_accuracy(accuracy: float, n_classes: int, n_images: int, model: str = "the model") -> bool:
+    """Warn when a clean accuracy is no better than chance: at most ``1 / n_classes`` plus two
+    standard errors of a chance-level model on ``n_images`` labelled images. Such a model is
+    not classifying these images (wrong normalisation, mean/std on the 0–255 scale, data with
+    other classes), so fooling rates measured on it mean nothing. Returns whether it warned."""
+    if n_classes < 2 or n_images < 1 or not math.isfinite(accuracy):
+        return False
+    chance = 1.0 / n_classes
+    if accuracy > chance + 2 * math.sqrt(chance * (1 - chance) / n_images):
+        return False
+    warnings.warn(f"{model}: clean accuracy {100 * accuracy:.1f} % is no better than chance ({100 * chance:.1f} % "
+                  f"for {n_classes} classes): is the normalisation right? (mean/std are on the [0, 1] scale) "
+                  "and are these the model's classes?", UserWarning, stacklevel=2)
+    return True
+
+
+def crafted_normalisation(perturbation: Any) -> tuple[str, tuple[float, ...], tuple[float, ...]] | None:
+    """``(model spec, mean, std)`` of the model a perturbation was crafted on, when it was given a
+    normalisation there (in its spec's query, or the run's ``mean``/``std`` settings, as
+    ``uap craft`` records them); None otherwise. The spec is returned without its normalisation."""
+    from uap.targets import ModelSpecError, split_normalisation
+
+    spec = getattr(perturbation, "model", None)
+    if not isinstance(spec, str) or not spec:
+        return None
+    settings = ((getattr(perturbation, "extra", None) or {}).get("run") or {}).get("settings") or {}
+    try:
+        body, mean, std = split_normalisation(spec)
+        if mean is None and settings.get("mean") is not None and settings.get("std") is not None:
+            body, mean, std = split_normalisation(spec, settings["mean"], settings["std"])
+    except (ModelSpecError, KeyError, TypeError):  # a model id that is no spec this uap reads
+        return None
+    return None if mean is None else (body, tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def reuse_normalisation(specs: Sequence[str], perturbations: Mapping[str, Any] | Sequence[Any]) -> tuple[list[str], list[str]]:
+    """Give each model spec (``SPEC`` or ``SPEC=WEIGHTS_FILE``) that names no normalisation, and is
+    the spec a perturbation was crafted on with one, that normalisation
+    (:func:`uap.targets.with_normalisation`): evaluating on "the same model" then means the
+    same function of the pixels. A spec with its own normalisation is left as it is (it
+    overrides the record). Returns ``(specs, notes)``, one note per spec changed; perturbations
+    crafted on one spec with different normalisations leave it unchanged, with a warning."""
+    from uap.targets import split_normalisation, split_weights, with_normalisation
+
+    items = perturbations.values() if isinstance(perturbations, Mapping) else perturbations
+    recorded: dict[str, set] = {}
+    for p in items:
+        found = crafted_normalisation(p)
+        if found is not None:
+            recorded.setdefault(found[0], set()).add(found[1:])
+    out, notes = [], []
+    for item in specs:
+        spec, weights = split_weights(item)
+        body, mean, _ = split_normalisation(spec)
+        choices = recorded.get(body, set()) if mean is None else set()
+        if len(choices) > 1:
+            warnings.warn(f"{spec}: the perturbations were crafted on it with different normalisations; give it one "
+                          "(SPEC?mean=a/b/c&std=a/b/c)", UserWarning, stacklevel=2)
+        if len(choices) != 1:
+            out.append(item)
+            continue
+        (mean, std), = choices
+        spec = with_normalisation(spec, mean, std)
+        out.append(spec if weights is None else f"{spec}={weights}")
+        notes.append(f"{body}: using the normalisation it was crafted with (mean {'/'.join(f'{m:g}' for m in mean)}, "
+                     f"std {'/'.join(f'{v:g}' for v in std)}); give SPEC?mean=…&std=… to override")
+    return out, notes
 
 
 def _check_resolution(name: str, v: torch.Tensor, shape: Sequence[int]) -> None:

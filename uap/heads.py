@@ -13,6 +13,7 @@ split — the crafting side of the split rule — so a probe never sees a held-o
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from uap.data import Preprocessing, balanced_subset, load_split
 
-__all__ = ["attach_heads", "needs_probe"]
+__all__ = ["attach_heads", "needs_probe", "check_classes"]
 
 
 def needs_probe(model: nn.Module) -> bool:
@@ -70,3 +71,47 @@ def attach_heads(models: Sequence[nn.Module], classes: Sequence[str], *, data: s
     for m in needing:
         m.fit_probe(split.x.select(picked), split.y[torch.as_tensor(picked, dtype=torch.long)], split.classes, seed=seed)
     return len(needing)
+
+
+def check_classes(models: Sequence[nn.Module] | dict[str, nn.Module], classes: Sequence[str],
+                  example: torch.Tensor) -> list[str]:
+    """Warn (one line each) when a model cannot be classifying the data's ``classes``: its
+    number of logits on ``example`` (one image or a few) is not the number of classes, or the
+    class names it declares (``model.classes``, e.g. from its weights' metadata) are not the
+    data's — fewer than half of them the same name at the same label, compared without case
+    or punctuation, so that two spellings of one label set (``crane`` / ``crane bird``) pass. Accuracies against the data's labels are then meaningless, though every number is
+    still computed as asked; nothing is changed. A model whose forward pass fails here is left
+    to fail where it is used. Returns the warnings' texts."""
+    from uap.forward import eval_mode, model_device
+
+    named = models.items() if isinstance(models, dict) else ((type(m).__name__, m) for m in models)
+    said = []
+    for name, model in named:
+        declared = getattr(model, "classes", None)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                logits = model(example[:1].to(model_device(model)))
+        except Exception:  # not this check's to report
+            logits = None
+        if torch.is_tensor(logits) and logits.dim() == 2 and logits.shape[1] != len(classes):
+            said.append(f"{name} gives {logits.shape[1]} logits but the data has {len(classes)} classes: the data's "
+                        "labels are not this model's classes, so its accuracies are meaningless")
+        elif declared and not _same_names(declared, classes):
+            said.append(f"{name}'s classes ({_shown(declared)}) are not the data's ({_shown(classes)}): "
+                        "its accuracies against these labels are meaningless")
+    for line in said:
+        warnings.warn(line, UserWarning, stacklevel=2)
+    return said
+
+
+def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
+    """Whether two class lists name the same labels: as long, and at least half the names alike."""
+    def key(name: object) -> str:
+        return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+    return len(a) == len(b) and 2 * sum(key(x) == key(y) for x, y in zip(a, b)) >= len(a)
+
+
+def _shown(names: Sequence[str], n: int = 3) -> str:
+    names = [str(c) for c in names]
+    return ", ".join(names[:n]) + (f" … {len(names)} in all" if len(names) > n else "")

@@ -7,13 +7,19 @@ A *target* is an ``nn.Module`` taking images in ``[0, 1]`` (N×3×H×W) and retu
   runs) and ``factory()`` is called to build the module, so name only code you trust; an
   attribute that is not callable, or that needs arguments, is refused without being called; weights
   come from ``weights`` (safetensors, or a state dict read with
-  ``torch.load(..., weights_only=True)``, which cannot run code), and ``mean``/``std`` wrap it
-  in a normalisation layer (:class:`Normalized`) when it expects normalised input;
+  ``torch.load(..., weights_only=True)``, which cannot run code);
 - ``SOURCE:NAME`` — model ``NAME`` of the *model source* ``SOURCE`` (e.g. ``zoo:supervised``,
   or the adapters of :mod:`uap.adapters`: ``torchvision:resnet18``, ``timm:vit_tiny_patch16_224``);
   a source that declares :attr:`ModelSource.weights` also takes a ``weights`` file;
 - a bare name or a path (``supervised``, ``supervised@knn``, ``runs/x/NAME.safetensors``) —
   asked of every source that answers bare specs (:attr:`ModelSource.bare`), in order.
+
+Every spelling takes the normalisation its model expects as a query, ``SPEC?mean=a/b/c&std=a/b/c``
+(values on the [0, 1] scale, one per channel or one for all): the model is then wrapped in
+:class:`Normalized`, or, when it is one already (an adapter's model), its normalisation is
+replaced. ``resolve_model``'s ``mean``/``std`` arguments say the same. A source may read
+further query options itself (:attr:`ModelSource.options`, e.g. ``hub:DIR:ENTRY?size=224``);
+:func:`split_query` is the one parser of that query.
 
 Model sources are how the engine finds models without importing the packages that define
 them: ``uap`` never imports the repo's ``models`` package (``models`` imports ``uap``). A
@@ -52,6 +58,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
+from urllib.parse import parse_qsl
 
 import torch
 from torch import nn
@@ -61,6 +68,7 @@ __all__ = [
     "ENTRY_POINT_GROUP", "ModelSource", "ModelSpecError", "UnknownModelError", "Normalized",
     "register_model_source", "model_sources", "source_names", "available_models", "resolve_model",
     "load_state_dict_file", "load_weights", "split_weights", "short_name", "parse_model_list", "load_models",
+    "split_query", "spec_normalisation", "split_normalisation", "with_normalisation", "NORMALISATION_OPTIONS",
 ]
 
 #: Entry-point group in which installed packages publish their :class:`ModelSource`.
@@ -68,6 +76,8 @@ ENTRY_POINT_GROUP = "uap.models"
 
 _SOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 _LISTED = 12  # names per source shown in an "unknown model" message
+#: The query options :func:`resolve_model` reads for every source: the normalisation the model expects.
+NORMALISATION_OPTIONS = ("mean", "std")
 
 
 class ModelSpecError(ValueError):
@@ -105,6 +115,10 @@ class ModelSource:
             for a source that needs nothing beyond ``uap``'s own dependencies.
         label: ``label(name) -> str`` — the short name of its model ``NAME`` (a table's column
             for ``SOURCE:NAME``, :func:`short_name`); by default the part after the last ``:``.
+        options: the query options (``NAME?key=value&…``) the source reads itself; ``load``
+            then gets the query with its name. ``mean``/``std`` among them are the source's own
+            (given as arguments of :func:`resolve_model`, they are added to its query);
+            otherwise :func:`resolve_model` reads them and any other option is refused.
     """
 
     load: Callable[..., nn.Module | None]
@@ -114,6 +128,7 @@ class ModelSource:
     weights: bool = False
     library: str = ""
     label: Callable[[str], str] = lambda name: _last_part(name)
+    options: tuple[str, ...] = ()
 
 
 def _last_part(name: str) -> str:
@@ -217,10 +232,22 @@ class Normalized(nn.Module):
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.check(mean, std)
         self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("mean", torch.zeros(1, 1, 1, 1))
+        self.register_buffer("std", torch.ones(1, 1, 1, 1))
+        self.set_normalisation(mean, std)
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Use ``mean``/``std`` (checked by :meth:`check`) from now on; values above 1 — typed on
+        the 0–255 scale, where images here are in [0, 1] — are kept, with a warning."""
+        self.check(mean, std)
+        if max(abs(float(v)) for v in [*mean, *std]) > 1:
+            warnings.warn(f"mean {list(mean)} / std {list(std)} has values above 1, but images are on the [0, 1] "
+                          "scale (divide values given for 0-255 pixels by 255)", UserWarning, stacklevel=3)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.mean.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.std.device).view(1, -1, 1, 1)
+        if isinstance(getattr(self, "preprocessing", None), dict):  # an adapter's record of its weights' preprocessing
+            self.preprocessing = {**self.preprocessing, "mean": [float(m) for m in mean], "std": [float(v) for v in std]}
 
     @staticmethod
     def check(mean: Sequence[float], std: Sequence[float], channels: int | None = None) -> None:
@@ -245,8 +272,10 @@ class Normalized(nn.Module):
                                  "(give one value per channel, or one for all)", "mean", "std")
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / std``: the normalisation the wrapped model expects, of images in [0, 1]."""
-        if x.dim() >= 2 and self.mean.shape[1] not in (1, x.shape[1]):
+        """``(x - mean) / std``: the normalisation the wrapped model expects, of images in [0, 1].
+        (The channel check is skipped while ``torch.fx`` traces the model — a traced input is
+        no tensor — so that batch-norm folding sees through this wrapper.)"""
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and self.mean.shape[1] not in (1, x.shape[1]):
             self.check(self.mean.flatten().tolist(), self.std.flatten().tolist(), channels=x.shape[1])
         return (x - self.mean) / self.std
 
@@ -313,11 +342,13 @@ def resolve_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> tuple[nn.Module, str]:
-    """Return ``(model, model_id)`` for a ``module:factory``, ``SOURCE:NAME``, bare name or path.
+    """Return ``(model, model_id)`` for a ``module:factory``, ``SOURCE:NAME``, bare name or path,
+    each optionally followed by ``?mean=a/b/c&std=a/b/c`` (module docstring).
 
     ``weights`` goes with ``module:factory`` and with ``SOURCE:NAME`` of a source that takes
     weights (:attr:`ModelSource.weights`, e.g. ``torchvision:resnet18``); the zoo's models
-    carry their own. ``mean`` and ``std`` go together. The model is put in eval mode with gradients of its
+    carry their own. ``mean`` and ``std`` go together, and say what the spec's query would
+    (giving both is refused). The model is put in eval mode with gradients of its
     parameters disabled (the engine only needs gradients with respect to the input).
     ``model_id`` is the spec as given.
     """
@@ -325,7 +356,9 @@ def resolve_model(
         raise ModelSpecError("the model spec is empty: give a model name, SOURCE:NAME or package.module:factory")
     if (mean is None) != (std is None):
         raise ModelSpecError("give both mean and std, or neither", "mean", "std")
-    source_name, factory = _kind(spec)
+    given = spec
+    spec, mean, std = split_normalisation(spec, mean, std)
+    source_name, factory = _kind(spec.partition("?")[0])
     if weights is not None and not factory and (source_name is None or not _REGISTRY.get(source_name).weights):
         takers = [n for n in _REGISTRY.names() if (s := _REGISTRY.get(n)) is not None and s.weights]
         raise ModelSpecError(f"{spec!r} comes with its own weights; a weights file goes with package.module:factory"
@@ -341,11 +374,102 @@ def resolve_model(
                              "torch.nn.LazyLinear): build it with one forward pass in the factory, or give "
                              "weights that set them", "spec")
     if mean is not None:
-        model = Normalized(model, mean, std)
+        if isinstance(model, Normalized):  # an adapter's model: its normalisation is replaced, not stacked
+            model.set_normalisation(mean, std)
+        else:
+            model = Normalized(model, mean, std)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, spec
+    return model, given
+
+
+def split_query(spec: str) -> tuple[str, list[tuple[str, str]]]:
+    """``BODY?key=value&…`` → ``(BODY, [(key, value), …])``; a spec without ``?`` → ``(spec, [])``.
+
+    The one parser of a model spec's options (:func:`resolve_model`, the sources that read
+    options, :func:`split_weights`). A malformed query, or an option named twice, is a
+    :class:`ModelSpecError` about ``spec``."""
+    body, sep, query = spec.partition("?")
+    if not sep:
+        return spec, []
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise ModelSpecError(f"{spec!r}: the options after '?' must be key=value pairs joined by '&'") from None
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ModelSpecError(f"{spec!r} gives the option(s) {', '.join(twice)} more than once")
+    return body, pairs
+
+
+def spec_normalisation(spec: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The ``(mean, std)`` a spec's query gives (``SPEC?mean=a/b/c&std=a/b/c``), or None.
+
+    One of the two alone, or values that are not numbers separated by ``/``, is a
+    :class:`ModelSpecError` about ``spec``."""
+    options = dict(split_query(spec)[1])
+    if not any(k in options for k in NORMALISATION_OPTIONS):
+        return None
+    if not all(k in options for k in NORMALISATION_OPTIONS):
+        raise ModelSpecError(f"{spec!r}: give both mean and std in the query (SPEC?mean=a/b/c&std=a/b/c), or neither")
+    values = []
+    for key in NORMALISATION_OPTIONS:
+        try:
+            values.append(tuple(float(t) for t in options[key].split("/")))
+        except ValueError:
+            raise ModelSpecError(f"{spec!r}: option {key} must be numbers separated by /, "
+                                 f"got {options[key]!r}") from None
+    mean, std = values
+    try:
+        Normalized.check(mean, std)
+    except ModelSpecError as e:  # about the spec's query, not about mean/std arguments
+        raise ModelSpecError(f"{spec!r}: {e}") from None
+    return mean, std
+
+
+def with_normalisation(spec: str, mean: Sequence[float], std: Sequence[float]) -> str:
+    """``spec`` with the normalisation ``mean``/``std`` in its query (replacing one it has):
+    ``pkg.mod:net`` → ``pkg.mod:net?mean=0.485/0.456/0.406&std=0.229/0.224/0.225``."""
+    body, _, query = spec.partition("?")
+    kept = [part for part in query.split("&") if part and part.partition("=")[0] not in NORMALISATION_OPTIONS]
+    norm = [f"{key}={'/'.join(format(float(v), 'g') for v in values)}"
+            for key, values in zip(NORMALISATION_OPTIONS, (mean, std))]
+    return f"{body}?{'&'.join(kept + norm)}"
+
+
+def _source_options(body: str) -> tuple[str, ...]:
+    """The query options the source of a spec (without its query) reads itself."""
+    source_name, factory = _kind(body)
+    return () if factory or source_name is None else _REGISTRY.get(source_name).options
+
+
+def split_normalisation(spec: str, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                        ) -> tuple[str, Sequence[float] | None, Sequence[float] | None]:
+    """``(spec for its source, mean, std)``: the normalisation in a spec's query and that given
+    as ``mean``/``std`` made one (both at once is a :class:`ModelSpecError`); the returned spec
+    keeps only the query options its source reads itself. A source that reads ``mean``/``std``
+    itself (``hub:``) keeps them in its spec, and gets the given ones added there.
+    ``pkg.mod:net?mean=0.5/0.5/0.5&std=0.2/0.2/0.2`` → ``("pkg.mod:net", (0.5, …), (0.2, …))``."""
+    body, pairs = split_query(spec)
+    own = _source_options(body)
+    unknown = [k for k, _ in pairs if k not in own and k not in NORMALISATION_OPTIONS]
+    if unknown:
+        readable = sorted(set(own) | set(NORMALISATION_OPTIONS))
+        raise ModelSpecError(f"{spec!r}: unknown option(s) {', '.join(unknown)}; a model spec's options are "
+                             f"{', '.join(readable)}")
+    queried = spec_normalisation(spec)
+    if queried is not None and mean is not None:
+        raise ModelSpecError(f"{spec!r} gives its normalisation in the query and as mean/std: give it once",
+                             "spec", "mean", "std")
+    if "mean" in own:  # the source reads its normalisation from the query itself
+        return (spec if mean is None else with_normalisation(spec, mean, std)), None, None
+    if queried is None:
+        return spec, mean, std
+    rest = "&".join(part for part in spec.partition("?")[2].split("&")
+                    if part.partition("=")[0] not in NORMALISATION_OPTIONS)
+    return body + (f"?{rest}" if rest else ""), *queried
 
 
 def _kind(spec: str) -> tuple[str | None, bool]:
@@ -445,7 +569,7 @@ def split_weights(item: str) -> tuple[str, Path | None]:
     if not sep:
         return item, None
     _, query_sep, query = spec.partition("?")
-    if query_sep and "=" not in query.rsplit("&", 1)[-1]:
+    if query_sep and "=" not in query.rsplit("&", 1)[-1]:  # the last '=' is the last option's own
         return item, None
     if not spec.strip() or not weights.strip():
         raise ModelSpecError(f"{item!r} is not SPEC=WEIGHTS_FILE")
@@ -458,14 +582,17 @@ def short_name(model_id: str) -> str:
     ``supervised`` → ``supervised``; ``pkg.mod:factory`` → ``factory``; ``dir/x.safetensors`` →
     ``x``; ``torchvision:resnet18=r18.pth`` → ``resnet18`` (a weights file is not part of the
     label); ``torchvision:resnet50:IMAGENET1K_V2`` → ``resnet50:IMAGENET1K_V2``;
-    ``hub:DIR:ENTRY?size=224`` → ``ENTRY``; ``SOURCE:NAME`` → ``SOURCE``'s
+    ``hub:DIR:ENTRY?size=224`` → ``ENTRY``; ``pkg.mod:net?mean=…&std=…`` → ``net``;
+    ``SOURCE:NAME`` → ``SOURCE``'s
     :attr:`ModelSource.label` of ``NAME``.
     """
     model_id = split_weights(model_id)[0] if "=" in model_id else model_id
     head, sep, name = model_id.partition(":")
     if sep and _SOURCE_NAME.fullmatch(head) and head in _REGISTRY.names():
-        return _REGISTRY.get(head).label(name)
-    if sep and not Path(model_id).exists():
+        source = _REGISTRY.get(head)
+        return source.label(name if source.options else name.partition("?")[0])
+    model_id = model_id.partition("?")[0]  # options (a normalisation) are not part of a label
+    if ":" in model_id and not Path(model_id).exists():
         return _last_part(model_id)
     return Path(model_id).name.split(".")[0] if ("/" in model_id or "." in Path(model_id).name) else model_id
 

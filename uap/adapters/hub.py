@@ -31,13 +31,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import parse_qsl
 
 import torch
 from torch import nn
 
 from uap.adapters.base import INTERPOLATIONS, AdaptedClassifier
-from uap.targets import ModelSource, ModelSpecError, load_weights
+from uap.targets import ModelSource, ModelSpecError, load_weights, split_query
 
 __all__ = ["SOURCE", "load", "label", "HubProbed", "parse_spec", "entry_points", "PROBES"]
 
@@ -101,12 +100,12 @@ class HubProbed(nn.Module):
 
 def parse_spec(name: str) -> tuple[Path, str, dict]:
     """``DIR:ENTRY[?options]`` → ``(DIR, ENTRY, options)`` with checked, typed options."""
-    body, _, query = name.partition("?")
+    body, pairs = split_query(name)
     folder, sep, entry = body.rpartition(":")
     if not sep or not folder or not entry:
         raise ModelSpecError(f"hub:{name} is not hub:DIR:ENTRY (a folder with hubconf.py, then an entry point)")
     options: dict = {}
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)) if query else []:
+    for key, value in pairs:
         if key not in _OPTIONS:
             raise ModelSpecError(f"hub:{name}: unknown option {key!r}; options are {', '.join(_OPTIONS)}")
         try:
@@ -189,6 +188,6 @@ def label(name: str) -> str:
 
 
 #: The adapter as a model source (entry point ``hub`` of the ``uap.models`` group).
-SOURCE = ModelSource(load=load, names=_names, weights=True, library="", label=label,
+SOURCE = ModelSource(load=load, names=_names, weights=True, library="", label=label, options=_OPTIONS,
                      help="hub:DIR:ENTRY[?size=224&mean=a/b/c&std=a/b/c&probe=linear|knn&k=20], DIR a local torch.hub "
                           "repository with hubconf.py; the probe is fitted on --probe-data's train split")

@@ -19,7 +19,7 @@ from uap.runs.decisions import decide_everywhere
 from uap.runs.folder import Artefacts, Callback, RunFolder
 from uap.runs.record import craft_arguments, fingerprint
 
-__all__ = ["RunResult", "craft_in", "craft_run", "summarize", "SUMMARY_FILE"]
+__all__ = ["RunResult", "craft_in", "craft_run", "summarize", "stop_reason", "SUMMARY_FILE"]
 
 #: Name of the summary :func:`craft_run` writes into its folder.
 SUMMARY_FILE = "summary.json"
@@ -31,8 +31,9 @@ def summarize(pert: Perturbation, record: Mapping[str, Any], *,
 
     Fields: model, data, image counts, budget and method as asked (``record["craft"]``), the
     rates of the kept ``v`` (the last pass, or the best with ``keep_best``), its norms, the
-    number of passes, the method's counters summed over the passes (``counters``, e.g.
-    ``{"deepfool_calls": N}``), time, the caller's settings and the history.
+    number of passes, why crafting stopped (``stopped``, :func:`stop_reason`), the method's
+    counters summed over the passes (``counters``, e.g. ``{"deepfool_calls": N}``), time, the
+    caller's settings and the history.
     """
     from uap import __version__
 
@@ -44,7 +45,7 @@ def summarize(pert: Perturbation, record: Mapping[str, Any], *,
         "heldout": pert.extra.get("n_heldout") or 0,
         "eps": pert.eps, "norm": pert.norm, "delta": pert.delta, "method": craft.get("method", pert.method),
         "seed": pert.seed, "passes": pert.passes, "seconds": pert.seconds,
-        "best_pass": pert.extra.get("best_pass"),
+        "best_pass": pert.extra.get("best_pass"), "stopped": stop_reason(pert),
         "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate,
         "heldout_accuracy": kept.get("heldout_accuracy"),
         "target": pert.extra.get("target"),
@@ -56,6 +57,24 @@ def summarize(pert: Perturbation, record: Mapping[str, Any], *,
         "perturbation": perturbation_file, "version": __version__,
         "settings": record.get("settings"), "history": pert.history,
     }
+
+
+def stop_reason(pert: Perturbation) -> dict[str, Any]:
+    """Why crafting stopped: ``{"reason", "pass", "text"}`` with ``reason`` one of ``"delta"`` (the
+    stop rule's rate exceeded 1 − δ after pass ``pass``), ``"max_passes"`` (all passes ran) or
+    ``"callback"`` (a caller stopped it after pass ``pass``); ``text`` says it in one line."""
+    history = pert.history or [{}]
+    last = history[-1]
+    key = "targeted_success_rate" if pert.extra.get("target") is not None else "fooling_rate"
+    rate, k, most = last.get(key), len(pert.history), pert.extra.get("max_passes")
+    name = "targeted success rate" if key != "fooling_rate" else "fooling rate"
+    if rate is not None and rate > 1 - pert.delta:
+        return {"reason": "delta", "pass": k, "text": f"{name} {100 * rate:.1f} % > 1 − δ = {100 * (1 - pert.delta):.0f} % "
+                f"after pass {k}" + (f" (of at most {most})" if most else "")}
+    if most is None or k >= most:
+        return {"reason": "max_passes", "pass": k, "text": f"all {k} passes ran (--max-passes); {name} "
+                + (f"{100 * rate:.1f} %" if rate is not None else "–") + f" ≤ 1 − δ = {100 * (1 - pert.delta):.0f} %"}
+    return {"reason": "callback", "pass": k, "text": f"stopped by the caller after pass {k} of at most {most}"}
 
 
 @dataclass
@@ -183,7 +202,19 @@ def craft_run(out_dir: str | os.PathLike | RunFolder, model: nn.Module, x: torch
         except (OSError, ValueError, AttributeError):
             pass
     result.baseline = measured.get("baseline")
+    _check_heldout_accuracy(result.perturbation, heldout)
     return result
+
+
+def _check_heldout_accuracy(pert: Perturbation, heldout: Any) -> None:
+    """:func:`uap.evaluate.check_clean_accuracy` on the run's clean held-out accuracy (labelled
+    held-out images only): a warning, nothing else."""
+    from uap.evaluate import check_clean_accuracy
+
+    accuracy = pert.extra.get("clean_heldout_accuracy")
+    labels = heldout[1] if isinstance(heldout, (tuple, list)) and len(heldout) == 2 else None
+    if accuracy is not None and torch.is_tensor(labels) and len(labels):
+        check_clean_accuracy(float(accuracy), len(torch.unique(labels)), len(labels), pert.model)
 
 
 def _heldout_baseline(model: nn.Module, heldout: Any, pert: Perturbation) -> dict[str, Any] | None:
