@@ -48,7 +48,7 @@ def _sources_table() -> Table:
     from uap.targets import model_sources
 
     table = Table(title="external model sources")
-    for col in ("source", "spellings", "weights file", "library"):
+    for col in ("source", "spellings", "weights file", "library", "installed weights (no weights file needed)"):
         table.add_column(col)
     for name, source in model_sources().items():
         if source.bare:  # the zoo (and any source answering bare names) is what plain `uap models` lists
@@ -56,5 +56,6 @@ def _sources_table() -> Table:
         lib = source.library
         status = "-" if not lib else (f"{lib}: installed" if importlib.util.find_spec(lib) is not None
                                       else f"{lib}: [red]not installed[/] (pip install 'uap[hub]')")
-        table.add_row(name, source.help or f"{name}:NAME", "yes" if source.weights else "no", status)
+        ready = ", ".join(f"{name}:{model}" for model in source.ready()) or "-"
+        table.add_row(name, literal(source.help or f"{name}:NAME"), "yes" if source.weights else "no", status, literal(ready))
     return table

