@@ -38,7 +38,7 @@ from uap.criteria import Criterion, Targeted, Untargeted, check_target
 from uap.distributed import broadcast
 from uap.forward import DEFAULT_BATCH_SIZE, check_images, check_perturbation, eval_mode, logits_of, model_device
 from uap.methods.base import AttackedModels, Callback, CraftContext, Method
-from uap.metrics import accuracy, clean_predictions, predict
+from uap.metrics import clean_predictions, predict
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
 
@@ -241,7 +241,7 @@ def craft(
         **({"batchnorm_folded": folded} if folded is not None else {}),  # BatchNorm layers attacked folded
         **criterion.describe(),
         **({"best_pass": best_pass} if keep_best else {}),
-        "clean_heldout_accuracy": None if hy is None else accuracy(model, hx, hy, batch_size=batch_size),
+        "clean_heldout_accuracy": None if hy is None else (held_clean == hy.cpu()).sum().item() / len(held_clean),
     }
     clash = sorted(set(described) & set(extra))
     if clash:
