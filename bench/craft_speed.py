@@ -19,6 +19,10 @@ Two settings:
 - ``schedule``: ``delta=0``, ``max_passes=P`` and ``eval_every=P``: only the last pass is
   measured; seconds are per pass (the run's time / P).
 
+A third setting, ``deepfool``, times one :func:`uap.deepfool` call (ℓ2, 10 candidates, 50
+steps, overshoot 0.02: Algorithm 1's inner step) on the first ``--deepfool-images`` crafting
+images with each way of computing the candidates' gradients (``gradients=``), per image.
+
 The ``max |Δv|`` column checks that both contenders computed the same perturbation (the
 driver differentiates a minibatch of 32 224² images in parts, so float rounding may differ).
 
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import base_parser, console, parse_eps, print_table, write_results
-from uap import craft, fold_batchnorm
+from uap import craft, deepfool, fold_batchnorm
 from uap.inputs import load_inputs
 from uap.metrics import DEFAULT_CACHE
 from uap.targets import resolve_model
@@ -65,6 +69,23 @@ def bare_loop(model: torch.nn.Module, x: torch.Tensor, *, eps: float, passes: in
     return v.detach(), labels_seconds
 
 
+def deepfool_costs(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> dict[str, Any]:
+    """Seconds per image of one :func:`uap.deepfool` call on ``x`` for each gradient mode,
+    alternating the modes ``repeats`` times (medians), with the success rate and median ‖r‖₂."""
+    modes = ("loop", "replicated", "batched")
+    seconds: dict[str, list[float]] = {m: [] for m in modes}
+    out: dict[str, Any] = {}
+    for _ in range(repeats):
+        for mode in modes:
+            t0 = time.perf_counter()
+            r, ok = deepfool(model, x, norm=2, candidates=10, overshoot=0.02, max_iter=50, gradients=mode)
+            seconds[mode].append((time.perf_counter() - t0) / len(x))
+            out[mode] = {"success": ok.float().mean().item(),
+                         "median_r2": r.flatten(1).norm(dim=1).median().item()}
+            console.print(f"deepfool {mode}: {seconds[mode][-1]:.2f} s/image")
+    return {m: {**out[m], "seconds_per_image": statistics.median(seconds[m]), "all": seconds[m]} for m in modes}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = base_parser(__doc__.splitlines()[0])
     sample = os.path.join(os.environ.get("UAP_DATA_DIR", "data"), "imagenet-sample", "val")
@@ -75,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="alternations per setting")
     ap.add_argument("--passes", type=int, default=4, help="passes P of the 'schedule' setting")
-    ap.add_argument("--settings", default="every,schedule")
+    ap.add_argument("--settings", default="every,schedule", help="comma-separated: every, schedule, deepfool")
+    ap.add_argument("--deepfool-images", type=int, default=4)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -96,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {}
     rows = []
     for setting in args.settings.split(","):
+        if setting == "deepfool":
+            results["deepfool"] = deepfool_costs(folded, x[:args.deepfool_images], args.repeats)
+            continue
         passes, eval_every = (1, 1) if setting == "every" else (args.passes, args.passes)
         bare_s, craft_s, labels_s, diffs = [], [], [], []
         for r in range(args.repeats):
@@ -118,6 +143,13 @@ def main(argv: list[str] | None = None) -> None:
                             "fooling_rate": pert.fooling_rate, "heldout_fooling_rate": pert.heldout_fooling_rate}
         rows.append([setting, passes, eval_every, bare, statistics.median(labels_s) / passes, crafted,
                      crafted / bare, max(diffs)])
+    if "deepfool" in results:
+        print_table(f"uap.deepfool on {model_id} (BN folded), {args.deepfool_images} images in one call, "
+                    f"seconds per image (medians of {args.repeats})", ["gradients", "s/image", "fooled", "median ‖r‖₂"],
+                    [[mode, r["seconds_per_image"], r["success"], r["median_r2"]] for mode, r in results["deepfool"].items()])
+    if not rows:
+        write_results("craft_speed", args, results)
+        return
     print_table(f"SGD-UAP on {model_id}: bare loop vs uap.craft, seconds per pass (medians of {args.repeats})",
                 ["setting", "passes", "eval_every", "bare s/pass", "of which labels", "craft s/pass",
                  "ratio", "max |Δv|"], rows)
