@@ -93,6 +93,9 @@ def craft_cmd(
                                   "decisions stay fp32). The same as --method-option precision=bf16."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Keep the v of the pass with the highest fooling rate "
                                    "on the crafting images (Algorithm 1 can lose ground in a pass), not the last."),
+    eval_every: int = typer.Option(1, "--eval-every", min=1, help="Measure the fooling rates (crafting set and "
+                                   "held-out) after every K-th pass and the last one; the others record none "
+                                   "(with --delta > 0 the crafting set is measured every pass). Not with --keep-best."),
     fold_batchnorm: bool = typer.Option(True, "--fold-batchnorm/--no-fold-batchnorm",
                                         help="Attack a copy of the model with batch norm folded into the layers "
                                         "before it (the same function, faster to differentiate)."),
@@ -116,6 +119,8 @@ def craft_cmd(
     eps_value, p = o.parse_eps(eps), o.parse_norm(norm)
     o.check_budget(eps_value, p)
     check_stop_rule(delta, max_passes)
+    if keep_best and eval_every != 1:
+        raise o.UsageError("--keep-best compares every pass's fooling rate; it needs --eval-every 1")
     method_options = _method_options(method, batch_size, method_option, precision)
     mean_v, std_v = o.normalisation(mean, std)
     torch_device = o.torch_device(device)
@@ -144,7 +149,8 @@ def craft_cmd(
                                force=force, callback=on_event, eps=eps_value, norm=p, delta=delta,
                                max_passes=max_passes, method=method, seed=seed, model_id=model_id,
                                data=f"{data}:train:n={n_images}:seed={seed}", method_options=method_options,
-                               target=target_class, keep_best=keep_best, fold_batchnorm=fold_batchnorm)
+                               target=target_class, keep_best=keep_best, fold_batchnorm=fold_batchnorm,
+                               eval_every=eval_every)
         except KeyboardInterrupt:
             progress.stop()
             err_console.print(f"interrupted: {literal(resume_hint(run))}", highlight=False, soft_wrap=True)

@@ -156,13 +156,13 @@ def test_a_fresh_run_does_not_measure_v_zero(monkeypatch):
     import uap.universal as universal
 
     seen = []
-    real = universal.fooling_rate
+    real = universal.predict
 
     def spy(model, x, v, **kw):
         seen.append(bool((v == 0).all()))
         return real(model, x, v, **kw)
 
-    monkeypatch.setattr(universal, "fooling_rate", spy)
+    monkeypatch.setattr(universal, "predict", spy)
     model, x = tiny_mlp(), _images()
     craft(model, x, eps=0.06, max_passes=1)
     assert seen and not any(seen)  # Err(X_0) = 0 for images in [0, 1]: known without a pass

@@ -125,9 +125,19 @@ class Criterion:
         when the caller already measured it)."""
         raise NotImplementedError
 
+    def rate_of(self, pred: torch.Tensor, clean: torch.Tensor | None) -> float:
+        """:meth:`rate` from the predictions ``pred`` at ``x + v`` (CPU labels; ``clean``: k̂(x),
+        which a targeted criterion does not read), for a caller that has them already: the same number, without another forward pass."""
+        raise NotImplementedError
+
     def record(self, model: nn.Module, heldout: torch.Tensor | None, v: torch.Tensor, rate: float, *,
                batch_size: int) -> dict[str, Any]:
         """Entries of a pass record beyond the driver's own (``rate``: :meth:`rate` at ``v``)."""
+        return {}
+
+    def record_of(self, rate: float | None, heldout_pred: torch.Tensor | None) -> dict[str, Any]:
+        """:meth:`record` from the predictions on the held-out images at ``x + v`` (None: not
+        measured, and then so are this criterion's held-out entries)."""
         return {}
 
     def describe(self) -> dict[str, Any]:
@@ -151,6 +161,11 @@ class Untargeted(Criterion):
     def rate(self, model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, clean: torch.Tensor,
              batch_size: int, fooling: float | None = None) -> float:
         return fooling if fooling is not None else fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
+
+    def rate_of(self, pred: torch.Tensor, clean: torch.Tensor | None) -> float:
+        if clean is None:
+            raise ValueError("the fooling rate needs the clean predictions")
+        return (pred != clean.cpu()).sum().item() / len(pred)  # as fooling_rate counts
 
     def __repr__(self) -> str:
         return "Untargeted()"
@@ -192,6 +207,13 @@ class Targeted(Criterion):
         return {"targeted_success_rate": rate,
                 "heldout_targeted_success_rate": None if heldout is None else targeted_success_rate(
                     model, heldout, v, self.target, batch_size=batch_size)}
+
+    def rate_of(self, pred: torch.Tensor, clean: torch.Tensor | None) -> float:
+        return (pred == int(self.target)).sum().item() / len(pred)  # as targeted_success_rate counts
+
+    def record_of(self, rate: float | None, heldout_pred: torch.Tensor | None) -> dict[str, Any]:
+        return {"targeted_success_rate": rate,
+                "heldout_targeted_success_rate": None if heldout_pred is None else self.rate_of(heldout_pred, None)}
 
     def describe(self) -> dict[str, Any]:
         return {"target": self.target}

@@ -88,7 +88,8 @@ class Perturbation:
 
     @property
     def fooling_rate(self) -> float | None:
-        """The fooling rate of ``v`` on the crafting set (None without history)."""
+        """The fooling rate of ``v`` on the crafting set (None without history, or when its pass
+        was not measured: ``craft(eval_every=…)`` always measures a run's last pass)."""
         return self.record.get("fooling_rate")
 
     @property

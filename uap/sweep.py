@@ -91,8 +91,8 @@ class Sweep:
 
     def curve(self, method: str, axis: str) -> list[tuple[float, float]]:
         """``[(value, held-out fooling rate)]`` of ``method`` along ``axis``, sorted by value."""
-        return sorted((r["value"], r["heldout_fooling_rate"]) for r in self.rows
-                      if r["method"] == method and r["axis"] == axis)
+        return sorted((r["value"], r["heldout_fooling_rate"]) for r in self.rows  # None: a pass not measured
+                      if r["method"] == method and r["axis"] == axis and r["heldout_fooling_rate"] is not None)
 
     def baseline_at(self, eps: float) -> float:
         """The strongest baseline's held-out fooling rate at ``eps``."""
@@ -112,7 +112,8 @@ class Sweep:
             for axis in AXES:
                 rows = sorted((r for r in self.rows if r["method"] == method and r["axis"] == axis),
                               key=lambda r: r["value"])
-                hit = next((r["value"] for r in rows if r["heldout_fooling_rate"] >= self.baseline_at(r["eps"])), None)
+                hit = next((r["value"] for r in rows if r["heldout_fooling_rate"] is not None
+                            and r["heldout_fooling_rate"] >= self.baseline_at(r["eps"])), None)
                 out[method][axis] = hit
         return out
 

@@ -38,11 +38,11 @@ from uap.criteria import Criterion, Targeted, Untargeted, check_target
 from uap.distributed import broadcast
 from uap.forward import DEFAULT_BATCH_SIZE, check_images, check_perturbation, eval_mode, logits_of, model_device
 from uap.methods.base import AttackedModels, Callback, CraftContext, Method
-from uap.metrics import accuracy, clean_predictions, fooling_rate
+from uap.metrics import clean_predictions, predict
 from uap.perturbation import Perturbation
 from uap.projection import check_eps, check_norm, lp_norm, norm_name
 
-__all__ = ["craft", "check_stop_rule", "visiting_order", "perturbation"]
+__all__ = ["craft", "check_stop_rule", "check_eval_every", "visiting_order", "perturbation"]
 
 
 def visiting_order(n: int, seed: int, pass_index: int) -> torch.Tensor:
@@ -58,6 +58,12 @@ def check_stop_rule(delta: float, max_passes: int) -> None:
         raise ValueError(f"delta must be in [0, 1), got {delta!r}")
     if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
         raise ValueError(f"max_passes must be an integer ≥ 1, got {max_passes!r}")
+
+
+def check_eval_every(eval_every: int) -> None:
+    """Validate ``eval_every``: an integer ≥ 1 (1: measure the rates after every pass)."""
+    if not isinstance(eval_every, int) or isinstance(eval_every, bool) or eval_every < 1:
+        raise ValueError(f"eval_every must be an integer ≥ 1, got {eval_every!r}")
 
 
 def craft(
@@ -80,6 +86,7 @@ def craft(
     target: int | None = None,
     keep_best: bool = False,
     fold_batchnorm: bool = True,
+    eval_every: int = 1,
 ) -> Perturbation:
     """Craft a universal perturbation ``v`` with ``‖v‖_p ≤ eps`` that fools ``model`` on ``x``.
 
@@ -96,7 +103,7 @@ def craft(
             :class:`uap.methods.Method` object.
         seed: fixes the visiting order (see :func:`visiting_order`).
         heldout: images (or ``(images, labels)``) whose fooling rate (and accuracy under v)
-            is recorded after every pass; they never influence ``v``.
+            is recorded after the measured passes (``eval_every``); they never influence ``v``.
         callback: called with ``{"event": "progress", …}`` during a pass and with
             ``{"event": "pass", **record, "v": v}`` after each; returning ``True`` from the
             latter stops crafting after that pass.
@@ -120,10 +127,21 @@ def craft(
         fold_batchnorm: attack a copy of the model (and of its encoder, for ``feature``) with
             batch norm folded into the layers before it (:func:`uap.fold_batchnorm`), the
             same function up to float rounding and faster to differentiate.
+        eval_every: measure the rates (on X and on the held-out images) after every
+            ``eval_every``-th pass and after the last one (the pass reaching ``max_passes`` or
+            the stop rule; not a pass after which the callback stops crafting, unless it is
+            due). With ``delta > 0`` the stop rule needs Err(X_v) after every pass, so the
+            crafting set's rates are measured after each pass regardless. A pass not measured
+            records None for its rates (``fooling_rate``, ``heldout_fooling_rate``,
+            ``heldout_accuracy`` and the criterion's). A measured rate is the same number as
+            with ``eval_every=1``: each is a function of ``v`` alone. With ``eval_every > 1``
+            every record also holds ``measured`` (whether its held-out rates were measured);
+            ``keep_best`` needs every pass's rate and refuses ``eval_every > 1``.
 
     Returns:
         A :class:`Perturbation` whose ``history`` has one record per pass with
-        ``fooling_rate``, ``heldout_fooling_rate`` (None without ``heldout``), ``norm_2``,
+        ``fooling_rate``, ``heldout_fooling_rate`` (None without ``heldout``, or on a pass
+        ``eval_every`` leaves unmeasured), ``norm_2``,
         ``norm_inf``, ``visited``, the method's counters (:attr:`Method.counters`),
         ``updates`` and ``seconds``. ``extra`` holds what the method adds
         (:meth:`Method.describe`) and the names of its counters (``extra["counters"]``).
@@ -137,6 +155,9 @@ def craft(
         raise ValueError(f"method {pass_method.name!r} is untargeted; give no target or use a method that takes one")
     if target is None and pass_method.requires_target:
         raise ValueError(f"method {pass_method.name!r} needs a target class (target=CLASS)")
+    check_eval_every(eval_every)
+    if keep_best and eval_every != 1:
+        raise ValueError(f"keep_best compares every pass's fooling rate; it needs eval_every=1, got {eval_every}")
     attacked = AttackedModels(fold_batchnorm)
     hx, hy = _split_heldout(heldout, x)
 
@@ -154,6 +175,7 @@ def craft(
     with eval_mode(model):
         clean = clean_predictions(model, x, batch_size=batch_size)  # also checks the N×C output
         xd, cleand = x.to(device), clean.to(device)
+        held_clean = None if hx is None else clean_predictions(model, hx, batch_size=batch_size)
         criterion: Criterion = Untargeted()
         if target is not None:
             with torch.no_grad():
@@ -170,7 +192,7 @@ def craft(
             rate = stop_rate(v, 0.0 if resume is None else None)
         best_pass = int(resume.extra.get("best_pass", len(history))) if resume is not None else 0
         best_rate, best_v = rate, v
-        while rate <= 1 - delta and len(history) < max_passes:
+        while (rate is None or rate <= 1 - delta) and len(history) < max_passes:  # None: not measured, δ = 0
             k = len(history) + 1
             t0 = time.perf_counter()
             ctx = CraftContext(
@@ -182,23 +204,28 @@ def craft(
             pass_method.run_pass(ctx)
             ctx.progress(force=True)
             v = ctx.v.detach()
-            fooled = fooling_rate(model, x, v, clean=clean, batch_size=batch_size)
-            rate = stop_rate(v, fooled)  # untargeted: one evaluation serves both
+            due = k % eval_every == 0 or k == max_passes
+            pred = predict(model, x, v, batch_size=batch_size) if due or delta > 0 else None  # one forward serves all
+            fooled = None if pred is None else Untargeted().rate_of(pred, clean)
+            rate = None if pred is None else criterion.rate_of(pred, clean)
+            due = due or (rate is not None and rate > 1 - delta)  # the stop rule ends crafting: the last pass
+            held = predict(model, hx, v, batch_size=batch_size) if due and hx is not None else None
             record = {
                 "pass": k,
                 "fooling_rate": fooled,
-                "heldout_fooling_rate": None if hx is None else fooling_rate(model, hx, v, batch_size=batch_size),
-                "heldout_accuracy": None if hy is None else accuracy(model, hx, hy, v, batch_size=batch_size),
+                "heldout_fooling_rate": None if held is None else Untargeted().rate_of(held, held_clean),
+                "heldout_accuracy": None if held is None or hy is None else (held == hy.cpu()).sum().item() / len(held),
+                **({} if eval_every == 1 else {"measured": due}),
                 "norm_2": lp_norm(v, 2).item(),
                 "norm_inf": lp_norm(v, math.inf).item(),
                 "visited": ctx.visited,
                 **ctx.counters,
                 "updates": ctx.updates,
                 "seconds": time.perf_counter() - t0,
-                **criterion.record(model, hx, v, rate, batch_size=batch_size),
+                **criterion.record_of(rate, held),
             }
             history.append(record)
-            if rate > best_rate:
+            if keep_best and rate > best_rate:  # keep_best: every pass measured
                 best_rate, best_pass, best_v = rate, k, v
             stop = callback is not None and callback({"event": "pass", **record, "v": v.detach().cpu()}) is True
             if bool(broadcast(torch.tensor(stop))):  # under torch.distributed rank 0's callback decides for all
@@ -214,7 +241,7 @@ def craft(
         **({"batchnorm_folded": folded} if folded is not None else {}),  # BatchNorm layers attacked folded
         **criterion.describe(),
         **({"best_pass": best_pass} if keep_best else {}),
-        "clean_heldout_accuracy": None if hy is None else accuracy(model, hx, hy, batch_size=batch_size),
+        "clean_heldout_accuracy": None if hy is None else (held_clean == hy.cpu()).sum().item() / len(held_clean),
     }
     clash = sorted(set(described) & set(extra))
     if clash:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from uap.distributed import is_distributed, is_main
 from uap.perturbation import Perturbation, share_perturbation
 from uap.runs.errors import RunError, SettingsMismatch, UnfinishedRun
-from uap.runs.record import describe_differences, differences, jsonable, retired_arguments
+from uap.runs.record import describe_differences, differences, jsonable, retired_arguments, with_added_arguments
 
 if TYPE_CHECKING:
     from uap.runs.folder import RunFolder
@@ -51,7 +51,7 @@ def decide(run: RunFolder, record: Mapping[str, Any], *, resume: bool = False, f
         return "fresh", None
     finished = run.finished()
     if finished is not None:
-        diffs = differences(finished, record)
+        diffs = differences(with_added_arguments(finished), record)
         if not diffs:
             try:
                 pert = run.load()
@@ -74,7 +74,7 @@ def decide(run: RunFolder, record: Mapping[str, Any], *, resume: bool = False, f
         checkpoint = None
     if checkpoint is not None:
         saved = checkpoint.extra.get("run")
-        diffs = differences(saved, record)
+        diffs = differences(with_added_arguments(saved), record)
         if diffs and not replace:
             raise SettingsMismatch(_refusal(f"{run.checkpoint_path} was written", saved, diffs,
                                             ", so it cannot be resumed; choose another folder, or pass "

@@ -22,7 +22,7 @@ from uap.images import is_images
 from uap.projection import check_eps, norm_name
 
 __all__ = ["craft_arguments", "fingerprint", "model_fingerprint", "tensor_fingerprint", "differences",
-           "describe_differences", "retired_arguments", "jsonable"]
+           "describe_differences", "retired_arguments", "with_added_arguments", "jsonable"]
 
 # uap.craft's keyword arguments and their defaults, read once: the record of a run lists
 # them all. Its own arguments ``heldout`` and ``callback`` are RunFolder.craft's, and
@@ -31,6 +31,10 @@ _CRAFT_DEFAULTS: dict[str, Any] = {
     name: param.default for name, param in inspect.signature(universal.craft).parameters.items()
     if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("heldout", "callback", "resume")
 }
+
+# uap.craft arguments added after records were first written, with the value that gives the
+# behaviour of a record that lacks them: such a record is the same run as one that names it.
+_ADDED_ARGUMENTS: dict[str, Any] = {"eval_every": 1}
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -133,3 +137,12 @@ def retired_arguments(saved: Any) -> list[str]:
     takes: such a record was written by an older version, and no run of this one matches it."""
     craft = saved.get("craft") if isinstance(saved, dict) else None
     return sorted(set(craft) - set(_CRAFT_DEFAULTS)) if isinstance(craft, dict) else []
+
+
+def with_added_arguments(saved: Any) -> Any:
+    """``saved`` (a run's record) with the :func:`uap.craft` arguments added since it may have been
+    written filled in with the value that reproduces its run (e.g. ``eval_every=1``)."""
+    craft = saved.get("craft") if isinstance(saved, dict) else None
+    if not isinstance(craft, dict):
+        return saved
+    return {**saved, "craft": {**_ADDED_ARGUMENTS, **craft}}
