@@ -30,7 +30,9 @@ def craft_table(summary: dict) -> Table:
     table.add_row("passes", str(summary["passes"]) + ("" if kept is None else f" (v from pass {kept}, --keep-best)"))
     if summary.get("stopped"):
         table.add_row("stopped", literal(summary["stopped"]["text"]))
-    for name, count in (summary.get("counters") or {}).items():  # the method's own work counts
+    for name, count in (summary.get("counters") or {}).items():  # the method's own work counts (none done: no row)
+        if not count:
+            continue
         table.add_row(literal(name.replace("_", " ")), str(count))
     table.add_row("time", f"{summary['seconds']:.1f} s")
     return table
