@@ -47,7 +47,8 @@ def evaluate_cmd(
     """
     from uap.atomic import check_output_folder
     from uap.baselines import needs_of, parse_baselines
-    from uap.evaluate import baselines_at_budget, evaluate, load_perturbations
+    from uap.evaluate import baselines_at_budget, evaluate
+    from uap.saved import load_perturbations
     from uap.inputs import load_inputs
 
     o.use_threads(threads)

@@ -164,8 +164,8 @@ def load_models(text: str, device: str = "cpu", crafted: Optional[dict] = None,
     """``--models`` → ``({column name: model on the device}, [model ids])`` through
     :func:`uap.targets.load_models`, its errors told in terms of ``--models``; a spec that
     ``crafted`` perturbations were made on takes their normalisation
-    (:func:`uap.evaluate.reuse_normalisation`, each note given to ``log``)."""
-    from uap.evaluate import reuse_normalisation
+    (:func:`uap.saved.reuse_normalisation`, each note given to ``log``)."""
+    from uap.saved import reuse_normalisation
     from uap.targets import load_models as load, parse_model_list
 
     dev = torch_device(device)

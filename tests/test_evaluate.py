@@ -320,7 +320,7 @@ def test_a_requested_baseline_is_never_dropped(setup, tmp_path):
 
 
 def test_load_perturbations_names_each_file_once(setup, tmp_path):
-    from uap.evaluate import load_perturbations
+    from uap.saved import load_perturbations
 
     _, _, _, perts = setup
     (tmp_path / "run-a").mkdir()

@@ -15,7 +15,7 @@ from uap import targets
 from tests.cifar_resnet import FLAGS, MEAN, QUERY, STD, resnet_small, trained_weights
 from tests.hostile import one_line_error
 from uap import Perturbation
-from uap.evaluate import crafted_normalisation, reuse_normalisation
+from uap.saved import crafted_normalisation, reuse_normalisation
 from uap.targets import (ModelSource, ModelSpecError, Normalized, load_models, register_model_source, resolve_model,
                          short_name, spec_normalisation, split_normalisation, split_query, split_weights,
                          with_normalisation)
