@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ def attach_heads(models: Sequence[nn.Module], classes: Sequence[str], *, data: s
     return len(needing)
 
 
-def check_classes(models: Sequence[nn.Module] | dict[str, nn.Module], classes: Sequence[str],
+def check_classes(models: Sequence[nn.Module] | Mapping[str, nn.Module], classes: Sequence[str],
                   example: torch.Tensor) -> list[str]:
     """Warn (one line each) when a model cannot be classifying the data's ``classes``: its
     number of logits on ``example`` (one image or a few) is not the number of classes, or the
@@ -84,7 +84,7 @@ def check_classes(models: Sequence[nn.Module] | dict[str, nn.Module], classes: S
     to fail where it is used. Returns the warnings' texts."""
     from uap.forward import eval_mode, model_device
 
-    named = models.items() if isinstance(models, dict) else ((type(m).__name__, m) for m in models)
+    named = models.items() if isinstance(models, Mapping) else ((type(m).__name__, m) for m in models)
     said = []
     for name, model in named:
         declared = getattr(model, "classes", None)

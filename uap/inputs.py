@@ -73,10 +73,8 @@ def load_inputs(models: Sequence[nn.Module] | Mapping[str, nn.Module], data: str
             raise ValueError(f"{name} must be a number of images ≥ 0, got {n!r}")
     if n_train == 0 and n_test == 0:
         raise ValueError("load_inputs needs crafting (n_train) or held-out (n_test) images")
-    named = dict(models) if isinstance(models, Mapping) else {type(m).__name__: m for m in models}
+    named = models
     models = list(models.values()) if isinstance(models, Mapping) else list(models)
-    if len(named) != len(models):  # unnamed models of one class: check them all under their class's name
-        named = {f"{type(m).__name__}#{i}": m for i, m in enumerate(models)}
     prep = Preprocessing.choose(data, models, image_size, resize)
     stream = data.startswith("imagefolder:") if stream_test is None else stream_test
     x = classes = heldout = None
