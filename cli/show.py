@@ -40,9 +40,16 @@ def craft_table(summary: dict) -> Table:
 
 def report_table(report, title: str, caption: str = "") -> Table:
     """A :class:`uap.report.Report` as a table: fooling rate per (perturbation, model), with
-    accuracy under ``v`` and the most common perturbed label below; baselines in their own section."""
+    accuracy under ``v`` and the most common perturbed label below; baselines in their own section.
+    Under a thousand held-out images, each rate has its 95 % interval beside it."""
     def cell(v: float) -> str:
         return "–" if v != v else f"{100 * v:.1f}"
+
+    def rate(i: int, j: int) -> str:
+        low, high = report.interval(report.perturbations[i], report.models[j])
+        if report.n_images >= 1000 or low != low:
+            return cell(report.fooling_rate[i, j])
+        return f"{cell(report.fooling_rate[i, j])} [dim][{cell(low)}, {cell(high)}][/]"
 
     table = Table(title=title, title_style="bold", caption=caption or None)
     table.add_column("perturbation \\ model", style="bold")
@@ -53,7 +60,7 @@ def report_table(report, title: str, caption: str = "") -> Table:
             table.add_section()
         cells = []
         for j, m in enumerate(report.models):
-            text = cell(report.fooling_rate[i, j])
+            text = rate(i, j)
             text = f"[bold]{text}[/]" if pert == m else text
             label = report.dominant_label[i, j]
             if report.classes and 0 <= label < len(report.classes):

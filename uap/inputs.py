@@ -64,6 +64,11 @@ def load_inputs(models: Sequence[nn.Module] | Mapping[str, nn.Module], data: str
             batch); default: for an imagefolder, whose images may be large.
         probe_data, probe_images, log: see :func:`uap.heads.attach_heads`.
 
+    Models that declare different input sizes share one image set, prepared at the size
+    :meth:`Preprocessing.choose` picks (the first model's, or the explicit one); every adapted
+    model of a size other than the images' resizes them to its own inside (the resolution rule,
+    :func:`uap.adapters.base.fit_input_sizes`).
+
     Warns (nothing changes) when the train and held-out splits have different classes, and
     when a model's outputs or class names do not fit the data's classes
     (:func:`uap.heads.check_classes`).
@@ -76,6 +81,8 @@ def load_inputs(models: Sequence[nn.Module] | Mapping[str, nn.Module], data: str
     named = models
     models = list(models.values()) if isinstance(models, Mapping) else list(models)
     prep = Preprocessing.choose(data, models, image_size, resize)
+    if prep is not None:
+        _fit_sizes(named, prep.crop, log)
     stream = data.startswith("imagefolder:") if stream_test is None else stream_test
     x = classes = heldout = None
     if n_train:
@@ -92,6 +99,21 @@ def load_inputs(models: Sequence[nn.Module] | Mapping[str, nn.Module], data: str
                  preprocessing=prep, heldout_split=test_split if n_test else "test", log=log)
     check_classes(named, classes, (heldout[0] if heldout is not None else x)[:1])
     return Inputs(x=x, heldout=heldout, classes=tuple(classes), preprocessing=prep)
+
+
+def _fit_sizes(models: Sequence[nn.Module] | Mapping[str, nn.Module], crop: int,
+               log: Callable[[str], None] | None) -> None:
+    """Apply the resolution rule (:func:`uap.adapters.base.fit_input_sizes`) and say which
+    models resize the shared images to their own size."""
+    from uap.adapters.base import fit_input_sizes
+
+    items = list(models.items()) if isinstance(models, Mapping) else [(f"model {k}", m) for k, m in enumerate(models)]
+    if len({p.crop for _, m in items if (p := Preprocessing.of(m)) is not None}) < 2:
+        return  # one declared size (or none): every model takes the images as they are, as always
+    changed = {id(m) for m in fit_input_sizes([m for _, m in items], crop)}
+    resized = [f"{name} to {m.own_size[0]}" for name, m in items if id(m) in changed]
+    if resized and log is not None:
+        log(f"images are prepared at {crop}×{crop}; models of another input size resize them inside: {', '.join(resized)}")
 
 
 def _difference(a: Sequence[str], b: Sequence[str]) -> str:

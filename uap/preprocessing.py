@@ -1,7 +1,6 @@
 """How images of any size are made the size a model takes: :class:`Preprocessing`."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -66,17 +65,14 @@ class Preprocessing:
 
         Explicit sizes (:meth:`from_sizes`) win; else, for an ``imagefolder:`` dataset, the
         preprocessing of the first model that declares one (an adapter's weights transforms,
-        :meth:`of`), with a warning when the models declare different ones; else None (the
-        images as they are; cifar10 is always 32×32).
+        :meth:`of`); else None (the images as they are; cifar10 is always 32×32). Models that
+        declare another input size resize the images to theirs inside
+        (:func:`uap.adapters.base.fit_input_sizes`, which :func:`uap.inputs.load_inputs` applies).
         """
         explicit = cls.from_sizes(image_size, resize)
         if explicit is not None or not data.startswith("imagefolder:"):
             return explicit
         declared = [p for m in models if (p := cls.of(m)) is not None]
-        if len(set(declared)) > 1:
-            warnings.warn(f"the models preprocess differently; images are resized to {declared[0].resize} and "
-                          f"centre-cropped to {declared[0].crop} (the first model's; give image_size/resize to choose)",
-                          stacklevel=2)
         return declared[0] if declared else None
 
     def settings(self) -> dict[str, object]:

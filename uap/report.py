@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from uap.atomic import atomic_write
+from uap.intervals import wilson_interval
 
 __all__ = ["Report", "METRICS"]
 
@@ -75,6 +76,10 @@ class Report:
     - ``norm_linf`` / ``norm_l2`` — per perturbation (length P), so a reader can check the
       budgets the rows were crafted under.
     - ``baselines`` — the rows that are baselines (:mod:`uap.baselines`), in row order.
+
+    :meth:`interval` gives each fooling rate's 95 % Wilson interval over the ``n_images``
+    (stored beside the rates in the JSON and CSV), since a held-out set of a few hundred
+    photographs leaves several points of uncertainty.
     """
 
     perturbations: list[str]
@@ -129,6 +134,8 @@ class Report:
             "baseline": int(perturbation in self.baselines),
             "model": model,
             "fooling_rate": float(self.fooling_rate[i, j]),
+            "fooling_rate_low": self._interval(i, j)[0],
+            "fooling_rate_high": self._interval(i, j)[1],
             "clean_accuracy": float(self.clean_accuracy[j]),
             "accuracy": float(self.accuracy[i, j]),
             "dominant_label": label,
@@ -136,6 +143,18 @@ class Report:
             "dominant_share": float(self.dominant_share[i, j]),
             "embedding_cosine": float(self.embedding_cosine[i, j]),
         }
+
+    def interval(self, perturbation: str, model: str) -> tuple[float, float]:
+        """The 95 % Wilson interval of the fooling rate of ``perturbation`` on ``model``
+        (:func:`uap.intervals.wilson_interval` over ``n_images``; NaNs when it is NaN)."""
+        i, j = self._index(perturbation, model)
+        return self._interval(i, j)
+
+    def _interval(self, i: int, j: int) -> tuple[float, float]:
+        rate = float(self.fooling_rate[i, j])
+        if rate != rate or self.n_images <= 0:
+            return math.nan, math.nan
+        return wilson_interval(int(round(rate * self.n_images)), int(self.n_images))
 
     def _index(self, perturbation: str, model: str) -> tuple[int, int]:
         try:
@@ -178,6 +197,8 @@ class Report:
         }
         for name in METRICS:
             out[name] = rows(getattr(self, name))
+        out["fooling_rate_interval"] = [[[_none_if_nan(v) for v in self._interval(i, j)] for j in range(len(self.models))]
+                                        for i in range(len(self.perturbations))]
         out["dominant_label"] = [[int(v) for v in row] for row in self.dominant_label]
         out["clean_accuracy"] = [_none_if_nan(float(v)) for v in self.clean_accuracy]
         out["norm_linf"] = [float(v) for v in self.norm_linf]
@@ -252,7 +273,8 @@ class Report:
     # ------------------------------------------------------------------ CSV
 
     CSV_COLUMNS = (
-        "perturbation", "baseline", "model", "fooling_rate", "clean_accuracy", "accuracy",
+        "perturbation", "baseline", "model", "fooling_rate", "fooling_rate_low", "fooling_rate_high",
+        "clean_accuracy", "accuracy",
         "dominant_label", "dominant_class", "dominant_share", "embedding_cosine",
         "norm_linf", "norm_l2", "n_images",
     )
