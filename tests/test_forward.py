@@ -172,3 +172,17 @@ def test_every_entry_point_refuses_nan_images(tmp_path):
         with pytest.raises(ValueError, match="NaN"):
             call()
     assert not (tmp_path / "e.png").exists()
+
+
+def test_large_images_run_in_smaller_batches(monkeypatch):
+    """A batch over the inference budget is split; small images keep the asked batch size."""
+    from uap import forward
+
+    small = torch.zeros(600, 3, 32, 32)
+    assert [len(b) for b in forward.batches(small, 256)] == [256, 256, 88]
+    monkeypatch.setattr(forward, "INFERENCE_BUDGET", 10 * 3 * 20 * 20)
+    large = torch.rand(25, 3, 20, 20)
+    parts = list(forward.batches(large, 256))
+    assert [len(b) for b in parts] == [10, 10, 5]
+    torch.testing.assert_close(torch.cat(parts), large)
+    assert [len(b) for b in forward.batches(torch.rand(3, 3, 80, 80), 256)] == [1, 1, 1]  # never 0 per slice
