@@ -9,7 +9,7 @@ from torch import nn
 
 from tests.tiny_models import Affine, trained_tiny_cnn
 from uap.deepfool import (
-    REPLICATE_MAX_ROWS,
+    REPLICATE_MAX_ELEMENTS,
     _auto_gradients,
     _candidate_grads,
     _replicated_grads,
@@ -246,11 +246,14 @@ def test_bf16_replicated_gradients_point_the_same_way(cnn, test_images):
     assert float(cosine.min()) > 0.98
 
 
-def test_auto_gradients_replicate_small_cpu_batches_only():
+def test_auto_gradients_replicate_small_cpu_inputs_only():
+    """By input elements, not rows: 16 CIFAR images replicate, 17 loop, one 224² image loops."""
     cpu = torch.device("cpu")
-    assert _auto_gradients(cpu, 1) == _auto_gradients(cpu, REPLICATE_MAX_ROWS) == "replicated"
-    assert _auto_gradients(cpu, REPLICATE_MAX_ROWS + 1) == "loop"
-    assert _auto_gradients(torch.device("cuda"), 1) == "batched"
+    assert REPLICATE_MAX_ELEMENTS == 16 * 3 * 32 * 32
+    assert _auto_gradients(cpu, torch.zeros(1, 3, 32, 32)) == _auto_gradients(cpu, torch.zeros(16, 3, 32, 32)) == "replicated"
+    assert _auto_gradients(cpu, torch.zeros(17, 3, 32, 32)) == "loop"
+    assert _auto_gradients(cpu, torch.zeros(1, 3, 224, 224)) == "loop"
+    assert _auto_gradients(torch.device("cuda"), torch.zeros(1, 3, 32, 32)) == "batched"
 
 
 def test_auto_uses_vmap_when_it_picks_batched(cnn, test_images, monkeypatch):
@@ -258,7 +261,7 @@ def test_auto_uses_vmap_when_it_picks_batched(cnn, test_images, monkeypatch):
     import sys
 
     module = sys.modules["uap.deepfool"]
-    monkeypatch.setattr(module, "_auto_gradients", lambda device, rows: "batched")
+    monkeypatch.setattr(module, "_auto_gradients", lambda device, xa: "batched")
     calls = []
     real_grad = torch.autograd.grad
 

@@ -29,8 +29,9 @@ What differs from ART and Foolbox is the cost, not the maths:
   arithmetic, one backward instead of K): on a CPU this wins for single images and small
   batches, where every pass costs mostly per-operator overhead. ``"auto"`` picks
   ``"batched"`` on CUDA; on the CPU, where vmap over convolution backward is slow, it picks
-  ``"replicated"`` for steps with ≤ ``REPLICATE_MAX_ROWS`` unfooled rows and ``"loop"`` above
-  (the crossover is measured in BENCHMARKS.md). All modes give the same gradients (tested);
+  ``"replicated"`` for steps whose unfooled rows hold ≤ ``REPLICATE_MAX_ELEMENTS`` input
+  elements (16 CIFAR images) and ``"loop"`` above — at 224² even one image takes the loop
+  (the crossovers are measured in BENCHMARKS.md). All modes give the same gradients (tested);
   models whose layers vmap cannot batch fall back to the loop.
 - the clean prediction comes from the first step's classification pass, or from the
   caller's logits (``logits=``), e.g. those of a crafting pass's "still unfooled?" check.
@@ -184,7 +185,7 @@ def deepfool(
         gradients: ``"batched"`` (one vmapped backward), ``"loop"`` (one backward per
             candidate on a shared forward graph), ``"replicated"`` (one forward and one
             backward over a copy of each row per candidate) or ``"auto"`` (batched on CUDA;
-            on the CPU replicated for ≤ ``REPLICATE_MAX_ROWS`` rows, loop above).
+            on the CPU replicated up to ``REPLICATE_MAX_ELEMENTS`` input elements, loop above).
         logits: the model's logits at ``x`` (N×K), when the caller already has them (e.g.
             from checking that ``x`` is still unfooled). Step 0 then classifies with them
             instead of a forward pass of its own.
@@ -235,7 +236,7 @@ def deepfool(
         for step in range(max_iter + 1):
             xa = (x0[active] + (1.0 + overshoot) * total[active]).clamp(0.0, 1.0)
             if auto:  # decided per step: rows drop out, so late steps are small batches
-                gradients = _auto_gradients(device, xa.shape[0])
+                gradients = _auto_gradients(device, xa)
             if step == 0 and logits is not None:
                 z = logits  # the caller's pass at x classifies step 0
             elif step > 0 and lookahead is not None:  # the caller's images ride along in this pass
@@ -301,16 +302,20 @@ def _rival_and_target(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.cat([rival, t], dim=1)
 
 
-#: On the CPU, batches of at most this many rows use ``"replicated"`` gradients, larger ones ``"loop"``.
-REPLICATE_MAX_ROWS = 16
+#: On the CPU, steps whose rows hold at most this many input elements (16 images of 3×32×32)
+#: use ``"replicated"`` gradients, larger ones ``"loop"``: replication wins where per-operator
+#: overhead dominates (small images, few rows) and loses once the arithmetic does (at 224² a
+#: single EfficientNet-Lite0 image: 1.07 s replicated against 0.81 s looped).
+REPLICATE_MAX_ELEMENTS = 16 * 3 * 32 * 32
 
 
-def _auto_gradients(device: torch.device, rows: int) -> str:
-    """``gradients="auto"``: vmapped on CUDA; on the CPU, replicated for small batches, where
-    per-pass overhead dominates, and the loop over a shared graph for larger ones."""
+def _auto_gradients(device: torch.device, xa: torch.Tensor) -> str:
+    """``gradients="auto"`` for a step on the rows ``xa``: vmapped on CUDA; on the CPU,
+    replicated for small inputs, where per-pass overhead dominates, and the loop over a shared
+    graph for larger ones."""
     if device.type == "cuda":
         return "batched"
-    return "replicated" if rows <= REPLICATE_MAX_ROWS else "loop"
+    return "replicated" if xa.numel() <= REPLICATE_MAX_ELEMENTS else "loop"
 
 
 def _candidate_grads(diffs: torch.Tensor, xa: torch.Tensor, state: dict) -> torch.Tensor:
