@@ -156,4 +156,4 @@ def main() -> None:
 
 
 # The commands register themselves on ``app``.
-from cli import craft, evaluate, models, sweep, train, transfer  # noqa: E402,F401
+from cli import audit, craft, evaluate, models, sweep, train, transfer  # noqa: E402,F401

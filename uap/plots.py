@@ -312,3 +312,34 @@ def _x(axis: str, value: float, linf: bool) -> float:
 
 def _eps_text(eps: float, linf: bool) -> str:
     return f"{eps * 255:.3g}/255" if linf else f"{eps:.3g}"
+
+
+def plot_audit(audit, path: str | os.PathLike) -> Path:
+    """A :class:`uap.audit.Audit` as one PNG: per model, the held-out fooling rate of every
+    attack (dark) and baseline (light) with its 95 % interval, the worst case outlined."""
+    models = list(audit.reports)
+    fig = Figure(figsize=(5.5 * len(models), 0.35 * max(len(audit.rows(m)) for m in models) + 1.6))
+    for k, model in enumerate(models):
+        ax = fig.add_subplot(1, len(models), k + 1)
+        rows = sorted(audit.rows(model), key=lambda r: r["fooling_rate"])
+        worst = audit.worst(model)["fooling_attack"]
+        rates = np.array([100 * r["fooling_rate"] for r in rows])
+        errors = np.array([[100 * (r["fooling_rate"] - r["fooling_rate_low"]), 100 * (r["fooling_rate_high"] - r["fooling_rate"])]
+                           for r in rows]).T
+        colours = ["#1f4e79" if r["kind"] == "crafted" else "#9bbbd4" for r in rows]
+        bars = ax.barh(range(len(rows)), rates, xerr=np.clip(np.nan_to_num(errors), 0, None), color=colours, ecolor="0.3", capsize=2)
+        for bar, r in zip(bars, rows):
+            if r["attack"] == worst:
+                bar.set_edgecolor("#c00000")
+                bar.set_linewidth(2)
+        ax.set_yticks(range(len(rows)), [r["attack"] for r in rows], fontsize=8)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("held-out fooling rate (%)")
+        ax.grid(axis="x", alpha=0.3)
+        clean = audit.worst(model)["clean_accuracy"]
+        ax.set_title(f"{model}\nclean acc. {100 * clean:.1f} %" if clean == clean else model, fontsize=9)
+    m = audit.meta
+    fig.suptitle(f"uap audit ({audit.protocol['name']} v{audit.protocol['version']}) · ℓ{m['norm']} ε={m['eps']:.4g} · "
+                 f"{m['n_eval']} held-out images", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
