@@ -55,8 +55,12 @@ def setup(args: argparse.Namespace) -> torch.nn.Module:
     return model
 
 
-def load_images(args: argparse.Namespace, split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y, _ = data.load(args.data, split=split, n=n, seed=args.seed, root=args.data_root)
+def load_images(args: argparse.Namespace, split: str, n: int,
+                model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of ``split``, prepared for ``model`` (its declared resize + crop, for an
+    ``imagefolder:`` dataset of photographs of any size)."""
+    prep = data.Preprocessing.choose(args.data, [model] if model is not None else [])
+    x, y, _ = data.load(args.data, split=split, n=n, seed=args.seed, root=args.data_root, preprocessing=prep)
     return x, y
 
 

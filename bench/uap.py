@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     model = setup(args)
-    x, _ = load_images(args, "train", args.n_images)
-    hx, _ = load_images(args, "test", args.n_heldout)
+    x, _ = load_images(args, "train", args.n_images, model)
+    hx, _ = load_images(args, "test", args.n_heldout, model)
 
     methods = ["deepfool"] + ([] if "batched" in skip else ["deepfool-batched"])
     contenders = [(f"uap {m}", functools.partial(run_uap, model, x, args, m)) for m in methods]

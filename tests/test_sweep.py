@@ -70,7 +70,21 @@ def test_crossings_follow_the_rows(setup):
     rows = [{"axis": "n_images", "value": n, "method": "m", "eps": 0.1, "heldout_fooling_rate": r}
             for n, r in ((4, 0.2), (8, 0.6))]
     made = Sweep(rows=rows, baselines={0.1: {"name": "chessboard2", "heldout_fooling_rate": 0.5}})
-    assert made.crossings["m"] == {"n_images": 8, "eps": None, "passes": None}
+    assert made.crossings["m"] == {"n_images": 8, "eps": None, "passes": None, "seconds": None}
+
+
+def test_the_time_axis_is_the_base_runs_cumulative_seconds(setup):
+    """``seconds``: one row per finished pass of the base run, at its cumulative wall time,
+    with that pass's held-out rate (the passes axis's value)."""
+    result = setup[4]
+    for method in result.methods:
+        passes = [r for r in result.rows if r["method"] == method and r["axis"] == "passes"]
+        timed = sorted((r for r in result.rows if r["method"] == method and r["axis"] == "seconds"),
+                       key=lambda r: r["passes"])
+        assert timed and [r["value"] for r in timed] == sorted(r["value"] for r in timed)
+        assert all(r["value"] > 0 for r in timed)
+        by_pass = {r["passes"]: r["heldout_fooling_rate"] for r in passes}
+        assert all(by_pass[r["passes"]] == r["heldout_fooling_rate"] for r in timed)
 
 
 def test_n_limits_stop_a_methods_curve_and_craft_nothing_beyond(tmp_path):
@@ -101,7 +115,7 @@ def test_saved_files(setup):
     data = json.loads(written["json"].read_text())
     assert data["crossings"] == json.loads(json.dumps(result.crossings))
     rows = list(csv.DictReader(written["csv"].open()))
-    assert len(rows) == len(result.rows) and {r["axis"] for r in rows} == {"n_images", "eps", "passes"}
+    assert len(rows) == len(result.rows) and {r["axis"] for r in rows} == {"n_images", "eps", "passes", "seconds"}
     assert written["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -275,12 +275,13 @@ def plot_sweep(sweep, path: str | os.PathLike) -> Path:
     dashed black line (at each point's ε)."""
     s = sweep.settings
     linf = s.get("norm") == "inf"
-    fig = Figure(figsize=(13, 3.8))
+    fig = Figure(figsize=(17, 3.8))
     titles = {"n_images": f"|X| (ε = {_eps_text(s['eps_base'], linf)}, {s['passes']} passes)",
               "eps": f"ε (|X| = {s['n_base']}, {s['passes']} passes)",
-              "passes": f"passes (|X| = {s['n_base']}, ε = {_eps_text(s['eps_base'], linf)})"}
-    for k, axis in enumerate(("n_images", "eps", "passes")):
-        ax = fig.add_subplot(1, 3, k + 1)
+              "passes": f"passes (|X| = {s['n_base']}, ε = {_eps_text(s['eps_base'], linf)})",
+              "seconds": "wall-clock seconds of the base run (evaluations included)"}
+    for k, axis in enumerate(("n_images", "eps", "passes", "seconds")):
+        ax = fig.add_subplot(1, 4, k + 1)
         for method in sweep.methods:
             pts = sweep.curve(method, axis)
             xs = [(_x(axis, v, linf)) for v, _ in pts]

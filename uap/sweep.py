@@ -1,13 +1,16 @@
 """Budget curves: held-out fooling rate against the crafting budget, for several methods.
 
-The analogue of Fig. 6/7 of Moosavi-Dezfooli et al. (CVPR 2017). Three one-at-a-time axes
+The analogue of Fig. 6/7 of Moosavi-Dezfooli et al. (CVPR 2017). Four one-at-a-time axes
 around a base point ``(n_base images, eps_base, passes)``:
 
 - ``n_images``: the number of crafting images |X| (nested random subsets of ``x``, so a
   larger X contains every smaller one), at ``eps_base``;
 - ``eps``: the radius ε, with ``n_base`` images;
 - ``passes``: the held-out rate after each pass of the base run (its per-pass history; a
-  run that met its stop rule early keeps its last value).
+  run that met its stop rule early keeps its last value);
+- ``seconds``: the same passes against the base run's wall-clock time (cumulative seconds
+  after each pass, its evaluations included), so methods compare at equal time and
+  ``crossings[method]["seconds"]`` is the time each takes to beat the strongest baseline.
 
 Every point is one :func:`uap.craft_run` in its own folder under ``out_dir/points/``, so a
 sweep that is stopped resumes where it was (finished points are reused, an interrupted one
@@ -39,7 +42,7 @@ from uap.projection import check_eps, check_norm, norm_name
 
 __all__ = ["Sweep", "SweepPoint", "sweep", "sweep_points"]
 
-AXES = ("n_images", "eps", "passes")
+AXES = ("n_images", "eps", "passes", "seconds")
 
 
 @dataclass(frozen=True)
@@ -246,12 +249,17 @@ def sweep(
                          else SweepPoint(method, n_base, value))
                 if point in summaries:
                     rows.append(_row(axis, value, point, summaries[point]))
-        last = None
+        last, elapsed = None, 0.0
         for i in range(1, passes + 1):
-            last = base["history"][i - 1] if i <= len(base["history"]) else last
-            rows.append({**_row("passes", i, SweepPoint(method, n_base, _eps_key(eps_base)), base),
-                         "fooling_rate": last["fooling_rate"], "heldout_fooling_rate": last["heldout_fooling_rate"],
-                         "heldout_accuracy": last.get("heldout_accuracy"), "passes": i})
+            if i <= len(base["history"]):
+                last = base["history"][i - 1]
+                elapsed += float(last.get("seconds") or 0.0)
+            per_pass = {"fooling_rate": last["fooling_rate"], "heldout_fooling_rate": last["heldout_fooling_rate"],
+                        "heldout_accuracy": last.get("heldout_accuracy"), "passes": i}
+            rows.append({**_row("passes", i, SweepPoint(method, n_base, _eps_key(eps_base)), base), **per_pass})
+            if i <= len(base["history"]):  # wall-clock time: the base run's cumulative seconds after pass i
+                rows.append({**_row("seconds", round(elapsed, 3), SweepPoint(method, n_base, _eps_key(eps_base)), base),
+                             **per_pass, "seconds": round(elapsed, 3)})
     record = {"model": model_id, "data": data, "norm": norm_name(p), "methods": list(methods), "n_images": counts,
               "eps": eps_values, "n_base": n_base, "eps_base": _eps_key(eps_base), "passes": passes, "delta": delta,
               "seed": seed, "n_limits": limits, "n_heldout": len(heldout[0] if isinstance(heldout, (tuple, list)) else heldout),
