@@ -2,6 +2,8 @@
 and evaluation, under a process group the caller initialised."""
 from __future__ import annotations
 
+import json
+
 import math
 import os
 import socket
@@ -150,6 +152,26 @@ def test_uap_craft_under_torchrun_writes_the_one_process_result_once(tmp_path, d
     torch.testing.assert_close(two.v, one.v, rtol=0, atol=1e-6)
     assert [r["fooling_rate"] for r in two.history] == [r["fooling_rate"] for r in one.history]
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_uap_audit_under_torchrun_is_the_one_process_audit(tmp_path, data_root):
+    """Every crafting run and every measurement of an audit is the one-process one, and rank 0
+    alone writes the report."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    args = ["audit", "--models", "tests.tiny_models:tiny_cnn", "--quick", "--n-craft", "16", "--n-images", "18",
+            "--batch-size", "7"]
+    done = _torchrun([*args, "--out", str(tmp_path / "two")], data_root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("worst case") == 1  # only rank 0 prints
+    single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one"), "--data-root", str(data_root)])
+    assert single.exit_code == 0, single.output
+    two, one = (json.loads((tmp_path / k / "audit.json").read_text()) for k in ("two", "one"))
+    rows = {k: [(r["attack"], r["fooling_rate"], r["accuracy"]) for r in d["models"]["tiny_cnn"]["rows"]]
+            for k, d in (("two", two), ("one", one))}
+    assert rows["two"] == rows["one"] and len(rows["one"]) > 3
 
 
 def test_a_failing_rank_ends_the_job_with_one_line_and_no_output(tmp_path, data_root):

@@ -159,12 +159,16 @@ class Audit:
         return buf.getvalue()
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
-        """Write ``audit.json``, ``audit.csv`` and the bar chart ``audit.png`` (atomically)."""
+        """Write ``audit.json``, ``audit.csv`` and the bar chart ``audit.png`` (atomically). Under
+        ``torch.distributed`` rank 0 writes; the others write nothing and get ``[]``."""
         import json
 
+        from uap import distributed
         from uap.atomic import atomic_write
         from uap.plots import plot_audit
 
+        if not distributed.is_main():
+            return []
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "audit.json", json.dumps(self.to_dict(), indent=2, allow_nan=False))
