@@ -89,9 +89,12 @@ def adjacency_from_neighbours(neighbours: torch.Tensor, n: int) -> torch.Tensor:
 
 def gather_neighbours(h: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
     """Node features of each node's neighbours: ``out[b, i, m] = h[b, neighbours[b, i, m]]``,
-    B×N×k×D, one batched gather."""
-    b = torch.arange(h.shape[0], device=h.device).view(-1, 1, 1)
-    return h[b, neighbours]
+    B×N×k×D, one ``index_select`` over the flattened B·N nodes (its backward, an index add,
+    is about twice as fast on the CPU as advanced indexing's)."""
+    b, n, d = h.shape
+    offsets = torch.arange(b, device=h.device).view(-1, 1, 1) * n
+    rows = (neighbours + offsets).reshape(-1)
+    return h.reshape(b * n, d).index_select(0, rows).view(*neighbours.shape, d)
 
 
 def sum_aggregate(h: torch.Tensor, adj: torch.Tensor | None = None,
@@ -113,7 +116,7 @@ def max_relative(h: torch.Tensor, adj: torch.Tensor | None = None,
     small graphs); a node without neighbours gets 0. The index form gathers B×N×k×D."""
     _check_graph(h, adj, neighbours)
     if neighbours is not None:
-        return gather_neighbours(h, neighbours).amax(dim=2) - h
+        return gather_neighbours(h, neighbours).max(dim=2).values - h  # max: its backward is a scatter
     mask = (adj != 0).expand(h.shape[0], -1, -1).unsqueeze(-1)             # B×N(i)×N(j)×1
     candidates = torch.where(mask, h.unsqueeze(1), float("-inf"))           # B×N×N×D: h_j where j ∈ N(i)
     nearest = candidates.amax(dim=2) - h
