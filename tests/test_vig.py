@@ -112,3 +112,17 @@ def test_the_engine_attacks_a_vig_classifier_unchanged():
     v = result.v
     assert v.shape == (3, 32, 32) and result.passes == 1 and 0.0 <= result.fooling_rate <= 1.0
     assert 0.0 < float(v.abs().max()) <= eps + 1e-6  # a real step, inside the L∞ budget
+
+
+def test_deepfool_gradient_modes_agree_through_the_knn_graph():
+    """DeepFool's batched (``is_grads_batched``) and replicated candidate gradients pass through
+    the neighbour gather and max as the per-candidate loop does."""
+    from uap.deepfool import deepfool
+
+    torch.manual_seed(0)
+    model = nn.Sequential(VisionGNN(**TINY), nn.Linear(16, 10)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    r_loop = deepfool(model, x, gradients="loop")[0]
+    assert float(r_loop.norm()) > 0
+    for mode in ("replicated", "batched"):
+        torch.testing.assert_close(deepfool(model, x, gradients=mode)[0], r_loop, atol=1e-5, rtol=1e-4)
