@@ -23,7 +23,8 @@ def train_cmd(
     epochs: int = typer.Option(30, help="Training epochs over CIFAR-10 train."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per step (lr scales linearly from 256)."),
     backbone: str = typer.Option("resnet18", help="resnet18 (CIFAR stem), vit_small or vit_tiny (patch 4; vit_tiny "
-                                 "has a quarter of vit_small's parameters) or airbench."),
+                                 "has a quarter of vit_small's parameters), vig (Vision GNN: 4×4 patches as "
+                                 "graph nodes) or airbench."),
     width: int = typer.Option(16, help="Channels of the first stage (resnet18, airbench)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate for batch 256 (default: the method's)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="Default: the method's."),
