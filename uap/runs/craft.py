@@ -79,6 +79,9 @@ def stop_reason(pert: Perturbation) -> dict[str, Any]:
     if rate is not None and rate > 1 - pert.delta:
         return {"reason": "delta", "pass": k, "text": f"{name} {100 * rate:.1f} % > 1 − δ = {100 * (1 - pert.delta):.0f} % "
                 f"after pass {k}" + (f" (of at most {most})" if most else "")}
+    if rate is None and pert.extra.get("n_images") == 0 and (most is None or k >= most):
+        return {"reason": "max_passes", "pass": k, "text": f"all {k} passes ran (--max-passes): without crafting "
+                "images there is no fooling rate for the stop rule"}
     if most is None or k >= most:
         return {"reason": "max_passes", "pass": k, "text": f"all {k} passes ran (--max-passes); {name} "
                 + (f"{100 * rate:.1f} %" if rate is not None else "–") + f" ≤ 1 − δ = {100 * (1 - pert.delta):.0f} %"}
