@@ -306,7 +306,7 @@ def craft(
         raise ValueError(f"method {pass_method.name!r} describes itself with the reserved extra key(s) {clash}")
     extra.update(described)
     return perturbation(best_v if keep_best else v, models if len(models) > 1 else models[0], x,
-                        model_id=names if len(models) > 1 else model_id, data=data, eps=eps, norm=p,
+                        model_id=names if len(models) > 1 else names[0], data=data, eps=eps, norm=p,
                         delta=delta, method=pass_method.name, seed=seed, history=history, seconds=seconds,
                         extra=extra)
 

@@ -167,7 +167,8 @@ def craft_in(run: RunFolder, model: nn.Module, x: torch.Tensor, *, settings: Map
                     seconds=sum(float(h.get("seconds", 0.0)) for h in history), extra={"run": record}))
             return emit(event)
 
-        pert = universal.craft(model, x, heldout=heldout, callback=on_event, resume=start, **args)
+        start_from = {"init": craft_kwargs.get("init")}  # the record holds its description; craft takes it as given
+        pert = universal.craft(model, x, heldout=heldout, callback=on_event, resume=start, **{**args, **start_from})
         if main:
             run.finish(pert, record, artefacts)
             emit({"event": "saved", "path": str(run.result_path)})
