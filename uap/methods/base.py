@@ -183,6 +183,8 @@ class CraftContext:
     ensemble: tuple[tuple[nn.Module, torch.Tensor], ...] = ()
     #: images the batch-norm-folded copies are checked on when there are no crafting images
     example: torch.Tensor | None = None
+    #: the images a pass visits, for progress reports, when it visits others than ``order`` (e.g. prior samples)
+    total: int | None = None
     visited: int = 0
     fooled_seen: int = 0  # visited images already fooled when visited (live estimate)
     updates: int = 0
@@ -252,7 +254,7 @@ class CraftContext:
         self._last_emit = now
         self.callback({
             "event": "progress", "pass": self.pass_index, "visited": self.visited,
-            "total": int(self.order.numel()), "fooled_seen": self.fooled_seen,
+            "total": int(self.order.numel()) if self.total is None else self.total, "fooled_seen": self.fooled_seen,
             **self.counters, "updates": self.updates,
         })
 

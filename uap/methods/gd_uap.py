@@ -141,6 +141,7 @@ class GDUAP(Method):
             return
         shape = tuple(ctx.v.shape)
         n = 1 if opts.prior == "none" else opts.batch_size
+        ctx.total = opts.steps * n
         for _ in range(opts.steps):  # one update per step on fresh prior images, shared over ranks like data
             if opts.prior == "none":
                 x = torch.full((1, *shape), RANGE_MEAN, dtype=ctx.v.dtype, device=ctx.v.device)
