@@ -37,7 +37,7 @@ from torch import nn
 from uap import methods
 from uap.criteria import Criterion, Targeted, Untargeted, check_target
 from uap.distributed import broadcast
-from uap.forward import DEFAULT_BATCH_SIZE, check_images, eval_mode, logits_of, model_device
+from uap.forward import DEFAULT_BATCH_SIZE, check_images, check_perturbation, eval_mode, logits_of, model_device
 from uap.initial import Init, describe_init, initial_perturbation
 from uap.methods.base import AttackedModels, Callback, CraftContext, Method
 from uap.methods.ensemble import check_ensemble, ensemble_pass
@@ -202,9 +202,7 @@ def craft(
         v = v if start is None else start.to(device=device, dtype=dtype)
     else:
         started_from = describe_init(init)  # what a run that was not interrupted records
-        if tuple(resume.v.shape) != shape and not (resume.v.dim() == 4 and tuple(resume.v.shape[1:]) == shape):
-            raise ValueError(f"perturbation shape {tuple(resume.v.shape)} does not match image shape {shape}")
-        v = resume.v.reshape(shape).to(device=device, dtype=dtype)
+        v = check_perturbation(resume.v, torch.empty((0, *shape))).to(device=device, dtype=dtype)
         history = [dict(r) for r in resume.history]
         if lp_norm(v, p).item() > eps * (1 + 1e-5):
             raise ValueError(f"the perturbation to resume has ‖v‖_{norm_name(p)} > eps={eps:g}; settings differ?")
