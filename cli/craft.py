@@ -44,25 +44,53 @@ def resume_hint(run) -> str:
     return f"the passes finished so far are kept in {run.checkpoint_path}; continue with `{command_line}`"
 
 
-def _method_options(method: str, batch_size: Optional[int], items: List[str], precision: str) -> dict:
+def _method_options(method: str, batch_size: Optional[int], items: List[str], precision: str) -> tuple[dict, bool]:
     """The method's options from ``--batch-size``, ``--method-option`` and ``--precision``, checked
-    by building the method (an unknown method or option fails before anything loads)."""
+    by building the method (an unknown method or option fails before anything loads), and
+    whether the method with them reads crafting images."""
     from uap.methods import make_method
 
     chosen = {} if batch_size is None else {"batch_size": batch_size}
     chosen.update(o.key_values(items, "--method-option"))
-    make_method(method, chosen)
+    built = make_method(method, chosen)
     if precision != "fp32":  # DeepFool's gradient arithmetic: an option of the methods that run DeepFool
         chosen["precision"] = precision
         o.flagged("--precision", make_method, method, chosen)
-    return chosen
+    return chosen, bool(built.needs_data)
+
+
+def _check_init(init: Optional[str]) -> None:
+    """``--init`` read before anything loads: a baseline's name, or a perturbation file or run folder."""
+    from uap.initial import describe_init
+
+    try:
+        describe_init(init)
+    except (ValueError, FileNotFoundError) as e:
+        raise o.UsageError(f"--init: {e}") from None
+
+
+def _targets(model: str, weights: Optional[Path], mean: Optional[list], std: Optional[list], device) -> dict:
+    """``--model``: one spec, or a comma-separated list (an ensemble), as ``{model id: target on device}``."""
+    from uap.targets import parse_model_list
+
+    specs = o.model_spec("--model", parse_model_list, model) if "," in model else [model]
+    if len(specs) > 1 and weights is not None:
+        raise o.UsageError("--weights: give each model of a list its weights as SPEC=WEIGHTS_FILE")
+    targets: dict = {}
+    for spec in specs:
+        target, model_id = o.resolve_target(spec, "--model", weights, mean, std)
+        if model_id in targets:
+            raise o.UsageError(f"--model names {model_id} twice")
+        targets[model_id] = target.to(device)
+    return targets
 
 
 @command("craft")
 def craft_cmd(
     model: str = typer.Option("supervised", "--model", help="Zoo name, checkpoint path, package.module:factory, "
                               "torchvision:NAME[:WEIGHTS], timm:NAME, open_clip:ARCH[:TAG] or hub:DIR:ENTRY (see "
-                              "`uap models --external`). " + o.FACTORY_HELP),
+                              "`uap models --external`); a comma-separated list crafts one v against all of them "
+                              "(the mean of their losses; ascent methods and gd-uap). " + o.FACTORY_HELP),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Weights for a module:factory or SOURCE:NAME model "
                                            "(safetensors, or a state dict read with weights_only=True)."),
     mean: Optional[str] = o.mean_option(),
@@ -71,7 +99,9 @@ def craft_cmd(
     data_root: Optional[Path] = o.data_root_option(),
     image_size: Optional[int] = o.image_size_option(),
     resize: Optional[int] = o.resize_option(),
-    n_images: int = typer.Option(1000, "--n-images", min=1, help="Crafting images X (class-balanced, from the train split)."),
+    n_images: Optional[int] = typer.Option(None, "--n-images", min=0, help="Crafting images X (class-balanced, from the "
+                                           "train split); default 1000, or 0 for a method that needs none (gd-uap "
+                                           "with prior none or range: then no stop rule, all --max-passes run)."),
     heldout: int = typer.Option(2000, "--heldout", min=0, help="Held-out test images to measure after each pass (0: none)."),
     eps: str = typer.Option("8/255", "--eps", help="Radius ε of the ℓp ball; fractions like 8/255 are fine."),
     norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
@@ -86,6 +116,9 @@ def craft_cmd(
     method_option: List[str] = typer.Option([], "--method-option", help="KEY=VALUE option of the method (JSON value), "
                                             "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting order."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from a baseline (a name of `uap evaluate "
+                                       "--baselines`, e.g. chessboard2n or fourier) or an earlier perturbation "
+                                       "(.safetensors or a run folder), projected into the ball; default v = 0."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/MODEL-lNORM-METHOD/)."),
     precision: str = typer.Option("fp32", "--precision", help="Arithmetic of DeepFool's gradients (deepfool, "
                                   "deepfool-batched): fp32, or bf16 (faster on CPUs with AVX512-BF16 or AMX and on recent "
@@ -121,7 +154,11 @@ def craft_cmd(
     check_stop_rule(delta, max_passes)
     if keep_best and eval_every != 1:
         raise o.UsageError("--keep-best compares every pass's fooling rate; it needs --eval-every 1")
-    method_options = _method_options(method, batch_size, method_option, precision)
+    method_options, needs_data = _method_options(method, batch_size, method_option, precision)
+    n_images = (1000 if needs_data else 0) if n_images is None else n_images
+    if needs_data and n_images == 0:
+        raise o.UsageError(f"--n-images: method {method} with these options needs crafting images; give --n-images N")
+    _check_init(init)
     mean_v, std_v = o.normalisation(mean, std)
     torch_device = o.torch_device(device)
     o.use_threads(threads)  # not part of the run's settings: v does not depend on it
@@ -134,21 +171,26 @@ def craft_cmd(
         "target": target_class, "method_options": method_options, "keep_best": keep_best, "precision": precision,
         "image_size": image_size, "resize": resize, "probe_data": probe_data, "probe_images": probe_images,
     }
+    if init is not None:  # only when given: the record of a run from v = 0 stays what it was
+        settings["init"] = init
     progress, on_event = craft_progress(out, n_images, max_passes)
     run = RunFolder(out)
     # A bad --out, or a run another process is writing: one line, before loading anything (rank 0 writes).
     with run.lock() if is_main() else contextlib.nullcontext():
-        target, model_id = o.resolve_target(model, "--model", weights, mean_v, std_v)
-        target = target.to(torch_device)
-        inputs = load_inputs({model_id: target}, data, n_train=n_images, n_test=heldout, seed=seed, root=data_root,
+        targets = _targets(model, weights, mean_v, std_v, torch_device)
+        inputs = load_inputs(targets, data, n_train=n_images, n_test=heldout, seed=seed, root=data_root,
                              image_size=image_size, resize=resize, stream_test=False, probe_data=probe_data,
                              probe_images=probe_images, log=lambda line: console.print(f"[dim]{literal(line)}[/]"))
         settings["preprocessing"] = inputs.settings()
+        models, ids = list(targets.values()), list(targets)
+        one = len(models) == 1
         try:
-            result = craft_run(run, target, inputs.x, settings=settings, heldout=inputs.heldout, resume=resume,
+            result = craft_run(run, models[0] if one else models, inputs.x, settings=settings, heldout=inputs.heldout, resume=resume,
                                force=force, callback=on_event, eps=eps_value, norm=p, delta=delta,
-                               max_passes=max_passes, method=method, seed=seed, model_id=model_id,
-                               data=f"{data}:train:n={n_images}:seed={seed}", method_options=method_options,
+                               max_passes=max_passes, method=method, seed=seed,
+                               model_id=ids[0] if one else ids, init=init,
+                               data=f"{data}:train:n={n_images}:seed={seed}" if n_images else f"{data}:no crafting images",
+                               method_options=method_options,
                                target=target_class, keep_best=keep_best, fold_batchnorm=fold_batchnorm,
                                eval_every=eval_every)
         except KeyboardInterrupt:

@@ -12,29 +12,42 @@ __all__ = ["craft_table", "report_table", "craft_progress", "transfer_progress"]
 
 
 def craft_table(summary: dict) -> Table:
-    """A finished crafting run (:func:`uap.runs.summarize`) as the table ``uap craft`` ends with."""
+    """A finished crafting run (:func:`uap.runs.summarize`) as the table ``uap craft`` ends with;
+    an ensemble's rates have one column per model beside their mean."""
+    models = summary.get("models") or []
     table = Table(title=f"uap craft · {literal(summary['model'])} · ℓ{summary['norm']} ε={summary['eps']:.4g} · "
                   f"{literal(summary['method'])}", title_style="bold")
     table.add_column("", style="bold")
-    table.add_column("value", justify="right")
-    table.add_row("fooling rate (crafting set)", pct(summary["fooling_rate"]))
-    table.add_row("fooling rate (held-out)", pct(summary["heldout_fooling_rate"]))
+    table.add_column("mean of the models" if models else "value", justify="right")
+    for name in models:
+        table.add_column(literal(name), justify="right")
+
+    def row(label: str, value: str, per_model: dict | None = None, show=pct) -> None:
+        table.add_row(label, value, *[show((per_model or {}).get(name)) for name in models])
+
+    row("fooling rate (crafting set)", pct(summary["fooling_rate"]), summary.get("fooling_rates"))
+    row("fooling rate (held-out)", pct(summary["heldout_fooling_rate"]), summary.get("heldout_fooling_rates"))
     baseline = summary.get("baseline")
     if baseline:
-        table.add_row("strongest baseline (held-out)", f"{pct(baseline['heldout_fooling_rate'])} ({baseline['name']})")
-    if summary.get("heldout_accuracy") is not None:
-        table.add_row("held-out accuracy clean → under v",
-                      f"{pct(summary['clean_heldout_accuracy'])} → {pct(summary['heldout_accuracy'])}")
-    table.add_row("‖v‖₂ / ‖v‖∞", f"{summary['norm_2']:.4f} / {summary['norm_inf']:.4f}")
+        each = {m: f"{pct(b['heldout_fooling_rate'])} ({b['name']})" for m, b in (baseline.get("models") or {}).items()}
+        row("strongest baseline (held-out)", f"{pct(baseline['heldout_fooling_rate'])}"
+            + ("" if models else f" ({baseline['name']})"), each, show=lambda text: text or "–")
+    if summary.get("heldout_accuracy") is not None and models:
+        row("held-out accuracy under v", pct(summary["heldout_accuracy"]), summary.get("heldout_accuracies"))
+    elif summary.get("heldout_accuracy") is not None:
+        row("held-out accuracy clean → under v", f"{pct(summary['clean_heldout_accuracy'])} → {pct(summary['heldout_accuracy'])}")
+    row("‖v‖₂ / ‖v‖∞", f"{summary['norm_2']:.4f} / {summary['norm_inf']:.4f}", show=lambda _: "")
     kept = summary.get("best_pass")
-    table.add_row("passes", str(summary["passes"]) + ("" if kept is None else f" (v from pass {kept}, --keep-best)"))
+    row("passes", str(summary["passes"]) + ("" if kept is None else f" (v from pass {kept}, --keep-best)"), show=lambda _: "")
+    if summary.get("init") is not None:
+        row("started from", literal(summary["init"] if isinstance(summary["init"], str) else summary["init"].get("file", "a tensor")),
+            show=lambda _: "")
     if summary.get("stopped"):
-        table.add_row("stopped", literal(summary["stopped"]["text"]))
+        row("stopped", literal(summary["stopped"]["text"]), show=lambda _: "")
     for name, count in (summary.get("counters") or {}).items():  # the method's own work counts (none done: no row)
-        if not count:
-            continue
-        table.add_row(literal(name.replace("_", " ")), str(count))
-    table.add_row("time", f"{summary['seconds']:.1f} s")
+        if count:
+            row(literal(name.replace("_", " ")), str(count), show=lambda _: "")
+    row("time", f"{summary['seconds']:.1f} s", show=lambda _: "")
     return table
 
 

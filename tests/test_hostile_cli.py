@@ -57,7 +57,7 @@ def _refused(out: Path, *args: str) -> str:
     (["--norm", "l3"], "--norm must be inf, 2 or 1"),
     (["--delta", "nan"], "--delta: delta must be in [0, 1)"),
     (["--delta", "1"], "--delta: delta must be in [0, 1)"),
-    (["--n-images", "0"], "Invalid value for '--n-images'"),
+    (["--n-images", "0"], "--n-images: method sgd with these options needs crafting images"),
     (["--n-images", "abc"], "Invalid value for '--n-images'"),
     (["--heldout", "-1"], "Invalid value for '--heldout'"),
     (["--max-passes", "0"], "--max-passes: max_passes must be an integer ≥ 1"),

@@ -10,14 +10,19 @@ and the registry. Two loops carry every built-in method:
   (:mod:`uap.methods.foolbox_step`);
 - :mod:`uap.methods.ascent` — projected steepest ascent on ``v``: ``"sgd"``, SGD-UAP of Shafahi
   et al. (AAAI 2020, :mod:`uap.methods.sgd`), and ``"feature"``, label-free UAPs for encoders
-  (:mod:`uap.methods.feature`).
+  (:mod:`uap.methods.feature`);
+- ``"gd-uap"`` (:mod:`uap.methods.gd_uap`), the data-free GD-UAP of Mopuri et al. (TPAMI 2018):
+  projected ascent on the log activations of every convolutional layer, with no crafting
+  images (prior none or range) or with them (prior data).
+
+Several models at once (an ensemble) go through :mod:`uap.methods.ensemble`.
 
 Importing this package registers them. All go through the same driver, so the per-pass
 history, stop rule and artefact are the same for every method and results compare directly.
 """
 from __future__ import annotations
 
-from uap.methods import deepfool, feature, foolbox_step, sgd  # noqa: F401  (register the built-in methods)
+from uap.methods import deepfool, feature, foolbox_step, gd_uap, sgd  # noqa: F401  (register the built-in methods)
 from uap.methods.base import (
     CraftContext,
     Method,

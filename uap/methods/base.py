@@ -10,6 +10,11 @@ the callback, resuming — and hands each pass to a :class:`Method`. A method is
 - ``supports_target`` / ``requires_target`` — whether it can craft (or only crafts) targeted
   UAPs; what success means comes with the context (``ctx.criterion``, :mod:`uap.criteria`),
   so a method asks it instead of testing for a target;
+- ``needs_data`` — whether ``run_pass`` reads the crafting images (``ctx.x``); a method that
+  needs none (a data-free objective) may be crafted with ``x=None``, and may depend on its
+  options (a property);
+- ``ensembles`` — whether ``run_pass`` itself crafts against every model of an ensemble
+  (``ctx.members()``); the projected-ascent methods are ensembled by :mod:`uap.methods.ensemble`;
 - ``counters`` — the names of the work counters it keeps (``ctx.count(name, n)``); the driver
   copies them into every pass record and progress event;
 - ``describe(device)`` — facts about its run for the result's ``extra`` (e.g. a setting
@@ -23,6 +28,7 @@ This module imports no method, so methods import it and never the reverse.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
@@ -62,6 +68,8 @@ class Method:
     Options: ClassVar[type[Options]] = NoOptions
     supports_target: ClassVar[bool] = False
     requires_target: ClassVar[bool] = False
+    needs_data: ClassVar[bool] = True
+    ensembles: ClassVar[bool] = False
     counters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Mapping[str, Any] | Options | None = None, *, name: str | None = None) -> None:
@@ -170,6 +178,13 @@ class CraftContext:
     criterion: Criterion  # what counts as success: untargeted or towards a target (uap.criteria)
     attacked: AttackedModels
     callback: Callback | None = None
+    #: ``(model, clean predictions)`` of every model of an ensemble, the first being ``model``,
+    #: ``clean``; empty for one model (see :meth:`members`)
+    ensemble: tuple[tuple[nn.Module, torch.Tensor], ...] = ()
+    #: images the batch-norm-folded copies are checked on when there are no crafting images
+    example: torch.Tensor | None = None
+    #: the images a pass visits, for progress reports, when it visits others than ``order`` (e.g. prior samples)
+    total: int | None = None
     visited: int = 0
     fooled_seen: int = 0  # visited images already fooled when visited (live estimate)
     updates: int = 0
@@ -190,6 +205,15 @@ class CraftContext:
         """The target class of a targeted run (None: untargeted); ``criterion`` says what it means."""
         return self.criterion.target
 
+    def members(self) -> list[CraftContext]:
+        """One context per attacked model (``[self]`` for one model): the same pass, images, ``v``
+        and counters' owner, with that model and its clean predictions. An ensemble's objective
+        is the mean of its members' objectives."""
+        if len(self.ensemble) <= 1:
+            return [self]
+        return [self if i == 0 else dataclasses.replace(self, model=m, clean=c, callback=None, _layout=None)
+                for i, (m, c) in enumerate(self.ensemble)]
+
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the method's counter ``name`` (one of its ``counters``)."""
         if name not in self.counters:
@@ -201,7 +225,7 @@ class CraftContext:
     def classifier(self) -> nn.Module:
         """The model as methods attack it: its batch-norm-folded copy (:mod:`uap.fold`), unless
         the run was asked not to fold. Fooling rates are always measured on ``model`` itself."""
-        return self.attacked(self.model, self.x)
+        return self.attacked(self.model, self.x if self.x.shape[0] or self.example is None else self.example)
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """``P_{p,ε}(v)``."""
@@ -230,7 +254,7 @@ class CraftContext:
         self._last_emit = now
         self.callback({
             "event": "progress", "pass": self.pass_index, "visited": self.visited,
-            "total": int(self.order.numel()), "fooled_seen": self.fooled_seen,
+            "total": int(self.order.numel()) if self.total is None else self.total, "fooled_seen": self.fooled_seen,
             **self.counters, "updates": self.updates,
         })
 

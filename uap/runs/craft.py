@@ -33,7 +33,8 @@ def summarize(pert: Perturbation, record: Mapping[str, Any], *,
     rates of the kept ``v`` (the last pass, or the best with ``keep_best``), its norms, the
     number of passes, why crafting stopped (``stopped``, :func:`stop_reason`), the method's
     counters summed over the passes (``counters``, e.g. ``{"deepfool_calls": N}``), time, the
-    caller's settings and the history.
+    caller's settings and the history; the start (``init``) when it was not ``v = 0``, and for
+    an ensemble the model ids (``models``) and each model's rates (``heldout_fooling_rates`` …).
     """
     from uap import __version__
 
@@ -56,7 +57,14 @@ def summarize(pert: Perturbation, record: Mapping[str, Any], *,
         "counters": {name: sum(int(r.get(name, 0)) for r in pert.history) for name in pert.extra.get("counters", [])},
         "perturbation": perturbation_file, "version": __version__,
         "settings": record.get("settings"), "history": pert.history,
+        **({"init": pert.extra["init"]} if pert.extra.get("init") is not None else {}),
+        **({"models": pert.extra["models"], **{key: kept.get(key) for key in _PER_MODEL}}
+           if pert.extra.get("models") else {}),
     }
+
+
+#: The per-model rates of an ensemble's records (``{model id: rate}``) that its summary repeats.
+_PER_MODEL = ("fooling_rates", "heldout_fooling_rates", "heldout_accuracies")
 
 
 def stop_reason(pert: Perturbation) -> dict[str, Any]:
@@ -71,6 +79,9 @@ def stop_reason(pert: Perturbation) -> dict[str, Any]:
     if rate is not None and rate > 1 - pert.delta:
         return {"reason": "delta", "pass": k, "text": f"{name} {100 * rate:.1f} % > 1 − δ = {100 * (1 - pert.delta):.0f} % "
                 f"after pass {k}" + (f" (of at most {most})" if most else "")}
+    if rate is None and pert.extra.get("n_images") == 0 and (most is None or k >= most):
+        return {"reason": "max_passes", "pass": k, "text": f"all {k} passes ran (--max-passes): without crafting "
+                "images there is no fooling rate for the stop rule"}
     if most is None or k >= most:
         return {"reason": "max_passes", "pass": k, "text": f"all {k} passes ran (--max-passes); {name} "
                 + (f"{100 * rate:.1f} %" if rate is not None else "–") + f" ≤ 1 − δ = {100 * (1 - pert.delta):.0f} %"}
@@ -156,7 +167,8 @@ def craft_in(run: RunFolder, model: nn.Module, x: torch.Tensor, *, settings: Map
                     seconds=sum(float(h.get("seconds", 0.0)) for h in history), extra={"run": record}))
             return emit(event)
 
-        pert = universal.craft(model, x, heldout=heldout, callback=on_event, resume=start, **args)
+        start_from = {"init": craft_kwargs.get("init")}  # the record holds its description; craft takes it as given
+        pert = universal.craft(model, x, heldout=heldout, callback=on_event, resume=start, **{**args, **start_from})
         if main:
             run.finish(pert, record, artefacts)
             emit({"event": "saved", "path": str(run.result_path)})
@@ -225,7 +237,15 @@ def _heldout_baseline(model: nn.Module, heldout: Any, pert: Perturbation) -> dic
     if heldout is None:
         return None
     hx, hy = heldout if isinstance(heldout, (tuple, list)) else (heldout, None)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     with alone():
-        found = strongest_baseline(model, hx, pert.eps, pert.p, y=hy, seed=pert.seed)
-    return {"name": found["name"], "heldout_fooling_rate": found["fooling_rate"],
-            "heldout_accuracy": found["accuracy"], "heldout_fooling_rates": found["rates"]}
+        found = [strongest_baseline(m, hx, pert.eps, pert.p, y=hy, seed=pert.seed) for m in models]
+    if len(found) == 1:
+        return {"name": found[0]["name"], "heldout_fooling_rate": found[0]["fooling_rate"],
+                "heldout_accuracy": found[0]["accuracy"], "heldout_fooling_rates": found[0]["rates"]}
+    # an ensemble: each model's strongest row, and their mean (what the mean rate is read against)
+    accuracies = [f["accuracy"] for f in found]
+    return {"name": "each model's strongest", "heldout_fooling_rate": sum(f["fooling_rate"] for f in found) / len(found),
+            "heldout_accuracy": None if None in accuracies else sum(accuracies) / len(accuracies),
+            "models": {name: {"name": f["name"], "heldout_fooling_rate": f["fooling_rate"]}
+                       for name, f in zip(pert.extra.get("models", []), found)}}

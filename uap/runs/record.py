@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from uap import universal
 from uap.fingerprint import tensor_fingerprint
 from uap.images import is_images
+from uap.initial import describe_init
 from uap.projection import check_eps, norm_name
 
 __all__ = ["craft_arguments", "fingerprint", "model_fingerprint", "tensor_fingerprint", "differences",
@@ -34,11 +35,14 @@ _CRAFT_DEFAULTS: dict[str, Any] = {
 
 # uap.craft arguments added after records were first written, with the value that gives the
 # behaviour of a record that lacks them: such a record is the same run as one that names it.
-_ADDED_ARGUMENTS: dict[str, Any] = {"eval_every": 1}
+_ADDED_ARGUMENTS: dict[str, Any] = {"eval_every": 1, "init": None}
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, shapes, bytes): changes when it is retrained."""
+def model_fingerprint(model: nn.Module | Sequence[nn.Module]) -> str:
+    """SHA-256 over a model's state dict (names, shapes, bytes): changes when it is retrained.
+    For several models (an ensemble), over their fingerprints in order."""
+    if isinstance(model, (list, tuple)):
+        return hashlib.sha256("".join(model_fingerprint(m) for m in model).encode()).hexdigest()
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
@@ -77,15 +81,17 @@ def craft_arguments(craft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"uap.craft needs {', '.join(missing)}")
     args["eps"] = check_eps(args["eps"])
     args["norm"] = norm_name(args["norm"])
+    args["init"] = describe_init(args["init"])  # a baseline's name, or the fingerprint of the starting tensor
     return jsonable(args)
 
 
-def fingerprint(model: nn.Module, x: torch.Tensor, *, settings: Mapping[str, Any] | None = None,
+def fingerprint(model: nn.Module | Sequence[nn.Module], x: torch.Tensor | None, *, settings: Mapping[str, Any] | None = None,
                 craft: Mapping[str, Any] | None = None, heldout: Any = None) -> dict[str, Any]:
     """The record that identifies a run: two runs with equal records craft the same ``v``.
 
     Args:
-        model, x: the target and the crafting images (fingerprinted, not stored).
+        model, x: the target (or the list of an ensemble's) and the crafting images
+            (fingerprinted, not stored; None: crafted without images).
         settings: the caller's own description of the run (JSON values), e.g. the command
             line's flags or a source model's name.
         craft: the :func:`uap.craft` arguments (see :func:`craft_arguments`).
@@ -99,7 +105,7 @@ def fingerprint(model: nn.Module, x: torch.Tensor, *, settings: Mapping[str, Any
         "settings": dict(settings or {}),
         "craft": dict(craft or {}),
         "model_sha256": model_fingerprint(model),
-        "craft_set_sha256": tensor_fingerprint(x),
+        "craft_set_sha256": None if x is None else tensor_fingerprint(x),
         "heldout_sha256": _heldout_fingerprint(heldout),
     })
 
