@@ -39,6 +39,10 @@ def transfer_cmd(
     probe_data: Optional[str] = o.probe_data_option(),
     probe_images: int = o.probe_images_option(),
     threads: Optional[int] = o.threads_option(),
+    sources: Optional[str] = typer.Option(None, "--sources", help="Comma-separated models to craft on (rows; "
+                                          "default: every model of --models)."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="Add a row whose cell in each column is a UAP crafted "
+                                  "against every source but that column (black-box transfer from an ensemble)."),
 ) -> None:
     """Cross-model transfer matrix: one UAP per model, each applied to every model, plus baseline rows.
 
@@ -67,7 +71,8 @@ def transfer_cmd(
         result = uap.transfer_matrix(loaded, inputs.x, x_eval, y_eval, eps=eps_value, norm=p, delta=delta,
                                      max_passes=max_passes, method=method, seed=seed, out_dir=out,
                                      model_ids=dict(zip(loaded, specs)), batch_size=batch_size, classes=inputs.classes,
-                                     baselines=chosen, callback=on_event)
+                                     baselines=chosen, callback=on_event, ensemble=ensemble,
+                                     sources=_sources(sources, list(loaded), specs))
     result.report.meta.update(command="transfer", data=data, n_images=n_images, n_craft=n_craft,
                               preprocessing=inputs.settings())
     caption = (f"rows: crafted on ({n_craft} {literal(data)} train images), columns: applied to "
@@ -77,3 +82,15 @@ def transfer_cmd(
     written = result.report.save(out, result.perturbations, loaded, x_eval, y_eval)
     if written:
         console.print(f"wrote {literal(out)}/{', '.join(literal(p.name) for p in written)}")
+
+
+def _sources(text: str | None, names: list[str], specs: list[str]) -> list[str] | None:
+    """The ``--sources`` as model names (each given by its name or by its spec in ``--models``)."""
+    if text is None:
+        return None
+    by_spec = dict(zip(specs, names))
+    chosen = [by_spec.get(s.strip(), s.strip()) for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in names]
+    if unknown:
+        raise o.UsageError(f"--sources {', '.join(unknown)} not among --models ({', '.join(names)})")
+    return chosen

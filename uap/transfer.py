@@ -27,6 +27,14 @@ longer matches. While a perturbation is being crafted it is checkpointed after e
 most one pass. Each source's run is locked while it is written: a second process that
 tries to write it gets :class:`uap.runs.RunLocked`.
 
+With ``ensemble=True`` one more row, :data:`ENSEMBLE_ROW`, measures black-box transfer from an
+ensemble: its cell in column ``c`` is a UAP crafted against every source *but* ``c`` (one ``v``
+for the mean of their losses, :func:`uap.craft` with a list of models) and applied to ``c`` — so
+no cell sees its own model. A column that is not a source gets the ensemble of all sources.
+Each distinct ensemble is one run in ``out_dir/perturbations/`` (``ensemble-without-<c>``,
+``ensemble-all``), reused like the sources'; under ``torch.distributed`` all ranks craft it
+together.
+
 Under ``torch.distributed`` the sources are dealt to the ranks round-robin (source ``k`` to
 rank ``k mod W``); each rank crafts its sources by itself (:func:`uap.distributed.alone`),
 reusing and writing their runs in ``out_dir`` as one process would, then sends every rank
@@ -57,10 +65,13 @@ from uap.projection import check_eps, check_norm, norm_name
 from uap.report import Report
 from uap.runs import RunFolder
 
-__all__ = ["transfer_matrix", "Transfer", "RANDOM_ROW"]
+__all__ = ["transfer_matrix", "Transfer", "RANDOM_ROW", "ENSEMBLE_ROW"]
 
 #: Name of the random-noise baseline row.
 RANDOM_ROW = "random"
+
+#: Name of the row whose cell in column ``c`` is the UAP of the ensemble of every source but ``c``.
+ENSEMBLE_ROW = "ensemble (all but the column)"
 
 #: ``uap.craft`` arguments that transfer_matrix itself sets (same for every source).
 _SET_HERE = {"eps", "norm", "delta", "max_passes", "method", "seed", "heldout", "callback", "resume",
@@ -83,12 +94,15 @@ class Transfer:
         perturbations: ``{row name: v}`` (C×H×W tensors), the baseline rows included.
         crafted: ``{source model: Perturbation}`` as returned by the engine (or loaded back).
         reused: names of the sources whose perturbation was loaded from ``out_dir``.
+        ensembles: ``{column: Perturbation}`` of the ensemble row (``ensemble=True``): the UAP
+            crafted against every source but the column.
     """
 
     report: Report
     perturbations: dict[str, torch.Tensor]
     crafted: dict[str, Perturbation] = field(default_factory=dict)
     reused: list[str] = field(default_factory=list)
+    ensembles: dict[str, Perturbation] = field(default_factory=dict)
 
 
 def transfer_matrix(
@@ -112,6 +126,7 @@ def transfer_matrix(
     classes: Sequence[str] | None = None,
     craft_kwargs: Mapping[str, Any] | None = None,
     callback: EventFn | None = None,
+    ensemble: bool = False,
 ) -> Transfer:
     """Craft one UAP per source model and evaluate every UAP on every model.
 
@@ -136,6 +151,8 @@ def transfer_matrix(
         batch_size, embeddings, classes: passed to :func:`uap.evaluate`.
         craft_kwargs: extra keyword arguments for :func:`uap.craft`.
         callback: ``callback(event, info)`` for progress (see :data:`EventFn`).
+        ensemble: add :data:`ENSEMBLE_ROW` (module docstring); needs a method that crafts
+            against several models (the projected-ascent family).
     """
     named = as_named_models(models)
     p = check_norm(norm)
@@ -164,7 +181,11 @@ def transfer_matrix(
     if clash:
         raise ValueError(f"craft_kwargs cannot set {clash}: transfer_matrix sets them for every source")
     universal.check_stop_rule(delta, max_passes)  # before out_dir is touched: a bad setting leaves nothing behind
-    make_method(method, craft_kwargs.get("method_options"))
+    made = make_method(method, craft_kwargs.get("method_options"))
+    if ensemble:
+        from uap.methods.ensemble import check_ensemble
+
+        check_ensemble(made, max(len([s for s in sources if s != c]) for c in named))
     model_ids = dict(model_ids or {})
     emit = callback or (lambda _event, _info: None)
     runs = ({s: RunFolder(Path(out_dir) / "perturbations", s) for s in sources}  # bad names fail before crafting
@@ -222,7 +243,80 @@ def transfer_matrix(
 
     report = evaluate(perturbations, named, x_eval, y_eval, batch_size=batch_size, embeddings=embeddings,
                       classes=classes, progress=on_eval, meta=meta, baselines=baseline_rows)
-    return Transfer(report=report, perturbations={**perturbations, **baseline_rows}, crafted=crafted, reused=reused)
+    ensembles: dict[str, Perturbation] = {}
+    if ensemble:
+        ensembles = _craft_ensembles(named, sources, x_craft, heldout, args_for_ensembles(eps, p, delta, max_passes,
+                                     method, seed, x_craft, craft_kwargs), out_dir, emit)
+        cells = {c: evaluate({ENSEMBLE_ROW: e.v}, {c: named[c]}, x_eval, y_eval, batch_size=batch_size,
+                             embeddings=embeddings, classes=classes) for c, e in ensembles.items()}
+        report = _with_row(report, ENSEMBLE_ROW, cells, after=len(sources))
+        report.meta["ensemble"] = {c: [s for s in sources if s != c] for c in ensembles}
+        if ensembles:
+            perturbations[ENSEMBLE_ROW] = _vector(next(iter(ensembles.values())))
+    return Transfer(report=report, perturbations={**perturbations, **baseline_rows}, crafted=crafted, reused=reused,
+                    ensembles=ensembles)
+
+
+def args_for_ensembles(eps: float, p: float, delta: float, max_passes: int, method: str, seed: int,
+                       x_craft: torch.Tensor, craft_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`uap.craft` arguments of an ensemble row's runs: the sources' own."""
+    return dict(eps=eps, norm=p, delta=delta, max_passes=max_passes, method=method, seed=seed,
+                data=f"{len(x_craft)} crafting images", **craft_kwargs)
+
+
+def _craft_ensembles(named: Mapping[str, nn.Module], sources: Sequence[str], x_craft: torch.Tensor, heldout: Any,
+                     args: dict[str, Any], out_dir: str | os.PathLike | None, emit: EventFn) -> dict[str, Perturbation]:
+    """``{column: UAP of every source but the column}``, each distinct ensemble crafted once."""
+    members = {c: [s for s in sources if s != c] for c in named}
+    made: dict[tuple[str, ...], Perturbation] = {}
+    out: dict[str, Perturbation] = {}
+    for column, group in members.items():
+        key = tuple(group)
+        if not group:
+            continue  # the only source is the column itself: the cell stays empty
+        if key not in made:
+            name = "ensemble-all" if len(group) == len(sources) else f"ensemble-without-{column}"
+            emit("craft", {"model": name, "index": len(made), "total": len(set(map(tuple, members.values()))),
+                           "resumed_passes": 0})
+            models = {s: named[s] for s in group}
+
+            def on_event(event: dict, name: str = name) -> None:
+                if event.get("event") in ("progress", "pass"):
+                    emit("craft_step", {**event, "model": name})
+
+            if out_dir is not None:
+                run = RunFolder(Path(out_dir) / "perturbations", name).craft(
+                    list(models.values()), x_craft, settings={"ensemble": list(group)}, heldout=heldout,
+                    callback=on_event, resume=True, replace=True, model_id=list(group), **args)
+                made[key] = run.perturbation
+            else:
+                made[key] = universal.craft(models, x_craft, heldout=heldout, callback=on_event, **args)
+        out[column] = made[key]
+    return out
+
+
+def _with_row(report: Report, name: str, cells: Mapping[str, Report], after: int) -> Report:
+    """``report`` with the row ``name`` inserted at position ``after``; its cell in column ``c``
+    is the one-cell report ``cells[c]`` (NaN where a column has none)."""
+    import numpy as np
+
+    from uap.report import METRICS
+
+    m = len(report.models)
+
+    def row(metric: str, fill: float) -> np.ndarray:
+        return np.array([[float(getattr(cells[c], metric)[0, 0]) if c in cells else fill for c in report.models]])
+
+    values = {k: np.insert(getattr(report, k), after, row(k, np.nan), axis=0) for k in METRICS}
+    labels = np.insert(report.dominant_label, after,
+                       np.array([[int(cells[c].dominant_label[0, 0]) if c in cells else -1 for c in report.models]]), axis=0)
+    norms = {k: np.insert(getattr(report, k), after, max((float(getattr(r, k)[0]) for r in cells.values()), default=0.0))
+             for k in ("norm_linf", "norm_l2")}
+    assert labels.shape == (len(report.perturbations) + 1, m)
+    return Report(perturbations=[*report.perturbations[:after], name, *report.perturbations[after:]],
+                  models=list(report.models), dominant_label=labels, clean_accuracy=report.clean_accuracy,
+                  n_images=report.n_images, classes=report.classes, meta=dict(report.meta),
+                  baselines=list(report.baselines), **values, **norms)
 
 
 def _share_crafted(sources: Sequence[str], crafted: dict[str, Perturbation], reused: list[str]
