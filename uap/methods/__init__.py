@@ -9,15 +9,17 @@ and the registry. Two loops carry every built-in method:
   (:mod:`uap.methods.deepfool`) and ``"foolbox:<AttackName>"``, any Foolbox minimisation attack
   (:mod:`uap.methods.foolbox_step`);
 - :mod:`uap.methods.ascent` — projected steepest ascent on ``v``: ``"sgd"``, SGD-UAP of Shafahi
-  et al. (AAAI 2020, :mod:`uap.methods.sgd`), and ``"feature"``, label-free UAPs for encoders
-  (:mod:`uap.methods.feature`).
+  et al. (AAAI 2020, :mod:`uap.methods.sgd`); ``"sga"``, its stochastic gradient aggregation by
+  Liu et al. (ICCV 2023, :mod:`uap.methods.sga`); ``"cos-uap"``, the label-free cosine loss on
+  the logits of Zhang et al. (ICCV 2021, :mod:`uap.methods.cos_uap`); and ``"feature"``,
+  label-free UAPs for encoders (:mod:`uap.methods.feature`).
 
 Importing this package registers them. All go through the same driver, so the per-pass
 history, stop rule and artefact are the same for every method and results compare directly.
 """
 from __future__ import annotations
 
-from uap.methods import deepfool, feature, foolbox_step, sgd  # noqa: F401  (register the built-in methods)
+from uap.methods import cos_uap, deepfool, feature, foolbox_step, sga, sgd  # noqa: F401  (register the built-in methods)
 from uap.methods.base import (
     CraftContext,
     Method,
