@@ -1,12 +1,12 @@
 """SGA: a universal perturbation by stochastic gradient aggregation.
 
 Liu, Zhong, Zhang, Qin & Deng, "Enhancing generalization of universal adversarial perturbation
-through gradient aggregation" (ICCV 2023). SGD-UAP (:mod:`uap.methods.sgd`) steps along the
-sign of one minibatch's gradient: with small minibatches that sign is noisy (the gradients of
-few images point in many directions and ``v`` wanders), with large ones each pass takes few,
-coarse steps and ``v`` settles in a sharp optimum of the crafting set that generalises poorly
-to unseen images. SGA keeps the large minibatch for the update but computes its direction from
-a short exploration with small ones::
+through gradient aggregation" (ICCV 2023). The paper finds that SGD-UAP
+(:mod:`uap.methods.sgd`) generalises poorly to unseen images at either end of the batch size:
+with small minibatches the gradient vanishes (few images, most of them past the loss clamp or
+cancelling each other, leave a weak, noisy sign), with large ones ``v`` takes few coarse steps
+and settles in a poor local optimum. SGA keeps the large minibatch for the update but computes
+its direction from a short exploration with small ones::
 
     for each pass k, for each minibatch B (the pass's visiting order):
         w ← v, G ← 0
@@ -14,17 +14,17 @@ a short exploration with small ones::
             for each inner minibatch b of B, in a fresh random order (|b| = inner_batch_size):
                 g ← ∇_w mean_{i∈b} J(x_i, clip(x_i + w, 0, 1))
                 G ← G + g
-                w ← P_{p,ε}(w + β_k · d_p(g))                 (inner sign step on the copy)
+                w ← P_{p,ε}(w + γ_k · d_p(g))                 (inner sign step on the copy)
         v ← P_{p,ε}(v + α_k · d_p(G))                        (α_k = step_size·ε·decay^(k−1))
 
-The inner steps move a copy ``w`` of ``v``, so each inner gradient is taken a little further
-along the way ``v`` is about to go (a look-ahead, which avoids the sign's quantisation
-stalling it), and the outer step follows the sum of those gradients: their aggregation has far
-less variance than any one of them. ``J`` is SGD-UAP's loss (``loss``: the clamped
-cross-entropy on the clean predictions by default, or the logit / C&W margin losses of
-:data:`uap.criteria.ASCENT_LOSSES`; targeted runs use each loss's targeted form), and ``d_p``
-is the sign for ℓ∞ and the normalised gradient otherwise
-(:func:`uap.methods.ascent.ascent_direction`); ``β_k = inner_step_size·ε·decay^(k−1)``.
+The inner steps move a copy ``w`` of ``v`` (the paper's inner pre-search), so each inner
+gradient is taken where the previous small-batch steps led; the outer step follows the sum of
+those gradients, which is more stable than any one of them, and whose sign loses less than the
+sign of each (a smaller quantisation error). ``J`` is SGD-UAP's loss (``loss``: the clamped
+cross-entropy on the clean predictions by default, clamped at ``beta``, or the logit / C&W
+margin losses of :data:`uap.criteria.ASCENT_LOSSES`; targeted runs use each loss's targeted
+form), and ``d_p`` is the sign for ℓ∞ and the normalised gradient otherwise
+(:func:`uap.methods.ascent.ascent_direction`); ``γ_k = inner_step_size·ε·decay^(k−1)``.
 
 With ``momentum`` μ > 0 the outer step follows ``m ← μ·m + G/‖G‖₁`` instead of ``G`` (the
 paper's optional momentum term). The buffer starts at zero in each pass, and the inner
