@@ -107,12 +107,13 @@ def craft_cmd(
     norm: str = typer.Option("inf", "--norm", help="p of the ball: inf, 2 or 1."),
     delta: float = typer.Option(0.2, "--delta", help="Stop once the fooling rate on X exceeds 1 − δ (0: run all --max-passes)."),
     max_passes: int = typer.Option(10, "--max-passes", help="At most this many passes over X."),
-    method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, sgd, feature, "
-                               "deepfool-targeted or foolbox:<AttackName> (e.g. foolbox:L2CarliniWagnerAttack)."),
+    method: str = typer.Option("deepfool", "--method", help="deepfool (Algorithm 1), deepfool-batched, sgd, sga, cos-uap, "
+                               "feature, deepfool-targeted or foolbox:<AttackName> (e.g. foolbox:L2CarliniWagnerAttack)."),
     target_class: Optional[int] = typer.Option(None, "--target", min=0, help="Targeted UAP: send images to this class "
-                                               "(deepfool, sgd, foolbox:…); the stop rule uses the targeted success rate."),
+                                               "(deepfool, sgd, sga, foolbox:…); the stop rule uses the targeted success rate."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Images per step: DeepFool call "
-                                             "(deepfool-batched), gradient step (sgd, feature: default 32) or Foolbox call (default 1)."),
+                                             "(deepfool-batched), gradient step (sgd, cos-uap, feature: default 32; sga: "
+                                             "250) or Foolbox call (default 1)."),
     method_option: List[str] = typer.Option([], "--method-option", help="KEY=VALUE option of the method (JSON value), "
                                             "repeatable, e.g. --method-option step_size=0.2 --method-option decay=0.8."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the image subsets and the visiting order."),

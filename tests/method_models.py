@@ -1,7 +1,7 @@
 """Tiny models and synthetic data for the tests of ``uap.methods`` (no CIFAR-10, no zoo).
 
 - :class:`Linear2D` — a binary linear classifier on 2-pixel "images" (N×2×1×1), where the
-  best universal perturbation has a closed form;
+  best universal perturbation has a closed form, and :func:`two_class_points`, its data;
 - :func:`blobs` — a 10-class synthetic image set (3×8×8): each class is a fixed random
   pattern plus noise, so a small network learns it to ~100 % in about a second;
 - :func:`trained_mlp` — that small network, trained once per process;
@@ -32,6 +32,20 @@ class Linear2D(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.score(x)
         return torch.stack([torch.zeros_like(s), s], dim=1)
+
+
+def two_class_points(w: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """40 points around (0.5, 0.5): 30 with score s ∈ (0, 0.22] (class 1), 10 with s < 0.
+
+    ``x = c + a·u + t·n`` with ``u = w/‖w‖``, ``n ⟂ u``; the score is ``s = ‖w‖·a``. Returns the
+    points (N×2×1×1) and ``w``.
+    """
+    w = torch.tensor(w)
+    u, n = w / w.norm(), torch.tensor([-float(w[1]), float(w[0])]) / float(w.norm())
+    a = torch.cat([torch.linspace(0.005, 0.1, 30), -torch.linspace(0.005, 0.1, 10)])
+    t = torch.linspace(-0.15, 0.15, 40)[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    x = 0.5 + a[:, None] * u + t[:, None] * n
+    return x.view(40, 2, 1, 1), w
 
 
 @functools.lru_cache(maxsize=1)

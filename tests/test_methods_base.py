@@ -20,7 +20,8 @@ def _images(n: int = 40, seed: int = 1) -> torch.Tensor:
     return torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-BUILT_IN = ["deepfool", "deepfool-batched", "deepfool-targeted", "sgd", "feature", "foolbox:L2DeepFoolAttack"]
+BUILT_IN = ["deepfool", "deepfool-batched", "deepfool-targeted", "sgd", "sga", "cos-uap", "feature",
+            "foolbox:L2DeepFoolAttack"]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)

@@ -9,23 +9,13 @@ import torch
 import uap
 import uap.methods  # noqa: F401  (registers the methods)
 from uap.methods.ascent import ascent_direction
+from uap.criteria import ASCENT_LOSSES, Targeted, Untargeted
 from uap.methods.sgd import clamped_cross_entropy
-from tests.method_models import Linear2D, blobs, trained_mlp
+from tests.ascent_reference import reference_sgd
+from tests.method_models import Linear2D, blobs, trained_mlp, two_class_points
+from tests.tiny_models import tiny_mlp
 
 W = (2.0, -1.0)
-
-
-def _two_class_points() -> tuple[torch.Tensor, torch.Tensor]:
-    """40 points around (0.5, 0.5): 30 with score s ∈ (0, 0.22] (class 1), 10 with s < 0.
-
-    ``x = c + a·u + t·n`` with ``u = w/‖w‖``, ``n ⟂ u``; the score is ``s = ‖w‖·a``.
-    """
-    w = torch.tensor(W)
-    u, n = w / w.norm(), torch.tensor([1.0, 2.0]) / math.sqrt(5)
-    a = torch.cat([torch.linspace(0.005, 0.1, 30), -torch.linspace(0.005, 0.1, 10)])
-    t = torch.linspace(-0.15, 0.15, 40)[torch.randperm(40, generator=torch.Generator().manual_seed(0))]
-    x = 0.5 + a[:, None] * u + t[:, None] * n
-    return x.view(40, 2, 1, 1), w
 
 
 @pytest.mark.parametrize("norm, eps", [(2, 0.05), (math.inf, 0.03)])
@@ -34,7 +24,7 @@ def test_sgd_reaches_the_best_universal_direction_of_a_linear_model(norm, eps):
     # perturbation that fools the most class-1 points (the majority) is the one minimising
     # w·v: v* = −ε w/‖w‖₂ for ℓ2 and v* = −ε sign(w) for ℓ∞. It fools exactly the class-1
     # points with 0 < s < ε‖w‖_*.
-    x, w = _two_class_points()
+    x, w = two_class_points(W)
     model = Linear2D(W, b=-float(w @ torch.tensor([0.5, 0.5])))
     s = model.score(x)
     assert int((s > 0).sum()) == 30
@@ -105,3 +95,50 @@ def test_sgd_is_reproducible_and_rejects_bad_options():
         uap.craft(model, x, eps=0.1, method="sgd", method_options={"beta": -1})
     with pytest.raises(ValueError, match="step_size"):
         uap.craft(model, x, eps=0.1, method="sgd", method_options={"step_size": float("nan")})
+
+
+LOGITS = torch.tensor([[1.0, 3.0, 2.0], [0.0, -1.0, 5.0], [4.0, 0.0, 1.0]])
+CLEAN = torch.tensor([1, 2, 1])
+
+
+def test_each_ascent_loss_matches_its_closed_form():
+    untargeted, towards_0 = Untargeted(), Targeted(0)
+    ce = [math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 3, math.log(1 + math.exp(-1) + math.exp(5)) - 5,
+          math.log(math.exp(4) + 1 + math.exp(1)) - 0]
+    assert untargeted.ascent_loss(LOGITS, CLEAN, 2.0).item() == pytest.approx((ce[0] + ce[1] + 2.0) / 3)  # ce[2] > 2
+    assert untargeted.ascent_loss(LOGITS, CLEAN, 2.0, "logit").item() == pytest.approx(-(3 + 5 + 0) / 3)
+    # max_{j≠y} z_j − z_y: 2 − 3, 0 − 5, 4 − 0 (clamped at β = 2)
+    assert untargeted.ascent_loss(LOGITS, CLEAN, 2.0, "cw").item() == pytest.approx((-1 - 5 + 2) / 3)
+    assert untargeted.ascent_loss(LOGITS, CLEAN, math.inf, "cw").item() == pytest.approx((-1 - 5 + 4) / 3)
+    ce_to_0 = [math.log(math.exp(1) + math.exp(3) + math.exp(2)) - 1, math.log(1 + math.exp(-1) + math.exp(5)),
+               math.log(math.exp(4) + 1 + math.exp(1)) - 4]
+    assert towards_0.ascent_loss(LOGITS, CLEAN, 2.0).item() == pytest.approx(-sum(ce_to_0) / 3)  # unclamped
+    assert towards_0.ascent_loss(LOGITS, CLEAN, 2.0, "logit").item() == pytest.approx((1 + 0 + 4) / 3)
+    # z_0 − max_{j≠0} z_j: 1 − 3, 0 − 5, 4 − 1 (clamped at β = 2)
+    assert towards_0.ascent_loss(LOGITS, CLEAN, 2.0, "cw").item() == pytest.approx((-2 - 5 + 2) / 3)
+    with pytest.raises(ValueError, match="unknown loss 'kl'"):
+        untargeted.ascent_loss(LOGITS, CLEAN, 2.0, "kl")
+    assert ASCENT_LOSSES == ("ce", "logit", "cw")
+
+
+@pytest.mark.parametrize("loss", ASCENT_LOSSES)
+@pytest.mark.parametrize("p, eps, target", [(math.inf, 0.06, None), (2.0, 1.0, None), (math.inf, 0.06, 2)])
+def test_sgd_matches_a_plain_loop_update_for_update(loss, p, eps, target):
+    model, x = tiny_mlp(), torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    options = {"batch_size": 7, "loss": loss, "beta": 2.0}
+    pert = uap.craft(model, x, eps=eps, norm=p, method="sgd", max_passes=3, delta=0, seed=4, target=target,
+                     method_options=options)
+    v_ref = reference_sgd(model, x, eps=eps, p=p, passes=3, seed=4, batch_size=7, beta=2.0, loss=loss, target=target)
+    assert [r["updates"] for r in pert.history] == [6, 6, 6]
+    torch.testing.assert_close(pert.v, v_ref, rtol=0, atol=1e-6)
+    assert bool(pert.v.any())
+
+
+def test_the_loss_changes_the_run_and_the_default_is_the_cross_entropy():
+    model, x = tiny_mlp(), torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    run = dict(eps=0.06, method="sgd", max_passes=2, delta=0, seed=4)
+    default = uap.craft(model, x, **run).v
+    assert torch.equal(uap.craft(model, x, method_options={"loss": "ce"}, **run).v, default)
+    assert not torch.equal(uap.craft(model, x, method_options={"loss": "cw"}, **run).v, default)
+    with pytest.raises(ValueError, match="option loss for method 'sgd' must be one of 'ce', 'logit', 'cw'"):
+        uap.craft(model, x, eps=0.1, method="sgd", method_options={"loss": "kl"})

@@ -9,7 +9,8 @@ part there):
 - which images still need an update (:meth:`Criterion.needs_update`, from logits);
 - the rate the stop rule reads and its record key (:meth:`Criterion.rate`, ``key``), and the
   extra entries of each pass record (:meth:`Criterion.record`);
-- the loss an ascent method maximises (:meth:`Criterion.ascent_loss`);
+- the loss an ascent method maximises (:meth:`Criterion.ascent_loss`, one of
+  :data:`ASCENT_LOSSES`);
 - whether Algorithm 1 accepts an update only when it raises the image's margin
   (``checks_updates``, :meth:`Criterion.improves`).
 
@@ -21,7 +22,7 @@ targeted Algorithm 1 accepts an update only if it raises it.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,21 @@ __all__ = [
     "target_margin",
     "targeted_success_rate",
     "clamped_cross_entropy",
+    "ASCENT_LOSSES",
+    "AscentLoss",
 ]
+
+#: The losses an ascent method can maximise (:meth:`Criterion.ascent_loss`), untargeted / targeted
+#: (``y``: the clean prediction k̂(x), ``t``: the target, ``z``: the logits at ``x + v``):
+#:
+#: - ``"ce"`` — the cross-entropy: ``min(CE(z, y), β)`` / ``−CE(z, t)`` (SGD-UAP, Shafahi et al.);
+#: - ``"logit"`` — the logit of the class: ``−z_y`` / ``z_t`` (no softmax, so an image's gradient
+#:   does not fade as it nears the boundary; SGA's and DF-UAP's alternative);
+#: - ``"cw"`` — the C&W margin: ``min(max_{j≠y} z_j − z_y, β)`` / ``min(z_t − max_{j≠t} z_j, β)``,
+#:   positive exactly when the image is fooled (sent to ``t``) and capped at ``β`` so that images
+#:   pushed far across the boundary stop pulling ``v`` (DF-UAP, Zhang et al., CVPR 2020).
+AscentLoss = Literal["ce", "logit", "cw"]
+ASCENT_LOSSES: tuple[str, ...] = get_args(AscentLoss)
 
 
 def check_target(target: object, num_classes: int) -> int:
@@ -84,6 +99,15 @@ def clamped_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, beta: floa
     return ce.clamp(max=beta).mean()
 
 
+def _logit_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``z_{labels_i}`` per row."""
+    return logits.gather(1, labels.reshape(-1, 1))[:, 0]
+
+
+def _unknown_loss(loss: str) -> ValueError:
+    return ValueError(f"unknown loss {loss!r}: use one of {', '.join(ASCENT_LOSSES)}")
+
+
 class Criterion:
     """Success for one image and for the crafting set (see the module docstring)."""
 
@@ -109,9 +133,9 @@ class Criterion:
         """The class each image must leave (untargeted: ``clean``) or reach (targeted: ``t``)."""
         raise NotImplementedError
 
-    def ascent_loss(self, logits: torch.Tensor, clean: torch.Tensor, beta: float) -> torch.Tensor:
-        """The scalar an ascent method maximises on a minibatch's ``logits`` (``beta``: the clamp
-        of the untargeted cross-entropy, :func:`clamped_cross_entropy`)."""
+    def ascent_loss(self, logits: torch.Tensor, clean: torch.Tensor, beta: float, loss: str = "ce") -> torch.Tensor:
+        """The scalar an ascent method maximises on a minibatch's ``logits``: the mean over the
+        images of ``loss`` (one of :data:`ASCENT_LOSSES`; ``beta``: its clamp where it has one)."""
         raise NotImplementedError
 
     def improves(self, at_v: torch.Tensor, at_candidate: torch.Tensor) -> bool:
@@ -155,8 +179,14 @@ class Untargeted(Criterion):
     def labels(self, clean: torch.Tensor) -> torch.Tensor:
         return clean
 
-    def ascent_loss(self, logits: torch.Tensor, clean: torch.Tensor, beta: float) -> torch.Tensor:
-        return clamped_cross_entropy(logits, clean, beta)
+    def ascent_loss(self, logits: torch.Tensor, clean: torch.Tensor, beta: float, loss: str = "ce") -> torch.Tensor:
+        if loss == "ce":
+            return clamped_cross_entropy(logits, clean, beta)
+        if loss == "logit":
+            return -_logit_of(logits, clean).mean()
+        if loss == "cw":
+            return (-target_margin(logits, clean)).clamp(max=beta).mean()
+        raise _unknown_loss(loss)
 
     def rate(self, model: nn.Module, x: torch.Tensor, v: torch.Tensor, *, clean: torch.Tensor,
              batch_size: int, fooling: float | None = None) -> float:
@@ -192,8 +222,14 @@ class Targeted(Criterion):
     def labels(self, clean: torch.Tensor) -> torch.Tensor:
         return torch.full_like(clean, self.target)
 
-    def ascent_loss(self, logits: torch.Tensor, clean: torch.Tensor, beta: float) -> torch.Tensor:
-        return -F.cross_entropy(logits, self.labels(clean))  # unclamped: the loss to t falls to 0 by itself
+    def ascent_loss(self, logits: torch.Tensor, clean: torch.Tensor, beta: float, loss: str = "ce") -> torch.Tensor:
+        if loss == "ce":
+            return -F.cross_entropy(logits, self.labels(clean))  # unclamped: the loss to t falls to 0 by itself
+        if loss == "logit":
+            return _logit_of(logits, self.labels(clean)).mean()
+        if loss == "cw":
+            return target_margin(logits, self.target).clamp(max=beta).mean()
+        raise _unknown_loss(loss)
 
     def improves(self, at_v: torch.Tensor, at_candidate: torch.Tensor) -> bool:
         return bool(target_margin(at_candidate, self.target)[0] > target_margin(at_v, self.target)[0])

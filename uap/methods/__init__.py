@@ -9,8 +9,10 @@ and the registry. Two loops carry every built-in method:
   (:mod:`uap.methods.deepfool`) and ``"foolbox:<AttackName>"``, any Foolbox minimisation attack
   (:mod:`uap.methods.foolbox_step`);
 - :mod:`uap.methods.ascent` — projected steepest ascent on ``v``: ``"sgd"``, SGD-UAP of Shafahi
-  et al. (AAAI 2020, :mod:`uap.methods.sgd`), and ``"feature"``, label-free UAPs for encoders
-  (:mod:`uap.methods.feature`);
+  et al. (AAAI 2020, :mod:`uap.methods.sgd`); ``"sga"``, its stochastic gradient aggregation by
+  Liu et al. (ICCV 2023, :mod:`uap.methods.sga`); ``"cos-uap"``, the label-free cosine loss on
+  the logits of Zhang et al. (ICCV 2021, :mod:`uap.methods.cos_uap`); and ``"feature"``,
+  label-free UAPs for encoders (:mod:`uap.methods.feature`);
 - ``"gd-uap"`` (:mod:`uap.methods.gd_uap`), the data-free GD-UAP of Mopuri et al. (TPAMI 2018):
   projected ascent on the log activations of every convolutional layer, with no crafting
   images (prior none or range) or with them (prior data).
@@ -22,7 +24,7 @@ history, stop rule and artefact are the same for every method and results compar
 """
 from __future__ import annotations
 
-from uap.methods import deepfool, feature, foolbox_step, gd_uap, sgd  # noqa: F401  (register the built-in methods)
+from uap.methods import cos_uap, deepfool, feature, foolbox_step, gd_uap, sga, sgd  # noqa: F401  (register the built-in methods)
 from uap.methods.base import (
     CraftContext,
     Method,

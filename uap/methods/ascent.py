@@ -19,13 +19,17 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from uap.baselines import random_perturbation
 from uap.deepfool import GRADIENT_BUDGET
 from uap.distributed import all_sum, is_distributed, shard, world
 from uap.methods.algorithm1 import INNER_CALLS
 from uap.methods.base import CraftContext, Method
 from uap.options import Options, require
 
-__all__ = ["ascent_direction", "step_length", "projected_ascent_pass", "Objective", "Ascent", "AscentOptions"]
+__all__ = [
+    "ascent_direction", "step_length", "projected_ascent_pass", "minibatch_gradient", "gradient_rows", "random_start",
+    "Objective", "Ascent", "AscentOptions",
+]
 
 #: ``objective(x_adv, idx) -> (J, fooled)``: the batch objective to
 #: maximise (a scalar, already averaged) and, optionally, which images count as fooled
@@ -67,6 +71,20 @@ class AscentOptions(Options):
 def step_length(ctx: CraftContext, *, step_size: float, decay: float) -> float:
     """``step_size · ε · decay^(pass − 1)``."""
     return float(step_size) * ctx.eps * float(decay) ** (ctx.pass_index - 1)
+
+
+def random_start(ctx: CraftContext, init: float) -> None:
+    """Move ``ctx.v`` off zero: if it is all zero, replace it by random noise of ℓp size
+    ``init · ε`` drawn from the pass's seeded generator (so a resumed run draws the same).
+
+    For objectives whose gradient vanishes at ``v = 0`` — a distance between clean and perturbed
+    outputs has its minimum there — ascent from zero would never move.
+    """
+    if bool(ctx.v.any()):
+        return
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    noise = random_perturbation(tuple(ctx.v.shape), init * ctx.eps, ctx.p, seed=seed, dtype=ctx.v.dtype)
+    ctx.v = ctx.project(noise.to(ctx.v.device))
 
 
 class Ascent(Method):
@@ -121,25 +139,54 @@ def projected_ascent_pass(
     mean), and every rank then takes the same step and projection, so all hold the same
     ``v``. ``batch_size`` is the global minibatch, whatever the number of ranks.
     """
-    distributed = is_distributed()
-    rows = max(1, GRADIENT_BUDGET // ctx.x[0].numel()) if splittable else None
+    rows = gradient_rows(ctx) if splittable else None
     for idx in ctx.order.split(batch_size):
-        mine = idx[shard(idx.numel())] if distributed and idx.numel() >= world()[1] else idx
-        v = ctx.v.detach().requires_grad_(True)
-        g, masks = torch.zeros_like(v), []
-        for part in mine.split(rows) if rows is not None and mine.numel() > rows else (mine,):
-            with torch.enable_grad():  # the mean's gradient, summed over parts weighted by their size
-                x_adv = (ctx.x[part] + v).clamp(0.0, 1.0)
-                value, fooled = objective(x_adv, part)
-                (gp,) = torch.autograd.grad(value, v)
-            g = gp if part is mine else g + gp * (part.numel() / mine.numel())
-            masks.append(fooled)
-        fooled = None if masks[0] is None else torch.cat(masks)
-        if mine is not idx:  # the mean gradient of the whole minibatch, from every rank's share
-            g = all_sum(g * mine.numel()) / idx.numel()
-        ctx.v = ctx.project(v.detach() + step * ascent_direction(g, ctx.p))
+        v = ctx.v.detach()
+        g, fooled = minibatch_gradient(ctx, objective, idx, v, rows=rows)
+        ctx.v = ctx.project(v + step * ascent_direction(g, ctx.p))
         ctx.visited += idx.numel()
         ctx.updates += 1
         if fooled is not None:
-            ctx.fooled_seen += int(all_sum(fooled.sum()) if mine is not idx else fooled.sum())
+            ctx.fooled_seen += fooled
         ctx.progress()
+
+
+def gradient_rows(ctx: CraftContext) -> int:
+    """The most images one backward pass takes (:data:`uap.deepfool.GRADIENT_BUDGET` input elements)."""
+    return max(1, GRADIENT_BUDGET // ctx.x[0].numel())
+
+
+def minibatch_gradient(
+    ctx: CraftContext,
+    objective: Objective,
+    idx: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    rows: int | None,
+) -> tuple[torch.Tensor, int | None]:
+    """``∇_v J`` of the minibatch ``idx`` at ``v`` (the mean over its images), and how many of
+    them the objective counts as fooled (None when it does not say).
+
+    ``rows`` (None: no limit) caps the images of one backward pass: a larger minibatch is
+    differentiated in parts whose gradients are summed weighted by the parts' sizes. Under
+    ``torch.distributed`` each rank differentiates its share of ``idx`` and the ranks combine
+    the shares' gradients into the whole minibatch's, so every rank returns the same gradient
+    and count (see :func:`projected_ascent_pass`).
+    """
+    distributed = is_distributed()
+    mine = idx[shard(idx.numel())] if distributed and idx.numel() >= world()[1] else idx
+    v = v.detach().requires_grad_(True)
+    g, masks = torch.zeros_like(v), []
+    for part in mine.split(rows) if rows is not None and mine.numel() > rows else (mine,):
+        with torch.enable_grad():  # the mean's gradient, summed over parts weighted by their size
+            x_adv = (ctx.x[part] + v).clamp(0.0, 1.0)
+            value, fooled = objective(x_adv, part)
+            (gp,) = torch.autograd.grad(value, v)
+        g = gp if part is mine else g + gp * (part.numel() / mine.numel())
+        masks.append(fooled)
+    if mine is not idx:  # the mean gradient of the whole minibatch, from every rank's share
+        g = all_sum(g * mine.numel()) / idx.numel()
+    if masks[0] is None:
+        return g, None
+    fooled = torch.cat(masks).sum()
+    return g, int(all_sum(fooled) if mine is not idx else fooled)

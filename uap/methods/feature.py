@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from uap.baselines import random_perturbation
 from uap.distributed import is_distributed
 from uap.forward import encoder_features, encoder_of
-from uap.methods.ascent import Ascent, AscentOptions, Objective
+from uap.methods.ascent import Ascent, AscentOptions, Objective, random_start
 from uap.methods.base import CraftContext, register_method
 from uap.options import require
 
@@ -87,10 +86,7 @@ class Feature(Ascent):
         if opts.distance == "l2" and is_distributed():
             raise ValueError("distance 'l2' is normalised by the whole minibatch's feature energy, which one rank's "
                              "share does not have; use distance 'cosine' under torch.distributed")
-        if not bool(ctx.v.any()):  # zero gradient at v = 0: start from random noise of size init·ε
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-            noise = random_perturbation(tuple(ctx.v.shape), opts.init * ctx.eps, ctx.p, seed=seed, dtype=ctx.v.dtype)
-            ctx.v = ctx.project(noise.to(ctx.v.device))
+        random_start(ctx, opts.init)  # zero gradient at v = 0
 
         def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
             with torch.no_grad():

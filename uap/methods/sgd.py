@@ -21,9 +21,15 @@ Targeted (``target=t``): the objective becomes ``−CE(f(clip(x_i + v)), t)`` �
 minimises the cross-entropy to the target class for every image. The run's criterion
 (:mod:`uap.criteria`) supplies the loss and which images count as fooled.
 
+The loss (``loss``) is the clamped cross-entropy above by default; ``"logit"`` maximises
+``−z_{k̂(x_i)}`` (the clean class's logit, unclamped) and ``"cw"`` the C&W margin
+``min(max_{j≠k̂} z_j − z_{k̂}, β)`` (as DF-UAP, Zhang et al., CVPR 2020), each with its targeted
+form (:data:`uap.criteria.ASCENT_LOSSES`).
+
 Options (``method_options``): ``batch_size`` (32), ``step_size`` (0.1, a fraction of ε),
-``decay`` (0.7 per pass), ``beta`` (10.0, the clamp; ``inf`` disables it). The target class
-of a targeted run comes from :func:`uap.craft`'s ``target``.
+``decay`` (0.7 per pass), ``beta`` (10.0, the clamp; ``inf`` disables it), ``loss`` (``"ce"``,
+``"logit"`` or ``"cw"``). The target class of a targeted run comes from :func:`uap.craft`'s
+``target``.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from uap.criteria import clamped_cross_entropy
+from uap.criteria import AscentLoss, clamped_cross_entropy
 from uap.forward import logits_of
 from uap.methods.ascent import Ascent, AscentOptions, Objective
 from uap.methods.base import CraftContext, register_method
@@ -42,9 +48,10 @@ __all__ = ["SGD", "SGDOptions", "clamped_cross_entropy"]
 
 @dataclass(frozen=True)
 class SGDOptions(AscentOptions):
-    """:class:`~uap.methods.ascent.AscentOptions` plus ``beta``, the loss clamp."""
+    """:class:`~uap.methods.ascent.AscentOptions` plus the ``loss`` and its clamp ``beta``."""
 
     beta: float = 10.0
+    loss: AscentLoss = "ce"
 
     def check(self) -> None:
         super().check()
@@ -60,11 +67,11 @@ class SGD(Ascent):
     supports_target = True
 
     def objective(self, ctx: CraftContext) -> Objective:
-        model, criterion, beta = ctx.classifier, ctx.criterion, self.options.beta
+        model, criterion, beta, loss = ctx.classifier, ctx.criterion, self.options.beta, self.options.loss
 
         def objective(x_adv: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits = logits_of(model, x_adv)
             clean = ctx.clean[idx]
-            return criterion.ascent_loss(logits, clean, beta), criterion.reached(logits.detach(), clean)
+            return criterion.ascent_loss(logits, clean, beta, loss), criterion.reached(logits.detach(), clean)
 
         return objective
