@@ -4,8 +4,9 @@ Per-image attacks have AutoAttack: one versioned ensemble, one report, the worst
 attacks. :func:`audit` is that for UAPs. For each model, at one budget (ε, p):
 
 - every attack of the protocol (:data:`PROTOCOLS`) crafts a perturbation on the crafting
-  images — the ascent methods, Algorithm 1's batched form, the label-free feature UAP for
-  models with an encoder — each a run folder that a later audit with the same settings reuses
+  images — the ascent methods (SGD-UAP, also from a chessboard start, and SGA), Algorithm 1's
+  batched form, the label-free Cos-UAP and, for models with an encoder, the feature UAP — or
+  without them (GD-UAP with its range prior), each a run folder that a later audit with the same settings reuses
   (``out_dir/runs/<model>/<attack>``, continued after an interruption);
 - every baseline (:mod:`uap.baselines`: noise, chessboards, and, in the full protocol, the
   Fourier-basis search on the crafting images) is built at the same budget;
@@ -43,7 +44,8 @@ __all__ = ["Attack", "Protocol", "PROTOCOLS", "audit", "Audit"]
 @dataclass(frozen=True)
 class Attack:
     """One crafting attack of a protocol: ``method`` with ``options`` for at most ``passes``
-    passes (stop rule δ), on models with an encoder only when ``needs_encoder``."""
+    passes (stop rule δ), started from ``init`` (a baseline name, see :func:`uap.craft`), on
+    models with an encoder only when ``needs_encoder``."""
 
     name: str
     method: str
@@ -51,9 +53,10 @@ class Attack:
     delta: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
     needs_encoder: bool = False
+    init: str | None = None
 
     def settings(self) -> dict[str, Any]:
-        return {"method": self.method, "max_passes": self.passes, "delta": self.delta,
+        return {"method": self.method, "max_passes": self.passes, "delta": self.delta, "init": self.init,
                 "method_options": dict(self.options), "needs_encoder": self.needs_encoder}
 
 
@@ -76,18 +79,23 @@ class Protocol:
 PROTOCOLS: dict[str, Protocol] = {
     "standard": Protocol(
         "standard", "1",
-        (Attack("sgd", "sgd", 10), Attack("deepfool-batched", "deepfool-batched", 3, delta=0.2),
-         Attack("feature", "feature", 10, needs_encoder=True)),
+        (Attack("sgd", "sgd", 10), Attack("sgd-from-chessboard", "sgd", 5, init="chessboard2n"),
+         Attack("sga", "sga", 5), Attack("deepfool-batched", "deepfool-batched", 3, delta=0.2),
+         Attack("cos-uap", "cos-uap", 10), Attack("feature", "feature", 10, needs_encoder=True),
+         Attack("gd-uap", "gd-uap", 5, options={"prior": "range"})),
         "all",
-        "sgd (10 passes), deepfool-batched (≤3 passes, δ=0.2), feature (10 passes; models with an encoder); "
-        "every baseline including the Fourier-basis search"),
+        "sgd (10 passes; and 5 from the 2-pixel chessboard), sga (5), deepfool-batched (≤3, δ=0.2), cos-uap "
+        "(10), feature (10; models with an encoder), gd-uap with the range prior (5, no data); every baseline "
+        "including the Fourier-basis search"),
     "quick": Protocol(
         "quick", "1",
-        (Attack("sgd", "sgd", 3), Attack("deepfool-batched", "deepfool-batched", 1, delta=0.2),
-         Attack("feature", "feature", 3, needs_encoder=True)),
+        (Attack("sgd", "sgd", 3), Attack("sgd-from-chessboard", "sgd", 2, init="chessboard2n"),
+         Attack("sga", "sga", 2), Attack("deepfool-batched", "deepfool-batched", 1, delta=0.2),
+         Attack("cos-uap", "cos-uap", 3), Attack("feature", "feature", 3, needs_encoder=True),
+         Attack("gd-uap", "gd-uap", 2, options={"prior": "range"})),
         "data-free",
-        "as standard with fewer passes (sgd 3, deepfool-batched 1, feature 3) and no Fourier search: "
-        "a cheaper lower bound on the standard audit's worst case"),
+        "as standard with fewer passes (sgd 3 and 2 from the chessboard, sga 2, deepfool-batched 1, cos-uap 3, "
+        "feature 3, gd-uap 2) and no Fourier search: a cheaper lower bound on the standard audit's worst case"),
 }
 
 #: ``callback(event, info)``: ``"craft"`` (model, attack, index, total), ``"craft_step"`` (the
@@ -235,7 +243,7 @@ def audit(
             emit("craft", {"model": name, "attack": attack.name, "index": k, "total": len(attacks)})
             args = dict(eps=eps, norm=p, delta=attack.delta, max_passes=attack.passes, method=attack.method,
                         method_options=dict(attack.options), seed=seed, model_id=model_ids.get(name, name),
-                        data=f"{len(x_craft)} crafting images")
+                        data=f"{len(x_craft)} crafting images", init=attack.init)
 
             def on_event(event: dict, name: str = name, attack: Attack = attack) -> None:
                 emit("craft_step", {**event, "model": name, "attack": attack.name})
