@@ -521,14 +521,18 @@ def coca_zero_shot_classifier(captioner: Captioner, classes: Sequence[str],
 
 # --------------------------------------------------------------------------- attack objective
 
-def caption_attack_loss(captioner: Captioner, images: torch.Tensor, perturbation: torch.Tensor,
+def caption_attack_loss(captioner: Captioner | nn.Module, images: torch.Tensor, perturbation: torch.Tensor,
                         clean: tuple[torch.Tensor, torch.Tensor] | None = None,
                         max_tokens: int | None = None) -> torch.Tensor:
     """The label-free objective of a caption-level UAP: the captioning loss of the *clean*
     greedy captions under the perturbed images ``clamp(images + perturbation, 0, 1)``.
     Ascending it in ``perturbation`` makes the clean captions unlikely, which changes what
     the model writes. ``clean`` is ``(ids, ends)`` from :meth:`Captioner.generate_ids` on
-    ``images`` (computed here when not given: pass it to reuse it across steps)."""
+    ``images`` (computed here when not given: pass it to reuse it across steps). ``captioner``
+    may also be a classifier view of one (its ``.captioner``: a zoo entry as loaded)."""
+    captioner = getattr(captioner, "captioner", captioner)
+    if not isinstance(captioner, Captioner):
+        raise ValueError(f"caption_attack_loss needs a Captioner (or a classifier around one), got {type(captioner).__name__}")
     ids, ends = clean if clean is not None else captioner.generate_ids(images, max_tokens)
     if len(ids) != len(images):
         raise ValueError(f"{len(ids)} clean captions for {len(images)} images")

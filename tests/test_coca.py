@@ -286,3 +286,8 @@ def test_caption_attack_loss_has_a_gradient_and_ascending_it_changes_captions(to
     assert sum(a != b for a, b in zip(before, after)) >= 1, (before, after)
     with pytest.raises(ValueError, match="clean captions"):
         caption_attack_loss(model, x[:2], v, clean)
+    with torch.no_grad():  # a zoo entry (the likelihood classifier) stands for its captioner
+        wrapped = caption_attack_loss(CaptionLikelihoodClassifier(model, CIFAR10_CLASSES), x, v, clean)
+        assert wrapped.item() == end.item()
+    with pytest.raises(ValueError, match="needs a Captioner"):
+        caption_attack_loss(torch.nn.Linear(2, 2), x, v, clean)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from models.precision import autocast
 from models.train import STATE_NAME, TrainConfig, build_method, build_optimizer, train
 from tests.test_models_train import _eval_loss
 from tests.test_models_train import _images as _blob_images
@@ -37,8 +38,8 @@ def _without_timing(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in record.items() if k not in TIMING} for record in history]
 
 
-@pytest.mark.parametrize("name", ["coca", "simvlm"])
-def test_a_few_steps_lower_the_loss(name):
+@pytest.mark.parametrize("name,precision", [("coca", "fp32"), ("simvlm", "fp32"), ("coca", "bf16")])
+def test_a_few_steps_lower_the_loss(name, precision):
     x, y = _blob_images(256)
     torch.manual_seed(0)
     config = _config(name, hparams={**TINY[name], "val_size": 0}).resolved()
@@ -47,7 +48,9 @@ def test_a_few_steps_lower_the_loss(name):
     batches = [(x[:128], y[:128]), (x[128:], y[128:])]
     before = _eval_loss(method, *batches[0])
     for step in range(6):
-        loss = method.training_step(*batches[step % 2], step, 100)
+        with autocast(precision):
+            loss = method.training_step(*batches[step % 2], step, 100)
+        assert loss.dtype == torch.float32
         opt.zero_grad()
         loss.backward()
         opt.step()
