@@ -18,7 +18,8 @@ __all__ = ["train_cmd"]
 @command("train")
 def train_cmd(
     method: str = typer.Argument(..., help="supervised | airbench | simclr | moco | byol | dino | dino-distill "
-                                 "(a smaller backbone against a finished dino run's frozen teacher: -H teacher=RUN) | clip | uat "
+                                 "(a smaller backbone against a finished dino run's frozen teacher: -H teacher=RUN) | clip | coca | simvlm "
+                                 "(captioners) | uat "
                                  "(supervised against a universal δ: -H eps=0.0392 -H free=true …)"),
     epochs: int = typer.Option(30, help="Training epochs over CIFAR-10 train."),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per step (lr scales linearly from 256)."),

@@ -20,7 +20,8 @@ makes the un-initialised classifier (images in [0, 1] → logits, with ``.encode
 
 A plain function ``card -> nn.Module`` registers a builder that only rebuilds (entries written
 with :func:`save_entry`). The built-in builders, ``"probed"`` and ``"clip"``, live in
-:mod:`models.zoo_build`, imported on the first lookup.
+:mod:`models.zoo_build`, and ``"coca"`` and ``"simvlm"`` in :mod:`models.captioner_zoo`,
+imported on the first lookup.
 
 The engine finds the zoo through :data:`MODEL_SOURCE`, published as the ``zoo`` entry point
 of the ``uap.models`` group (``pyproject.toml``): ``uap`` resolves ``supervised``,
@@ -112,6 +113,7 @@ def register_zoo_builder(name: str) -> Callable[[B], B]:
 
 
 def _builtin() -> None:
+    import models.captioner_zoo  # noqa: F401  (registers "coca" and "simvlm")
     import models.zoo_build  # noqa: F401  (registers "probed" and "clip")
 
 

@@ -10,6 +10,8 @@ so a method is one file here (or a registration in any imported module); the bui
 - ``simclr``, ``moco``, ``byol``, ``dino`` — self-supervised (one module each), and
   ``dino-distill``, a smaller backbone against a finished DINO run's frozen teacher;
 - ``clip`` — image and text towers on generated captions (:mod:`models.methods.clip`).
+- ``coca`` and ``simvlm`` — generative captioners on the same captions (:mod:`models.methods.coca`,
+  :mod:`models.methods.simvlm`; the model in :mod:`models.coca`).
 """
 from __future__ import annotations
 
