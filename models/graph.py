@@ -146,7 +146,7 @@ class MaxRelativeGraphConv(nn.Module):
     one linear map of the node and its aggregate, shared by every node; permutation equivariant.
 
     ``activation`` defaults to the identity (ViG follows it with a norm and GELU, which
-    :class:`models.backbones.Grapher` adds). ``forward(h, adj)`` or ``forward(h, neighbours=idx)``."""
+    :class:`models.vig.Grapher` adds). ``forward(h, adj)`` or ``forward(h, neighbours=idx)``."""
 
     def __init__(self, dim_in: int, dim_out: int, activation: Activation | None = None):
         super().__init__()

@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 import uap
 from models import backbones
-from models.backbones import Grapher, NodeFFN, Normalize, VisionGNN, build_backbone
+from models.backbones import Normalize, build_backbone
+from models import vig
+from models.vig import Grapher, NodeFFN, VisionGNN
 from models.precision import autocast
 from models.train import CKPT_NAME, TrainConfig, build_method, build_optimizer
 from tests.test_models_train import _eval_loss, _images
@@ -22,7 +24,7 @@ TINY = dict(dim=16, depth=1, k=4)
 @pytest.fixture
 def tiny_vig(monkeypatch):
     """``vig`` by name at test size (dim 16, one Grapher + FFN pair, 4 neighbours)."""
-    monkeypatch.setattr(backbones, "vig_cifar", functools.partial(backbones.vig_cifar, **TINY))
+    monkeypatch.setattr(vig, "vig_cifar", functools.partial(vig.vig_cifar, **TINY))
 
 
 def test_vig_follows_the_backbone_contract():
