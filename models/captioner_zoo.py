@@ -1,6 +1,6 @@
 """Zoo builders ``"coca"`` and ``"simvlm"``: a finished captioner run → a zoo entry.
 
-The entry is the :class:`~models.coca.CaptionLikelihoodClassifier` (class prompts scored by
+The entry is the :class:`~models.captioner_targets.CaptionLikelihoodClassifier` (class prompts scored by
 the decoder's log-likelihood), which the engine attacks like any classifier and which also
 captions (``.generate``). The card records, on the test split: the likelihood classifier's
 accuracy; how often the greedy caption names the image's class (``caption_class_rate``) and a
@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models.coca import CaptionLikelihoodClassifier, Captioner, build_from_card, captioner_card, coca_zero_shot_classifier
+from models.captioner_targets import CaptionLikelihoodClassifier, build_from_card, captioner_card, coca_zero_shot_classifier
+from models.coca import Captioner
 from models.tokenizer import split_words
 from models.zoo import ZooBuilder, register_zoo_builder
 

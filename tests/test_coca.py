@@ -13,15 +13,8 @@ import torch.nn.functional as F
 from models.backbones import build_backbone
 from models.captions import HELD_OUT_TEMPLATES, all_training_captions, class_prompts
 from models.clip_loss import clip_loss
-from models.coca import (
-    CLASS_ONLY_TEMPLATES,
-    CaptionerConfig,
-    CaptionLikelihoodClassifier,
-    Captioner,
-    caption_attack_loss,
-    coca_zero_shot_classifier,
-    image_tokens,
-)
+from models.captioner_targets import CaptionLikelihoodClassifier, caption_attack_loss, coca_zero_shot_classifier
+from models.coca import CLASS_ONLY_TEMPLATES, CaptionerConfig, Captioner, image_tokens
 from models.tokenizer import WordTokenizer
 from uap.data import CIFAR10_CLASSES
 

@@ -131,7 +131,7 @@ def test_the_coca_weights_are_the_options():
 def test_zoo_entry_reloads_and_its_card_is_reproducible(full_run, tmp_path):
     from models.captioner_zoo import caption_class_rate
     from models.clip_eval import zero_shot_accuracy
-    from models.coca import CaptionLikelihoodClassifier
+    from models.captioner_targets import CaptionLikelihoodClassifier
     from models.zoo import get_zoo_builder, load
     from models.zoo_build import build_zoo_entry
 

@@ -28,7 +28,8 @@ from torch import nn
 from models.augment import random_crop_flip
 from models.captions import TRAIN_TEMPLATES, all_training_captions, image_attributes, make_captions
 from models.clip_eval import zero_shot_accuracy
-from models.coca import CaptionerConfig, Captioner, CaptionLikelihoodClassifier, coca_zero_shot_classifier
+from models.captioner_targets import CaptionLikelihoodClassifier, coca_zero_shot_classifier
+from models.coca import CaptionerConfig, Captioner
 from models.methods.base import TrainingMethod, register_training_method
 from models.methods.clip import CONTEXT_LENGTH, CLIPMethod
 from models.tokenizer import WordTokenizer, mask_words, split_words
